@@ -1,0 +1,168 @@
+"""Packet payloads to bytes and back: msgpack (nerve's default) and JSON (Moleculer's).
+
+Decoding validates as it goes; a payload that does not fit the model raises
+:class:`nerve.errors.PacketError` naming the field. Under JSON, binary values of ``params``
+and ``data`` travel in Node's ``{"type": "Buffer", "data": [...]}`` form, as Moleculer does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from nerve.errors import PacketError
+from nerve.packets import PACKET_CLASSES, Event, Packet, PacketType, Request, Response
+
+__all__ = ["Serializer", "MsgPackSerializer", "JSONSerializer", "get_serializer"]
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def _packet_error(kind: PacketType, exc: Exception) -> PacketError:
+    text = str(exc)
+    match = _PATH.search(text)
+    path = match.group(1) if match else None
+    field_name = path.split(".")[0].split("[")[0] if path else None
+    where = f" (field {path!r})" if path else ""
+    return PacketError(f"invalid {kind.name} packet{where}: {text}", field=field_name or None)
+
+
+class Serializer:
+    """Encodes packets to payload bytes and decodes payload bytes of a known packet type."""
+
+    name: str = ""
+
+    def encode(self, packet: Packet) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, kind: PacketType | int, payload: bytes | bytearray | memoryview) -> Packet:
+        raise NotImplementedError
+
+    def encode_value(self, value: Any) -> bytes:
+        """Encode a plain value (used for error bodies of streams)."""
+        raise NotImplementedError
+
+    def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
+        raise NotImplementedError
+
+
+class MsgPackSerializer(Serializer):
+    name = "msgpack"
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoders = {k: msgspec.msgpack.Decoder(cls) for k, cls in PACKET_CLASSES.items()}
+        self._any = msgspec.msgpack.Decoder()
+
+    def encode(self, packet: Packet) -> bytes:
+        try:
+            return self._encoder.encode(packet)
+        except (TypeError, OverflowError, ValueError) as exc:
+            raise _serialization_error(packet, exc) from exc
+
+    def decode(self, kind: PacketType | int, payload: bytes | bytearray | memoryview) -> Packet:
+        try:
+            decoder = self._decoders[kind]  # type: ignore[index]
+        except KeyError:
+            raise PacketError(f"unknown packet type {kind!r}", field=None) from None
+        try:
+            return decoder.decode(payload)  # type: ignore[no-any-return]
+        except msgspec.DecodeError as exc:
+            raise _packet_error(PacketType(kind), exc) from exc
+
+    def encode_value(self, value: Any) -> bytes:
+        return self._encoder.encode(value)
+
+    def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
+        try:
+            return self._any.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise PacketError(f"invalid payload: {exc}") from exc
+
+
+def _to_node_buffer(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"type": "Buffer", "data": list(bytes(value))}
+    return value
+
+
+def _from_node_buffer(value: Any, kind: PacketType, field_name: str) -> Any:
+    if isinstance(value, dict) and value.get("type") == "Buffer" and "data" in value:
+        data = value["data"]
+        if not isinstance(data, list):
+            raise PacketError(f"invalid {kind.name} packet: Buffer data is not a list", field=field_name)
+        try:
+            return bytes(data)
+        except (TypeError, ValueError) as exc:
+            raise PacketError(f"invalid {kind.name} packet: Buffer data is not bytes: {exc}",
+                              field=field_name) from exc
+    return value
+
+
+class JSONSerializer(Serializer):
+    name = "json"
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.json.Encoder()
+        self._decoders = {k: msgspec.json.Decoder(cls) for k, cls in PACKET_CLASSES.items()}
+        self._any = msgspec.json.Decoder()
+
+    def encode(self, packet: Packet) -> bytes:
+        if isinstance(packet, Request):
+            if isinstance(packet.params, (bytes, bytearray, memoryview)):
+                packet = msgspec.structs.replace(packet, params=_to_node_buffer(packet.params))
+        elif isinstance(packet, (Response, Event)):
+            if isinstance(packet.data, (bytes, bytearray, memoryview)):
+                packet = msgspec.structs.replace(packet, data=_to_node_buffer(packet.data))
+        try:
+            return self._encoder.encode(packet)
+        except (TypeError, OverflowError, ValueError) as exc:
+            raise _serialization_error(packet, exc) from exc
+
+    def decode(self, kind: PacketType | int, payload: bytes | bytearray | memoryview) -> Packet:
+        try:
+            decoder = self._decoders[kind]  # type: ignore[index]
+        except KeyError:
+            raise PacketError(f"unknown packet type {kind!r}", field=None) from None
+        try:
+            packet = decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise _packet_error(PacketType(kind), exc) from exc
+        if isinstance(packet, Request):
+            packet.params = _from_node_buffer(packet.params, packet.kind, "params")
+        elif isinstance(packet, (Response, Event)):
+            packet.data = _from_node_buffer(packet.data, packet.kind, "data")
+        return packet  # type: ignore[no-any-return]
+
+    def encode_value(self, value: Any) -> bytes:
+        return self._encoder.encode(value)
+
+    def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
+        try:
+            return self._any.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise PacketError(f"invalid payload: {exc}") from exc
+
+
+def _serialization_error(packet: Packet, exc: Exception) -> Exception:
+    from nerve.errors import SerializationError
+
+    return SerializationError(f"cannot serialize {packet.kind.name} packet: {exc}",
+                              data={"reason": str(exc)})
+
+
+_SERIALIZERS: dict[str, type[Serializer]] = {"msgpack": MsgPackSerializer, "json": JSONSerializer}
+
+
+def get_serializer(name: str | Serializer) -> Serializer:
+    """The serializer called ``name`` (``"msgpack"`` or ``"json"``), or ``name`` itself."""
+    if isinstance(name, Serializer):
+        return name
+    try:
+        return _SERIALIZERS[name.lower()]()
+    except KeyError:
+        from nerve.errors import BrokerOptionsError
+
+        raise BrokerOptionsError(f"unknown serializer {name!r}; expected one of {sorted(_SERIALIZERS)}") from None
