@@ -1,7 +1,27 @@
-"""nerve: a streaming-capable RPC and service broker on trio, speaking Moleculer's protocol."""
+"""nerve: a streaming-capable RPC and service broker on trio, speaking Moleculer's protocol.
+
+Start with :class:`Broker`, :class:`Service`, :func:`action`, :func:`event` and
+:class:`PacketStream`; errors live in :mod:`nerve.errors`.
+"""
 
 from __future__ import annotations
 
 from nerve import errors
+from nerve.broker import Broker
+from nerve.context import Context
+from nerve.registry import RandomStrategy, RoundRobinStrategy, Strategy
+from nerve.service import Service, action, event
+from nerve.streams import PacketStream
 
-__all__ = ["errors"]
+__all__ = [
+    "Broker",
+    "Context",
+    "PacketStream",
+    "RandomStrategy",
+    "RoundRobinStrategy",
+    "Service",
+    "Strategy",
+    "action",
+    "errors",
+    "event",
+]

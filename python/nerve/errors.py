@@ -333,7 +333,7 @@ def error_from_wire(plain: Any, sender: str | None = None) -> NerveError:
     }
     if isinstance(retryable, bool):
         kw["retryable"] = retryable
-    cls = _BY_NAME.get(name)
+    cls = _BY_NAME.get(name) if isinstance(name, str) else None
     if cls is None:
         exc: NerveError = RemoteError(message, code if code is not None else 500, type_, plain.get("data"),
                                       name=str(name), **kw)

@@ -57,6 +57,7 @@ class FrameType(enum.IntEnum):
     STREAM_DATA = 21
     STREAM_CREDIT = 22
     HELLO_ACK = 23
+    PEERS = 24
 
 
 def _check_types_match_core() -> None:

@@ -18,12 +18,19 @@ from nerve.packets import PACKET_CLASSES, Event, Packet, PacketType, Request, Re
 __all__ = ["Serializer", "MsgPackSerializer", "JSONSerializer", "get_serializer"]
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
 def _packet_error(kind: PacketType, exc: Exception) -> PacketError:
+    if isinstance(exc, RecursionError):
+        return PacketError(f"invalid {kind.name} packet: nested too deeply", field=None)
     text = str(exc)
     match = _PATH.search(text)
     path = match.group(1) if match else None
+    if not path:
+        # A missing top-level field has no path; its name is in the message.
+        missing = _MISSING.search(text)
+        path = missing.group(1) if missing else None
     field_name = path.split(".")[0].split("[")[0] if path else None
     where = f" (field {path!r})" if path else ""
     return PacketError(f"invalid {kind.name} packet{where}: {text}", field=field_name or None)
@@ -69,7 +76,7 @@ class MsgPackSerializer(Serializer):
             raise PacketError(f"unknown packet type {kind!r}", field=None) from None
         try:
             return decoder.decode(payload)  # type: ignore[no-any-return]
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _packet_error(PacketType(kind), exc) from exc
 
     def encode_value(self, value: Any) -> bytes:
@@ -78,7 +85,7 @@ class MsgPackSerializer(Serializer):
     def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
         try:
             return self._any.decode(payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise PacketError(f"invalid payload: {exc}") from exc
 
 
@@ -128,7 +135,7 @@ class JSONSerializer(Serializer):
             raise PacketError(f"unknown packet type {kind!r}", field=None) from None
         try:
             packet = decoder.decode(payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _packet_error(PacketType(kind), exc) from exc
         if isinstance(packet, Request):
             packet.params = _from_node_buffer(packet.params, packet.kind, "params")
@@ -142,7 +149,7 @@ class JSONSerializer(Serializer):
     def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
         try:
             return self._any.decode(payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise PacketError(f"invalid payload: {exc}") from exc
 
 

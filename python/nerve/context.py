@@ -1,0 +1,110 @@
+"""Context: what a handler knows about the call or event it serves, and how it calls onward.
+
+Nested calls made through a context inherit its meta (merged with the call's ``meta=``), its
+deadline (the handler's cancel scope carries it) and its request id; the callee's final meta
+is merged back into ``ctx.meta`` when the nested call settles, result or error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nerve.broker import Broker
+    from nerve.streams import PacketStream
+
+__all__ = ["Context"]
+
+
+class Context:
+    """One call or event as its handler sees it.
+
+    ``id`` is this context's id, ``request_id`` the id of the root call of the tree,
+    ``parent_id`` the calling context's id, ``level`` the depth (1 for a top-level call),
+    ``caller`` the calling service's full name, ``node_id`` the node the call came from.
+    """
+
+    __slots__ = (
+        "broker",
+        "id",
+        "request_id",
+        "parent_id",
+        "level",
+        "caller",
+        "node_id",
+        "params",
+        "meta",
+        "headers",
+        "stream",
+        "action",
+        "event",
+        "event_groups",
+        "service",
+    )
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        id: str,
+        request_id: str | None = None,
+        parent_id: str | None = None,
+        level: int = 1,
+        caller: str | None = None,
+        node_id: str | None = None,
+        params: Any = None,
+        meta: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        stream: PacketStream | None = None,
+        action: str | None = None,
+        event: str | None = None,
+        event_groups: list[str] | None = None,
+        service: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.id = id
+        self.request_id = request_id or id
+        self.parent_id = parent_id
+        self.level = level
+        self.caller = caller
+        self.node_id = node_id
+        self.params = params
+        self.meta = {} if meta is None else meta
+        self.headers = {} if headers is None else headers
+        self.stream = stream
+        self.action = action
+        self.event = event
+        self.event_groups = event_groups
+        self.service = service
+
+    async def call(
+        self,
+        action: str,
+        params: Any = None,
+        *,
+        meta: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        node_id: str | None = None,
+        stream: PacketStream | None = None,
+    ) -> Any:
+        """Call ``action`` as a child of this context; see :meth:`nerve.Broker.call`."""
+        return await self.broker._call(
+            action, params, parent=self, meta=meta, headers=headers, timeout=timeout,
+            retries=retries, node_id=node_id, stream=stream,
+        )
+
+    async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
+                   meta: dict[str, Any] | None = None) -> None:
+        """Emit ``event`` (one handler per group) as a child of this context."""
+        await self.broker._emit(event, data, groups=groups, meta=meta, parent=self, broadcast=False)
+
+    async def broadcast(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
+                        meta: dict[str, Any] | None = None) -> None:
+        """Broadcast ``event`` (every handler) as a child of this context."""
+        await self.broker._emit(event, data, groups=groups, meta=meta, parent=self, broadcast=True)
+
+    def __repr__(self) -> str:
+        what = self.action or self.event
+        return f"<Context {what} id={self.id} level={self.level} node={self.node_id}>"

@@ -1,0 +1,281 @@
+"""The registry: known nodes, their services, action and event endpoints, and balancing.
+
+It is a plain data structure updated by the transit (INFO, DISCONNECT, node loss) and the
+broker (local services); it does no I/O. Strategies pick one endpoint among candidates.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nerve.errors import ServiceNotAvailableError, ServiceNotFoundError
+
+if TYPE_CHECKING:
+    from nerve.context import Context
+    from nerve.service import ActionSpec, EventSpec
+
+__all__ = [
+    "Node",
+    "ActionEndpoint",
+    "EventEndpoint",
+    "Strategy",
+    "RoundRobinStrategy",
+    "RandomStrategy",
+    "Registry",
+    "match_event",
+]
+
+
+@dataclass
+class Node:
+    id: str
+    local: bool = False
+    available: bool = True
+    instance_id: str | None = None
+    seq: int = 0
+    hostname: str | None = None
+    ip_list: list[str] = field(default_factory=list)
+    client: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    address: str | None = None
+    cpu: float | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "available": self.available,
+            "local": self.local,
+            "instanceID": self.instance_id,
+            "seq": self.seq,
+            "hostname": self.hostname,
+            "ipList": self.ip_list,
+            "client": self.client,
+            "cpu": self.cpu,
+            "address": self.address,
+        }
+
+
+@dataclass(eq=False)
+class ActionEndpoint:
+    name: str
+    node_id: str
+    local: bool
+    service: str
+    spec: ActionSpec | None = None
+    definition: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<ActionEndpoint {self.name}@{self.node_id}>"
+
+
+@dataclass(eq=False)
+class EventEndpoint:
+    name: str
+    group: str
+    node_id: str
+    local: bool
+    service: str
+    spec: EventSpec | None = None
+
+    def __repr__(self) -> str:
+        return f"<EventEndpoint {self.name}/{self.group}@{self.node_id}>"
+
+
+class Strategy(Protocol):
+    """Picks one endpoint among candidates (never empty)."""
+
+    def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any: ...
+
+
+class RoundRobinStrategy:
+    """Each candidate in turn (the default)."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, int] = {}
+
+    def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any:
+        n = self._counters.get(key, 0)
+        self._counters[key] = n + 1
+        return endpoints[n % len(endpoints)]
+
+
+class RandomStrategy:
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+
+    def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any:
+        return endpoints[self._random.randrange(len(endpoints))]
+
+
+@functools.lru_cache(maxsize=4096)
+def _pattern(pattern: str) -> re.Pattern[str] | None:
+    if "*" not in pattern and "?" not in pattern:
+        return None
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^.]*")
+        elif c == "?":
+            out.append("[^.]")
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def match_event(name: str, pattern: str) -> bool:
+    """Moleculer's event-name matching: ``*`` is one segment's worth, ``**`` anything."""
+    rx = _pattern(pattern)
+    return name == pattern if rx is None else rx.match(name) is not None
+
+
+class Registry:
+    def __init__(self, local_node_id: str, *, strategy: Strategy | None = None,
+                 prefer_local: bool = True) -> None:
+        self.local_node_id = local_node_id
+        self.strategy: Strategy = strategy or RoundRobinStrategy()
+        self.prefer_local = prefer_local
+        self.nodes: dict[str, Node] = {local_node_id: Node(local_node_id, local=True)}
+        self.actions: dict[str, list[ActionEndpoint]] = {}
+        self.events: list[EventEndpoint] = []
+        self._event_cache: dict[str, list[EventEndpoint]] = {}
+
+    # --- local services ---------------------------------------------------------------
+
+    def add_local(self, service_name: str, actions: list[ActionSpec], events: list[EventSpec]) -> None:
+        for a in actions:
+            self.actions.setdefault(a.name, []).append(
+                ActionEndpoint(a.name, self.local_node_id, True, service_name, a, a.describe()))
+        for e in events:
+            self.events.append(EventEndpoint(e.name, e.group, self.local_node_id, True, service_name, e))
+        self._event_cache.clear()
+
+    def remove_local(self, service_name: str) -> None:
+        self._remove(lambda ep: ep.local and ep.service == service_name)
+
+    # --- remote nodes -----------------------------------------------------------------
+
+    def update_node(self, node_id: str, *, services: list[dict[str, Any]], instance_id: str | None,
+                    seq: int | None, hostname: str | None = None, ip_list: list[str] | None = None,
+                    client: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+                    address: str | None = None) -> bool:
+        """Replace a remote node's description; returns True if the node is new or was offline."""
+        node = self.nodes.get(node_id)
+        fresh = node is None or not node.available
+        if node is None:
+            node = self.nodes[node_id] = Node(node_id)
+        node.available = True
+        node.instance_id = instance_id
+        node.seq = seq or 0
+        node.hostname = hostname
+        node.ip_list = list(ip_list or [])
+        node.client = dict(client or {})
+        node.metadata = dict(metadata or {})
+        node.services = services
+        if address is not None:
+            node.address = address
+        node.last_seen = time.monotonic()
+        self._remove(lambda ep: ep.node_id == node_id)
+        for svc in services:
+            if not isinstance(svc, dict):
+                continue
+            sname = str(svc.get("fullName") or svc.get("name") or "")
+            for aname, adef in (svc.get("actions") or {}).items():
+                if isinstance(adef, dict) and adef.get("protected"):
+                    continue
+                self.actions.setdefault(aname, []).append(
+                    ActionEndpoint(aname, node_id, False, sname, None, adef if isinstance(adef, dict) else {}))
+            for ename, edef in (svc.get("events") or {}).items():
+                group = (edef.get("group") if isinstance(edef, dict) else None) or sname
+                self.events.append(EventEndpoint(ename, group, node_id, False, sname))
+        self._event_cache.clear()
+        return fresh
+
+    def node_gone(self, node_id: str) -> bool:
+        """Mark a remote node unavailable and drop its endpoints; True if it was available."""
+        node = self.nodes.get(node_id)
+        if node is None or node.local:
+            return False
+        was = node.available
+        node.available = False
+        self._remove(lambda ep: ep.node_id == node_id)
+        return was
+
+    def _remove(self, pred: Any) -> None:
+        for name in list(self.actions):
+            kept = [ep for ep in self.actions[name] if not pred(ep)]
+            if kept:
+                self.actions[name] = kept
+            else:
+                del self.actions[name]
+        self.events = [ep for ep in self.events if not pred(ep)]
+        self._event_cache.clear()
+
+    # --- lookups ----------------------------------------------------------------------
+
+    def select_action(self, name: str, *, node_id: str | None = None,
+                      exclude: frozenset[str] | set[str] = frozenset(),
+                      ctx: Context | None = None) -> ActionEndpoint:
+        endpoints = self.actions.get(name)
+        if not endpoints:
+            raise ServiceNotFoundError(f"Service '{name}' is not found.", data={"action": name, "nodeID": node_id})
+        if node_id is not None:
+            for ep in endpoints:
+                if ep.node_id == node_id:
+                    return ep
+            raise ServiceNotFoundError(f"Service '{name}' is not found on '{node_id}' node.",
+                                       data={"action": name, "nodeID": node_id})
+        if len(endpoints) == 1 and not exclude:
+            return endpoints[0]
+        candidates = endpoints
+        if exclude:
+            others = [ep for ep in endpoints if ep.node_id not in exclude]
+            candidates = others or endpoints
+        if self.prefer_local:
+            local = [ep for ep in candidates if ep.local]
+            if local:
+                candidates = local
+        if not candidates:  # pragma: no cover - endpoints is non-empty
+            raise ServiceNotAvailableError(f"Service '{name}' is not available.", data={"action": name})
+        if len(candidates) == 1:
+            return candidates[0]
+        return self.strategy.select(name, candidates, ctx)
+
+    def event_endpoints(self, event: str) -> list[EventEndpoint]:
+        found = self._event_cache.get(event)
+        if found is None:
+            found = [ep for ep in self.events if match_event(event, ep.name)]
+            self._event_cache[event] = found
+        return found
+
+    def pick_per_group(self, event: str, groups: list[str] | None,
+                       ctx: Context | None) -> list[EventEndpoint]:
+        """One endpoint per group (balanced, local preferred), limited to ``groups`` if given."""
+        by_group: dict[str, list[EventEndpoint]] = {}
+        for ep in self.event_endpoints(event):
+            if groups is not None and ep.group not in groups:
+                continue
+            by_group.setdefault(ep.group, []).append(ep)
+        chosen = []
+        for group, eps in by_group.items():
+            if self.prefer_local:
+                local = [ep for ep in eps if ep.local]
+                eps = local or eps
+            chosen.append(eps[0] if len(eps) == 1 else self.strategy.select(f"{event}\0{group}", eps, ctx))
+        return chosen
+
+    def available_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.available]

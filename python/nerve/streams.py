@@ -1,0 +1,529 @@
+"""PacketStream: a byte stream that is a call's request body and/or its response.
+
+The producer side writes chunks under a credit window (``nerve._core.CreditSender``); the
+consumer side reads through a bounded reorder buffer (``nerve._core.StreamReceiver``) and
+grants credit as it reads, so memory per stream stays under window + one chunk. The same
+object works as an in-process pipe (a local call) or bound to a remote peer by the transit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from nerve._core import CreditSender, StreamReceiver
+from nerve.errors import (
+    FlowError,
+    NerveError,
+    StreamClosedError,
+    StreamError,
+    StreamIdleTimeoutError,
+)
+
+__all__ = ["PacketStream", "DEFAULT_STREAM_WINDOW", "DEFAULT_MAX_CHUNK"]
+
+DEFAULT_MAX_CHUNK = 256 * 1024
+DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
+DEFAULT_MAX_REORDER = 64
+_READ_BATCH = 4  # chunks read per worker-thread hop in transfer_from
+
+PathLike = str | os.PathLike[str]
+
+
+class _Link:
+    """Where a producer's chunks go: the consumer's receiver here, or frames to a peer."""
+
+    def data(self, seq: int, chunk: Any) -> None:
+        raise NotImplementedError
+
+    def end(self, seq: int) -> None:
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class _LoopbackLink(_Link):
+    """A producer and consumer in one process: chunks go straight to the reading side."""
+
+    def __init__(self, stream: PacketStream) -> None:
+        self.stream = stream
+
+    def data(self, seq: int, chunk: Any) -> None:
+        self.stream._deliver(seq, chunk if isinstance(chunk, bytes) else bytes(chunk))
+
+    def end(self, seq: int) -> None:
+        self.stream._deliver_end(seq)
+
+    def fail(self, exc: BaseException) -> None:
+        self.stream._deliver_error(exc if isinstance(exc, NerveError) else
+                                   StreamError(f"stream aborted by its producer: {exc!r}"))
+
+
+class PacketStream:
+    """A stream of byte chunks with credit-based flow control.
+
+    Producer side: ``await send(data)``, ``await close()`` (end of stream),
+    ``await abort(exc)`` (the reader's next read raises ``exc``), ``transfer_from(path)``.
+    Consumer side: ``async for chunk in stream``, ``await receive()`` (``b""`` at the end),
+    ``transfer_to(path)``, and ``close()`` to stop reading early (the producer's next
+    ``send`` raises :class:`~nerve.errors.StreamClosedError`).
+
+    A stream given to a call (``stream=``) or returned by a handler is attached to that
+    call; the other side reads a stream of its own with the same content.
+
+    Cancellation: a ``send`` cancelled part-way may have sent some of ``data``; the stream
+    stays usable. ``transfer_to`` leaves nothing under the target name unless it succeeded.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = DEFAULT_STREAM_WINDOW,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        idle_timeout: float | None = None,
+        max_reorder: int = DEFAULT_MAX_REORDER,
+    ) -> None:
+        if max_chunk <= 0 or window < max_chunk:
+            raise ValueError(f"need 0 < max_chunk <= window (got max_chunk={max_chunk}, window={window})")
+        self.window = window
+        self.max_chunk = max_chunk
+        self.idle_timeout = idle_timeout
+        self._max_reorder = max_reorder
+        self._source: AsyncIterable[Any] | None = None
+        # consumer side
+        self._rx = StreamReceiver(window, max_chunk, max_reorder, 0)
+        self._rx_wakeup = trio.Event()
+        self._rx_error: BaseException | None = None
+        self._rx_stopped = False
+        self._grant: Callable[[int, bool], None] | None = None
+        self._current: Any = None
+        # producer side
+        self._tx: CreditSender | None = None
+        self._link: _Link | None = None
+        self._bound = trio.Event()
+        self._credit_wakeup = trio.Event()
+        self._tx_error: BaseException | None = None
+        self._tx_done = False
+        self._on_closed: list[Callable[[], None]] = []
+        self._pending_abort: BaseException | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # --- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: PathLike, **kw: Any) -> PacketStream:
+        """A stream whose content is the file at ``path``, read when the stream is sent."""
+        stream = cls(**kw)
+        stream._source = _file_chunks(Path(path), stream.max_chunk)
+        return stream
+
+    @classmethod
+    def from_iterable(cls, chunks: AsyncIterable[bytes | bytearray | memoryview], **kw: Any) -> PacketStream:
+        """A stream whose content is what ``chunks`` yields, pulled as credit allows."""
+        stream = cls(**kw)
+        stream._source = chunks
+        return stream
+
+    # --- producer side ------------------------------------------------------------------
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` (split into chunks), waiting for credit as needed."""
+        if not self._bound.is_set():
+            await self._bound.wait()
+        assert self._tx is not None and self._link is not None
+        if self._tx_done:
+            raise StreamClosedError("send() after close() or abort()")
+        view = data if isinstance(data, bytes) and len(data) <= self.max_chunk else memoryview(data)
+        total = len(view)
+        if total == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        at = 0
+        while at < total:
+            self._raise_if_stopped()
+            n = self._tx.next_chunk_len(total - at)
+            if n == 0:
+                await self._wait_credit()
+                continue
+            chunk = view if (at == 0 and n == total) else view[at:at + n]
+            seq = self._tx.on_sent(n)
+            self._link.data(seq, chunk)
+            self.bytes_sent += n
+            at += n
+            await self._link.wait_writable()
+
+    async def _wait_credit(self) -> None:
+        assert self._tx is not None
+        self._credit_wakeup = trio.Event()
+        if self._tx.credit > 0 or self._tx_error is not None:
+            return
+        if self.idle_timeout is None:
+            await self._credit_wakeup.wait()
+            return
+        with trio.move_on_after(self.idle_timeout):
+            await self._credit_wakeup.wait()
+            return
+        exc = StreamIdleTimeoutError(f"no credit from the reader for {self.idle_timeout:g}s")
+        self._abort_now(exc)
+        raise exc
+
+    def _raise_if_stopped(self) -> None:
+        if self._tx_error is not None:
+            raise self._tx_error
+
+    async def close(self) -> None:
+        """Producer: end the stream. Consumer: stop reading (the producer is told)."""
+        if self._is_consumer():
+            self._stop_reading(StreamClosedError("the reader closed the stream"))
+            await trio.lowlevel.checkpoint()
+            return
+        if not self._bound.is_set():
+            await self._bound.wait()
+        assert self._tx is not None and self._link is not None
+        if self._tx_done:
+            await trio.lowlevel.checkpoint()
+            return
+        self._raise_if_stopped()
+        self._tx_done = True
+        self._link.end(self._tx.close())
+        self._fire_closed()
+        await trio.lowlevel.checkpoint()
+
+    aclose = close
+
+    async def abort(self, exc: BaseException | None = None) -> None:
+        """Fail the stream: the reader's next read raises ``exc`` (a StreamError by default)."""
+        self._abort_now(exc if exc is not None else StreamError("stream aborted by its producer"))
+        await trio.lowlevel.checkpoint()
+
+    def _abort_now(self, exc: BaseException) -> None:
+        if self._is_consumer():
+            self._stop_reading(exc)
+            return
+        if self._tx_done:
+            return
+        self._tx_done = True
+        self._tx_error = self._tx_error or exc
+        if self._link is not None:
+            self._link.fail(exc)
+        else:
+            self._pending_abort = exc
+        self._fire_closed()
+        self._credit_wakeup.set()
+
+    async def transfer_from(self, source: PathLike | IO[bytes]) -> int:
+        """Send the whole content of a file (path or binary file object), then close.
+
+        Reads happen in a worker thread, never on the trio loop. Returns bytes sent.
+        """
+        sent = 0
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                chunks = _file_chunks(Path(source), self.max_chunk)
+            else:
+                chunks = _fileobj_chunks(source, self.max_chunk)
+            async for chunk in chunks:
+                await self.send(chunk)
+                sent += len(chunk)
+        except BaseException as exc:
+            if not isinstance(exc, (StreamClosedError, trio.Cancelled)):
+                self._abort_now(exc)
+            raise
+        await self.close()
+        return sent
+
+    async def _pump(self) -> None:
+        """Send everything from the source given to from_file / from_iterable, then close."""
+        source = self._source
+        if source is None:
+            return
+        self._source = None
+        try:
+            async for chunk in source:
+                await self.send(chunk)
+        except (StreamClosedError, StreamIdleTimeoutError):
+            return
+        except trio.Cancelled:
+            self._abort_now(StreamError("the stream's producer was cancelled"))
+            raise
+        except BaseException as exc:
+            self._abort_now(exc)
+            if isinstance(exc, Exception):
+                return
+            raise
+        await self.close()
+
+    # --- binding (used by the broker/transit) -------------------------------------------
+
+    def _is_consumer(self) -> bool:
+        return self._grant is not None
+
+    def _bind(self, link: _Link, window: int, max_chunk: int) -> None:
+        if self._bound.is_set():
+            raise StreamError("this stream is already attached to a call")
+        self._tx = CreditSender(window, max_chunk)
+        self._link = link
+        self._bound.set()
+        if self._pending_abort is not None:
+            link.fail(self._pending_abort)
+
+    def _pipe(self) -> PacketStream:
+        """Bind this producer to a new in-process reader (a local call) and return it."""
+        reader = PacketStream(window=self.window, max_chunk=self.max_chunk,
+                              idle_timeout=self.idle_timeout, max_reorder=self._max_reorder)
+        reader._grant = self._on_credit
+        self._bind(_LoopbackLink(reader), self.window, self.max_chunk)
+        return reader
+
+    def _on_credit(self, consumed: int, stop: bool = False) -> None:
+        if stop:
+            if self._tx_error is None:
+                self._tx_error = StreamClosedError("the reader closed the stream")
+            self._tx_done = True
+            self._fire_closed()
+        elif self._tx is not None:
+            try:
+                self._tx.on_credit(consumed)
+            except FlowError as exc:
+                self._tx_error = exc
+        self._credit_wakeup.set()
+
+    def _fail_producer(self, exc: BaseException) -> None:
+        """The peer is gone or broke the protocol: the next send raises ``exc``."""
+        if self._tx_error is None:
+            self._tx_error = exc
+        self._tx_done = True
+        self._credit_wakeup.set()
+        self._fire_closed()
+
+    def _fire_closed(self) -> None:
+        callbacks, self._on_closed = self._on_closed, []
+        for cb in callbacks:
+            cb()
+
+    # --- consumer side ------------------------------------------------------------------
+
+    def _deliver(self, seq: int, chunk: Any) -> None:
+        if self._rx_error is not None or self._rx_stopped:
+            return
+        try:
+            self._rx.push(seq, chunk)
+        except FlowError as exc:
+            self._deliver_error(exc)
+            self._notify_producer_stop()
+            return
+        self.bytes_received += len(chunk)
+        self._rx_wakeup.set()
+
+    def _deliver_end(self, seq: int) -> None:
+        try:
+            self._rx.push_end(seq)
+        except FlowError as exc:
+            self._deliver_error(exc)
+        self._rx_wakeup.set()
+
+    def _deliver_error(self, exc: BaseException) -> None:
+        if self._rx_error is None:
+            self._rx_error = exc
+        self._rx_wakeup.set()
+
+    def _stop_reading(self, exc: BaseException) -> None:
+        if not self._rx_stopped:
+            self._rx_stopped = True
+            if self._rx_error is None:
+                self._rx_error = exc
+            self._notify_producer_stop()
+        self._rx_wakeup.set()
+
+    def _notify_producer_stop(self) -> None:
+        if self._grant is not None:
+            self._grant(self._rx.consumed, True)
+
+    async def receive(self) -> bytes:
+        """The next chunk, or ``b""`` once the stream has ended."""
+        while True:
+            chunk = self._rx.pop()
+            if chunk is not None:
+                grant = self._rx.take_grant()
+                if grant is not None and self._grant is not None:
+                    self._grant(grant, False)
+                await trio.lowlevel.checkpoint()
+                return chunk if isinstance(chunk, bytes) else bytes(chunk)
+            if self._rx_error is not None:
+                raise self._rx_error
+            if self._rx.finished:
+                await trio.lowlevel.checkpoint()
+                return b""
+            await self._wait_data()
+
+    def _pop_ready(self, limit: int) -> list[Any]:
+        """Every chunk ready now (up to ``limit`` bytes), granting credit for them."""
+        out: list[Any] = []
+        size = 0
+        while size < limit:
+            chunk = self._rx.pop()
+            if chunk is None:
+                break
+            out.append(chunk)
+            size += len(chunk)
+        if out:
+            grant = self._rx.take_grant()
+            if grant is not None and self._grant is not None:
+                self._grant(grant, False)
+        return out
+
+    async def _wait_data(self) -> None:
+        self._rx_wakeup = trio.Event()
+        if self._rx.buffered_bytes or self._rx_error is not None or self._rx.finished:
+            return
+        if self.idle_timeout is None:
+            await self._rx_wakeup.wait()
+            return
+        with trio.move_on_after(self.idle_timeout):
+            await self._rx_wakeup.wait()
+            return
+        self._stop_reading(StreamIdleTimeoutError(f"no data for {self.idle_timeout:g}s"))
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.receive()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    async def read_all(self, limit: int | None = None) -> bytes:
+        """Everything until the end, as one ``bytes`` (``limit`` guards memory)."""
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in self:
+            total += len(chunk)
+            if limit is not None and total > limit:
+                await self.close()
+                raise StreamError(f"stream is longer than the limit of {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def transfer_to(self, target: PathLike | IO[bytes]) -> int:
+        """Write the whole stream to a file; returns the byte count.
+
+        For a path, data goes to a temporary file beside the target, which is fsynced and
+        renamed over the target only on success: on any failure (including cancellation)
+        nothing appears under the target name. Writes happen in a worker thread.
+        """
+        if not isinstance(target, (str, os.PathLike)):
+            return await self._drain_into(target)
+        path = Path(target)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+        f = await trio.to_thread.run_sync(open, tmp, "xb")
+        try:
+            written = await self._drain_into(f)
+            await trio.to_thread.run_sync(_fsync_close, f)
+            await trio.to_thread.run_sync(os.replace, tmp, path)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_discard, f, tmp)
+            raise
+        return written
+
+    async def _drain_into(self, f: IO[bytes]) -> int:
+        written = 0
+        while True:
+            batch = self._pop_ready(self.window)
+            if batch:
+                await trio.to_thread.run_sync(_write_all, f, batch)
+                written += sum(len(c) for c in batch)
+                continue
+            if self._rx_error is not None:
+                raise self._rx_error
+            if self._rx.finished:
+                return written
+            await self._wait_data()
+
+    # --- introspection ------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """Bytes sent and received, bytes buffered (reader side) and credit (writer side)."""
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "bytes_buffered": self._rx.buffered_bytes,
+            "credit": self._tx.credit if self._tx is not None else 0,
+            "window": self.window,
+            "max_chunk": self.max_chunk,
+        }
+
+    def __repr__(self) -> str:
+        return f"<PacketStream sent={self.bytes_sent} received={self.bytes_received}>"
+
+
+def _write_all(f: IO[bytes], chunks: list[Any]) -> None:
+    try:
+        f.flush()
+        fileno = f.fileno()
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        fileno = -1
+    if fileno < 0:
+        for c in chunks:
+            f.write(c)
+        return
+    views = [memoryview(c) for c in chunks]
+    while views:
+        n = os.writev(fileno, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _fsync_close(f: IO[bytes]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+def _discard(f: IO[bytes], tmp: Path) -> None:
+    try:
+        f.close()
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+async def _file_chunks(path: Path, chunk: int) -> AsyncIterator[bytes]:
+    f = await trio.to_thread.run_sync(open, path, "rb")
+    try:
+        async for c in _fileobj_chunks(f, chunk):
+            yield c
+    finally:
+        await trio.to_thread.run_sync(f.close)
+
+
+async def _fileobj_chunks(f: IO[bytes], chunk: int) -> AsyncIterator[bytes]:
+    def read_batch() -> list[bytes]:
+        out = []
+        for _ in range(_READ_BATCH):
+            b = f.read(chunk)
+            if not b:
+                break
+            out.append(b)
+        return out
+
+    while True:
+        batch = await trio.to_thread.run_sync(read_batch)
+        if not batch:
+            return
+        for b in batch:
+            yield b

@@ -1,0 +1,502 @@
+"""Transit: packets to and from the broker. Pending calls, discovery, stream routing.
+
+It turns broker operations into packets for the transport and incoming frames into registry
+updates, handler tasks, settled calls and stream chunks. It knows no sockets (the transport
+does) and no service code (the broker runs handlers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from nerve.context import Context
+from nerve.errors import (
+    BrokerDisconnectedError,
+    NerveError,
+    ProtocolError,
+    RequestRejectedError,
+    RequestTimeoutError,
+    SerializationError,
+    ServiceNotFoundError,
+    StreamError,
+    error_from_wire,
+    error_to_wire,
+)
+from nerve.frames import STREAM_FLAG_END, STREAM_FLAG_ERROR, STREAM_FLAG_RESPONSE
+from nerve.packets import (
+    UNSET,
+    Disconnect,
+    Discover,
+    Event,
+    Heartbeat,
+    Info,
+    Packet,
+    PacketType,
+    Ping,
+    Pong,
+    Request,
+    Response,
+)
+from nerve.streams import PacketStream, _Link
+
+if TYPE_CHECKING:
+    from nerve.broker import Broker
+    from nerve.registry import ActionEndpoint
+    from nerve.serializers import Serializer
+    from nerve.service import ActionSpec
+    from nerve.transports.base import Transport
+
+__all__ = ["Transit"]
+
+log = logging.getLogger("nerve.transit")
+
+_REQ = int(PacketType.REQ)
+_RES = int(PacketType.RES)
+
+
+class Pending:
+    """A call waiting for its RES."""
+
+    __slots__ = ("node_id", "done", "result", "error", "meta")
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.meta: dict[str, Any] | None = None
+
+
+class _RemoteLink(_Link):
+    """A producer's chunks as STREAM_DATA frames to a peer."""
+
+    def __init__(self, transit: Transit, node_id: str, stream_id: str, flags: int) -> None:
+        self.transit = transit
+        self.node_id = node_id
+        self.stream_id = stream_id
+        self.flags = flags
+
+    def data(self, seq: int, chunk: Any) -> None:
+        self.transit.transport.send_stream_data(self.node_id, self.flags, self.stream_id, seq, chunk)
+
+    def end(self, seq: int) -> None:
+        self.transit.transport.send_stream_data(self.node_id, self.flags | STREAM_FLAG_END,
+                                                self.stream_id, seq, b"")
+
+    def fail(self, exc: BaseException) -> None:
+        body = self.transit.serializer.encode_value(error_to_wire(exc, self.transit.node_id))
+        try:
+            self.transit.transport.send_stream_data(self.node_id, self.flags | STREAM_FLAG_ERROR,
+                                                    self.stream_id, 0, body)
+        except NerveError:
+            pass
+
+    async def wait_writable(self) -> None:
+        await self.transit.transport.wait_writable(self.node_id)
+
+
+class Transit:
+    def __init__(self, broker: Broker, transport: Transport, serializer: Serializer, *,
+                 protocol_version: str = "5") -> None:
+        self.broker = broker
+        self.transport = transport
+        self.serializer = serializer
+        self.node_id = broker.node_id
+        self.namespace = broker.namespace
+        self.ver = protocol_version
+        self.v5 = protocol_version != "4"
+        self.pending: dict[str, Pending] = {}
+        self.readers: dict[tuple[str, str, bool], PacketStream] = {}
+        self.writers: dict[tuple[str, str, bool], PacketStream] = {}
+        self.serving: dict[tuple[str, str], trio.CancelScope] = {}
+        self.instance_id = os.urandom(8).hex()
+        self.info_seq = 1
+        self.stats = {"requests_in": 0, "requests_out": 0, "protocol_errors": 0}
+
+    # --- outgoing -----------------------------------------------------------------------
+
+    def send_packet(self, node_id: str, packet: Packet) -> None:
+        self.transport.send(node_id, int(packet.kind), self.serializer.encode(packet))
+
+    def broadcast_packet(self, packet: Packet) -> None:
+        self.transport.broadcast(int(packet.kind), self.serializer.encode(packet))
+
+    def info_packet(self) -> Info:
+        return Info(
+            ver=self.ver,
+            sender=self.node_id,
+            services=self.broker._describe_services(),
+            config={},
+            ip_list=list(_ip_list()),
+            hostname=socket.gethostname(),
+            client={"type": "python", "version": _version(),
+                    "langVersion": platform.python_version(), "name": "nerve"},
+            instance_id=self.instance_id,
+            metadata=dict(self.broker.metadata),
+            seq=self.info_seq,
+        )
+
+    def announce(self) -> None:
+        """Tell every connected node our (changed) services."""
+        self.info_seq += 1
+        try:
+            self.broadcast_packet(self.info_packet())
+        except NerveError as exc:  # pragma: no cover - broadcast skips gone peers
+            log.debug("announce failed: %r", exc)
+
+    async def request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None,
+                      stream: PacketStream | None) -> Pending:
+        """Send a REQ to ``ep``'s node and wait for its RES (settled in the returned Pending).
+
+        ``timeout`` bounds the wait for the response; with a request stream it starts when
+        the stream ends, so a long upload is never cut by it (the stream's idle timeout is).
+        """
+        node_id = ep.node_id
+        pkt = Request(
+            ver=self.ver, sender=self.node_id, id=ctx.id, action=ep.name, params=ctx.params,
+            meta=ctx.meta, headers=ctx.headers if self.v5 else UNSET, timeout=_budget_ms(timeout),
+            level=ctx.level, tracing=None, parent_id=ctx.parent_id, request_id=ctx.request_id,
+            caller=ctx.caller, stream=stream is not None,
+        )
+        payload = self.serializer.encode(pkt)
+        pending = Pending(node_id)
+        self.pending[ctx.id] = pending
+        self.stats["requests_out"] += 1
+        key = (node_id, ctx.id, False)
+        try:
+            with trio.CancelScope() as scope:
+                if timeout is not None and stream is None:
+                    scope.deadline = trio.current_time() + timeout
+                self.transport.send(node_id, _REQ, payload)
+                if stream is None:
+                    await pending.done.wait()
+                else:
+                    window, max_chunk = self.transport.peer_stream_config(node_id)
+                    stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
+                    self.writers[key] = stream
+                    if timeout is not None:
+                        stream._on_closed.append(
+                            lambda: setattr(scope, "deadline", trio.current_time() + timeout))
+                    async with trio.open_nursery() as nursery:
+                        if stream._source is not None:
+                            nursery.start_soon(stream._pump)
+                        await pending.done.wait()
+                        nursery.cancel_scope.cancel()
+            if scope.cancelled_caught and not pending.done.is_set():
+                pending.error = RequestTimeoutError(
+                    f"Request is timed out when call '{ep.name}' action on '{node_id}' node.",
+                    data={"action": ep.name, "nodeID": node_id}, node_id=node_id)
+        finally:
+            del self.pending[ctx.id]
+            if stream is not None:
+                self.writers.pop(key, None)
+                if not stream._tx_done:
+                    stream._abort_now(StreamError("the call ended before its request stream did"))
+        return pending
+
+    # --- incoming -----------------------------------------------------------------------
+
+    def on_connected(self, node_id: str) -> None:
+        try:
+            self.send_packet(node_id, self.info_packet())
+        except NerveError as exc:
+            log.debug("cannot greet %s: %r", node_id, exc)
+
+    def on_disconnected(self, node_id: str, *, graceful: bool) -> None:
+        was = self.broker.registry.node_gone(node_id)
+        reason = "disconnected" if graceful else "was lost"
+        for pending in list(self.pending.values()):
+            if pending.node_id == node_id and not pending.done.is_set():
+                pending.error = RequestRejectedError(
+                    f"Request is rejected when call action: node '{node_id}' {reason}.",
+                    data={"nodeID": node_id}, node_id=node_id)
+                pending.done.set()
+        for key, reader in list(self.readers.items()):
+            if key[0] == node_id:
+                reader._deliver_error(StreamError(f"the stream's producer node '{node_id}' {reason}",
+                                                  data={"nodeID": node_id}))
+                del self.readers[key]
+        for key, writer in list(self.writers.items()):
+            if key[0] == node_id:
+                writer._fail_producer(StreamError(f"the stream's reader node '{node_id}' {reason}",
+                                                  data={"nodeID": node_id}))
+                del self.writers[key]
+        if was:
+            log.info("node %s %s", node_id, reason)
+            self.broker._node_event("$node.disconnected", node_id, unexpected=not graceful)
+
+    def on_frame(self, sender: str, kind: int, payload: bytes) -> None:
+        """Handle one frame from ``sender``; raises ProtocolError for a malformed packet."""
+        try:
+            pkt = self.serializer.decode(kind, payload)
+        except ProtocolError:
+            self.stats["protocol_errors"] += 1
+            raise
+        if pkt.ver != self.ver:
+            log.warning("dropping %s from %s: protocol version %r, expected %r",
+                        PacketType(kind).name, sender, pkt.ver, self.ver)
+            return
+        if kind == _REQ:
+            self._on_request(sender, pkt)  # type: ignore[arg-type]
+        elif kind == _RES:
+            self._on_response(sender, pkt)  # type: ignore[arg-type]
+        elif isinstance(pkt, Event):
+            self.broker._on_remote_event(sender, pkt)
+        elif isinstance(pkt, Info):
+            self._on_info(sender, pkt)
+        elif isinstance(pkt, Discover):
+            self.send_packet(sender, self.info_packet())
+        elif isinstance(pkt, Heartbeat):
+            node = self.broker.registry.nodes.get(sender)
+            if node is None or not node.available:
+                self.send_packet(sender, Discover(ver=self.ver, sender=self.node_id))
+            else:
+                node.cpu = pkt.cpu if isinstance(pkt.cpu, (int, float)) else None
+                node.last_seen = trio.current_time()
+        elif isinstance(pkt, Disconnect):
+            self.on_disconnected(sender, graceful=True)
+        elif isinstance(pkt, Ping):
+            self.send_packet(sender, Pong(ver=self.ver, sender=self.node_id, time=pkt.time, id=pkt.id,
+                                         arrived=_now_ms()))
+        elif isinstance(pkt, Pong):
+            self.broker._on_pong(sender, pkt)
+
+    def _on_info(self, sender: str, pkt: Info) -> None:
+        if sender == self.node_id:
+            if pkt.instance_id != self.instance_id:
+                log.error("another node uses our node id %r", sender)
+            return
+        services = [s for s in (pkt.services or []) if isinstance(s, dict)]
+        fresh = self.broker.registry.update_node(
+            sender, services=services, instance_id=pkt.instance_id or None,
+            seq=pkt.seq if isinstance(pkt.seq, int) else None,
+            hostname=pkt.hostname or None, ip_list=pkt.ip_list or None,
+            client=pkt.client or None, metadata=pkt.metadata or None,
+            address=self.transport.peer_address(sender))
+        if fresh:
+            log.info("node %s connected", sender)
+            self.broker._node_event("$node.connected", sender, unexpected=False)
+        self.broker._services_changed.set()
+
+    def _on_request(self, sender: str, pkt: Request) -> None:
+        self.stats["requests_in"] += 1
+        if pkt.seq not in (UNSET, None, 0):
+            raise ProtocolError(f"{sender} sent a Moleculer stream chunk (seq {pkt.seq}) on a native "
+                                "transport; streams travel as STREAM_DATA frames here",
+                                reason="unexpected_stream_packet")
+        spec = self.broker._local_action(pkt.action)
+        if spec is None or self.broker._stopping:
+            if spec is None:
+                exc: NerveError = ServiceNotFoundError(
+                    f"Service '{pkt.action}' is not found on '{self.node_id}' node.",
+                    data={"action": pkt.action, "nodeID": self.node_id})
+            else:
+                exc = RequestRejectedError(f"node '{self.node_id}' is stopping",
+                                           data={"action": pkt.action, "nodeID": self.node_id})
+            self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
+            return
+        reader = None
+        if pkt.stream:
+            reader = self._make_reader(sender, pkt.id, response=False)
+        self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
+
+    async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None) -> None:
+        ctx = Context(
+            self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id, parent_id=pkt.parent_id or None,
+            level=pkt.level or 1, caller=pkt.caller or None, node_id=sender, params=pkt.params,
+            meta=pkt.meta or {}, headers=pkt.headers or {}, stream=reader, action=pkt.action,
+            service=spec.service.full_name,
+        )
+        timeout = pkt.timeout if isinstance(pkt.timeout, (int, float)) and pkt.timeout > 0 else None
+        key = (sender, pkt.id)
+        scope = trio.CancelScope()
+        if timeout is not None and reader is None:
+            scope.deadline = trio.current_time() + timeout / 1000
+        self.serving[key] = scope
+        try:
+            with scope:
+                result = await self.broker._invoke(spec, ctx)
+            if scope.cancelled_caught:
+                raise RequestTimeoutError(
+                    f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
+                    data={"action": pkt.action, "nodeID": self.node_id})
+        except Exception as exc:
+            self._respond_error(sender, pkt.id, ctx.meta, exc)
+            return
+        finally:
+            del self.serving[key]
+            if reader is not None:
+                self.readers.pop((sender, pkt.id, False), None)
+                if not reader._rx.finished:
+                    reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
+        if isinstance(result, PacketStream):
+            await self._send_response_stream(sender, pkt.id, ctx.meta, result)
+            return
+        self._respond(sender, pkt.id, ctx.meta, result)
+
+    def _respond(self, sender: str, call_id: str, meta: dict[str, Any], result: Any) -> None:
+        res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=True, data=result,
+                       meta=meta, headers={} if self.v5 else UNSET)
+        try:
+            payload = self.serializer.encode(res)
+        except SerializationError as exc:
+            self._respond_error(sender, call_id, meta, exc)
+            return
+        self._send_quietly(sender, _RES, payload)
+
+    def _respond_error(self, sender: str, call_id: str, meta: dict[str, Any], exc: BaseException) -> None:
+        if not isinstance(exc, NerveError):
+            log.debug("handler raised %r", exc)
+        plain = error_to_wire(exc, self.node_id)
+        res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=False, data=None,
+                       error=plain, meta=meta, headers={} if self.v5 else UNSET)
+        try:
+            payload = self.serializer.encode(res)
+        except SerializationError:
+            plain["data"] = None
+            try:
+                payload = self.serializer.encode(msgspec.structs.replace(res, error=plain, meta={}))
+            except SerializationError:
+                plain = error_to_wire(SerializationError(f"unserializable error {exc!r}"), self.node_id)
+                payload = self.serializer.encode(msgspec.structs.replace(res, error=plain, meta={}))
+        self._send_quietly(sender, _RES, payload)
+
+    def _send_quietly(self, node_id: str, kind: int, payload: bytes) -> None:
+        try:
+            self.transport.send(node_id, kind, payload)
+        except BrokerDisconnectedError:
+            log.debug("dropping a %s for %s: node gone", PacketType(kind).name, node_id)
+
+    async def _send_response_stream(self, sender: str, call_id: str, meta: dict[str, Any],
+                                    stream: PacketStream) -> None:
+        res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=True, data=None,
+                       meta=meta, headers={} if self.v5 else UNSET, stream=True, seq=0)
+        try:
+            self.transport.send(sender, _RES, self.serializer.encode(res))
+            window, max_chunk = self.transport.peer_stream_config(sender)
+        except BrokerDisconnectedError:
+            stream._fail_producer(StreamError(f"node '{sender}' is gone"))
+            return
+        key = (sender, call_id, True)
+        stream._bind(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
+        self.writers[key] = stream
+        stream._on_closed.append(lambda: self.writers.pop(key, None))
+        if stream._source is not None:
+            await stream._pump()
+
+    def _on_response(self, sender: str, pkt: Response) -> None:
+        pending = self.pending.get(pkt.id)
+        if pending is None or pending.done.is_set():
+            return
+        if pending.node_id != sender:
+            log.warning("ignoring RES for %s from %s (sent to %s)", pkt.id, sender, pending.node_id)
+            return
+        if isinstance(pkt.meta, dict) and pkt.meta:
+            pending.meta = pkt.meta
+        if not pkt.success:
+            pending.error = error_from_wire(pkt.error, sender)
+        elif pkt.stream:
+            pending.result = self._make_reader(sender, pkt.id, response=True)
+        else:
+            pending.result = pkt.data
+        pending.done.set()
+
+    # --- streams ------------------------------------------------------------------------
+
+    def _make_reader(self, sender: str, stream_id: str, *, response: bool) -> PacketStream:
+        broker = self.broker
+        reader = PacketStream(window=broker.stream_window, max_chunk=broker.max_chunk,
+                              idle_timeout=broker.stream_idle_timeout)
+        flags = STREAM_FLAG_RESPONSE if response else 0
+        key = (sender, stream_id, response)
+
+        def grant(consumed: int, stop: bool) -> None:
+            if stop:
+                self.readers.pop(key, None)
+            try:
+                self.transport.send_stream_credit(sender, flags | (STREAM_FLAG_END if stop else 0),
+                                                  stream_id, consumed)
+            except BrokerDisconnectedError:
+                pass
+
+        reader._grant = grant
+        self.readers[key] = reader
+        return reader
+
+    def on_stream_data(self, sender: str, flags: int, stream_id: str, seq: int, chunk: Any) -> None:
+        key = (sender, stream_id, bool(flags & STREAM_FLAG_RESPONSE))
+        reader = self.readers.get(key)
+        if reader is None:
+            return  # a stream we stopped reading, or that ended
+        if flags & STREAM_FLAG_ERROR:
+            try:
+                exc: BaseException = error_from_wire(self.serializer.decode_value(chunk), sender)
+            except ProtocolError as bad:
+                exc = StreamError(f"the producer failed the stream with an unreadable error: {bad}")
+            del self.readers[key]
+            reader._deliver_error(exc)
+            if not key[2]:
+                scope = self.serving.get((sender, stream_id))
+                if scope is not None and isinstance(exc, StreamError):
+                    scope.cancel()
+            return
+        if flags & STREAM_FLAG_END:
+            reader._deliver_end(seq)
+            del self.readers[key]
+            return
+        reader._deliver(seq, chunk)
+
+    def on_stream_credit(self, sender: str, flags: int, stream_id: str, consumed: int) -> None:
+        key = (sender, stream_id, bool(flags & STREAM_FLAG_RESPONSE))
+        writer = self.writers.get(key)
+        if writer is None:
+            return
+        if flags & STREAM_FLAG_END:
+            del self.writers[key]
+            writer._on_credit(consumed, stop=True)
+        else:
+            writer._on_credit(consumed)
+
+
+def _budget_ms(timeout: float | None) -> int:
+    """The REQ ``timeout`` field: what remains of the caller's budget, in ms (0 = none)."""
+    deadline = trio.current_effective_deadline()
+    remaining = deadline - trio.current_time()
+    if timeout is not None:
+        remaining = min(remaining, timeout)
+    if remaining == float("inf"):
+        return 0
+    return max(1, int(remaining * 1000))
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+@lru_cache(maxsize=1)
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nerve")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        return "0"
+
+
+@lru_cache(maxsize=1)
+def _ip_list() -> list[str]:
+    try:
+        return sorted({ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
+    except OSError:
+        return []
+

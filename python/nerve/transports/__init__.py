@@ -1,0 +1,21 @@
+"""Transports move packets between nodes: ``local`` (in-process, the default) and ``tcp``."""
+
+from nerve.transports.base import Transport
+from nerve.transports.local import LocalTransport
+
+__all__ = ["Transport", "LocalTransport", "make_transport"]
+
+
+def make_transport(spec: "str | Transport | None", **options: object) -> Transport:
+    """A transport from a broker's ``transport=`` option."""
+    if spec is None or spec == "local":
+        return LocalTransport()
+    if isinstance(spec, Transport):
+        return spec
+    if isinstance(spec, str) and spec.startswith("tcp://"):
+        from nerve.transports.tcp import TcpTransport
+
+        return TcpTransport(spec, **options)  # type: ignore[arg-type]
+    from nerve.errors import BrokerOptionsError
+
+    raise BrokerOptionsError(f"unknown transport {spec!r}; expected None, 'local' or 'tcp://host:port'")

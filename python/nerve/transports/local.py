@@ -1,0 +1,98 @@
+"""In-process transport: any number of brokers of one process, connected in memory.
+
+Frames are handed to the target broker's transit synchronously, already serialized (so no
+object is shared between brokers); the target spawns handler tasks in its own nursery.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from nerve.errors import BrokerDisconnectedError, BrokerOptionsError
+from nerve.transports.base import Transport
+
+if TYPE_CHECKING:
+    from nerve.transit import Transit
+
+__all__ = ["LocalTransport"]
+
+_BUSES: dict[str, dict[str, LocalTransport]] = {}
+
+
+class LocalTransport(Transport):
+    native_streams = True
+
+    def __init__(self) -> None:
+        self.transit: Transit | None = None
+        self._bus: dict[str, LocalTransport] | None = None
+        self._node_id = ""
+
+    async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.transit = transit
+        self._node_id = transit.node_id
+        bus = _BUSES.setdefault(transit.namespace, {})
+        if self._node_id in bus:
+            raise BrokerOptionsError(
+                f"node id {self._node_id!r} is already used by another local broker in namespace "
+                f"{transit.namespace!r}")
+        bus[self._node_id] = self
+        self._bus = bus
+        try:
+            peers = [p for p in bus.values() if p is not self and p.transit is not None]
+            task_status.started()
+            for peer in peers:
+                assert peer.transit is not None
+                peer.transit.on_connected(self._node_id)
+                transit.on_connected(peer._node_id)
+            await trio.sleep_forever()
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        bus = self._bus
+        if bus is None:
+            return
+        self._bus = None
+        if bus.get(self._node_id) is self:
+            del bus[self._node_id]
+        for peer in list(bus.values()):
+            if peer.transit is not None:
+                peer.transit.on_disconnected(self._node_id, graceful=True)
+        if not bus:
+            _BUSES.pop(self.transit.namespace if self.transit else "", None)
+
+    def _target(self, node_id: str) -> Transit:
+        bus = self._bus
+        peer = bus.get(node_id) if bus is not None else None
+        if peer is None or peer.transit is None:
+            raise BrokerDisconnectedError(f"node '{node_id}' is not connected", data={"nodeID": node_id})
+        return peer.transit
+
+    def send(self, node_id: str, kind: int, payload: bytes) -> None:
+        self._target(node_id).on_frame(self._node_id, kind, payload)
+
+    def broadcast(self, kind: int, payload: bytes) -> None:
+        for node_id in self.connected():
+            self.send(node_id, kind, payload)
+
+    def send_stream_data(self, node_id: str, flags: int, stream_id: str, seq: int, chunk: Any) -> None:
+        self._target(node_id).on_stream_data(self._node_id, flags, stream_id, seq, bytes(chunk))
+
+    def send_stream_credit(self, node_id: str, flags: int, stream_id: str, consumed: int) -> None:
+        self._target(node_id).on_stream_credit(self._node_id, flags, stream_id, consumed)
+
+    def peer_stream_config(self, node_id: str) -> tuple[int, int]:
+        broker = self._target(node_id).broker
+        return broker.stream_window, broker.max_chunk
+
+    def connected(self) -> list[str]:
+        bus = self._bus
+        if bus is None:
+            return []
+        return [n for n, p in bus.items() if p is not self and p.transit is not None]
+
+    async def disconnect_all(self) -> None:
+        self._leave()
+        await trio.lowlevel.checkpoint()
