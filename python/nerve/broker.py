@@ -78,7 +78,6 @@ class Broker:
         stream_idle_timeout: float | None = 60.0,
         max_frame_size: int | None = None,
         metadata: dict[str, Any] | None = None,
-        secret: str | bytes | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
             raise BrokerOptionsError(f"protocol_version must be '4' or '5', not {protocol_version!r}")
@@ -107,8 +106,6 @@ class Broker:
         options: dict[str, Any] = {"peers": list(peers)}
         if max_frame_size is not None:
             options["max_frame_size"] = max_frame_size
-        if secret is not None:
-            options["secret"] = secret
         if transport is None and options["peers"]:
             raise BrokerOptionsError("peers= needs a tcp:// transport")
         self.transport = make_transport(transport, **options)
