@@ -36,10 +36,11 @@ pub enum FrameType {
     StreamData = 21,
     StreamCredit = 22,
     HelloAck = 23,
+    Peers = 24,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 16] = [
+    pub const ALL: [FrameType; 17] = [
         FrameType::Event,
         FrameType::Request,
         FrameType::Response,
@@ -56,6 +57,7 @@ impl FrameType {
         FrameType::StreamData,
         FrameType::StreamCredit,
         FrameType::HelloAck,
+        FrameType::Peers,
     ];
 
     pub fn from_u8(value: u8) -> Option<FrameType> {
