@@ -34,6 +34,15 @@ fn check_type(type_id: u8) -> PyResult<()> {
     }
 }
 
+fn check_stream_id(stream_id: &str) -> PyResult<()> {
+    if stream_id.len() > stream_codec::MAX_ID_LEN {
+        return Err(stream_codec_error(&stream_codec::StreamCodecError::IdTooLong {
+            length: stream_id.len(),
+        }));
+    }
+    Ok(())
+}
+
 /// Coalesces any number of frames into one outgoing `bytes`.
 #[pyclass(module = "nerve._core")]
 pub struct FrameEncoder {
@@ -114,6 +123,7 @@ impl FrameEncoder {
         seq: u64,
         chunk: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        check_stream_id(stream_id)?;
         let n = Self::body_len(chunk)?;
         let total = stream_codec::header_len(stream_id) + n;
         self.check_len(total)?;
@@ -128,7 +138,9 @@ impl FrameEncoder {
 
     /// Append a STREAM_CREDIT frame: the consumer has read `consumed` bytes in total.
     fn append_stream_credit(&mut self, flags: u8, stream_id: &str, consumed: u64) -> PyResult<()> {
+        check_stream_id(stream_id)?;
         let total = stream_codec::header_len(stream_id);
+        self.check_len(total)?;
         self.staging
             .extend_from_slice(&frame::header(FrameType::StreamCredit as u8, total));
         stream_codec::write_header(&mut self.staging, flags, stream_id, consumed)
