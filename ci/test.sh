@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up and run every test: Rust unit tests, the Python suite, the stub check and the
+# benchmark harness in --quick mode (so it never rots; its figures are not quoted).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ci/setup.sh dev
+# shellcheck disable=SC1091
+. .venv/bin/activate
+echo "== cargo test"
+cargo test --manifest-path rust/Cargo.toml --quiet
+echo "== pytest"
+python -m pytest -q
+echo "== stubtest"
+ci/stubtest.sh

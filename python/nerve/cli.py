@@ -1,0 +1,207 @@
+"""The ``nerve`` command: run a node, call an action, upload and download files, list nodes,
+and the demo. Each command is a thin trio program over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import nerve
+from nerve.errors import NerveError
+
+__all__ = ["main"]
+
+
+def _client(peer: str, **kw: Any) -> nerve.Broker:
+    return nerve.Broker(f"cli-{os.getpid()}", transport="tcp://127.0.0.1:0", peers=[peer], **kw)
+
+
+async def _ready(broker: nerve.Broker, action: str, timeout: float) -> None:
+    service = action.rsplit(".", 1)[0]
+    await broker.wait_for_services(service, timeout=timeout)
+
+
+def _load_service(spec: str) -> nerve.Service:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--service wants module:Class, got {spec!r}")
+    cls = getattr(importlib.import_module(module), name)
+    return cls()  # type: ignore[no-any-return]
+
+
+async def _run_node(args: argparse.Namespace) -> None:
+    services = [_load_service(s) for s in args.service]
+    async with nerve.Broker(args.node_id, transport=args.listen, peers=args.peer,
+                            services=services) as broker:
+        print(json.dumps({"nodeID": broker.node_id, "address": broker.address}), flush=True)
+        with trio.open_signal_receiver(2, 15) as signals:
+            async for _ in signals:
+                break
+
+
+async def _call(args: argparse.Namespace) -> None:
+    params = json.loads(args.params) if args.params else None
+    meta = json.loads(args.meta) if args.meta else {}
+    async with _client(args.peer) as broker:
+        await _ready(broker, args.action, args.wait)
+        result = await broker.call(args.action, params, meta=meta, timeout=args.timeout)
+        print(json.dumps({"result": result, "meta": meta}, default=repr, indent=2))
+
+
+async def _nodes(args: argparse.Namespace) -> None:
+    async with _client(args.peer) as broker:
+        with trio.move_on_after(args.wait):
+            while len(broker.registry.available_nodes()) < 2:
+                await trio.sleep(0.05)
+        for node in await broker.call("$node.list"):
+            state = "up" if node["available"] else "down"
+            print(f"{node['id']:<30} {state:<5} {node.get('address') or ''}")
+
+
+def _progress(description: str, total: int | None) -> Any:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+    task = progress.add_task(description, total=total)
+    return progress, task
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def _track(progress: Any, task: Any, count: Any) -> None:
+    while True:
+        progress.update(task, completed=count())
+        await trio.sleep(0.1)
+
+
+async def _upload(args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    size = path.stat().st_size
+    meta = {"filename": path.name, "size": size, **(json.loads(args.meta) if args.meta else {})}
+    params = json.loads(args.params) if args.params else {}
+    digest = await trio.to_thread.run_sync(_sha256, path)
+    async with _client(args.peer) as broker:
+        await _ready(broker, args.action, args.wait)
+        upload = nerve.PacketStream.from_file(path, window=broker.stream_window, max_chunk=broker.max_chunk,
+                                              idle_timeout=broker.stream_idle_timeout)
+        progress, task = _progress(f"upload {path.name}", size)
+        with progress:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_track, progress, task, lambda: upload.bytes_sent)
+                result = await broker.call(args.action, params, meta=meta, stream=upload, timeout=args.timeout)
+                progress.update(task, completed=upload.bytes_sent)
+                nursery.cancel_scope.cancel()
+    print(f"sha256 {digest}  {size} bytes")
+    print(json.dumps({"result": result}, default=repr, indent=2))
+
+
+async def _download(args: argparse.Namespace) -> None:
+    params = json.loads(args.params) if args.params else {}
+    meta: dict[str, Any] = json.loads(args.meta) if args.meta else {}
+    target = Path(args.file)
+    async with _client(args.peer) as broker:
+        await _ready(broker, args.action, args.wait)
+        stream = await broker.call(args.action, params, meta=meta, timeout=args.timeout)
+        if not isinstance(stream, nerve.PacketStream):
+            raise SystemExit(f"{args.action} did not answer with a stream: {stream!r}")
+        total = meta.get("size") if isinstance(meta.get("size"), int) else None
+        progress, task = _progress(f"download {target.name}", total)
+        with progress:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_track, progress, task, lambda: stream.bytes_received)
+                written = await stream.transfer_to(target)
+                progress.update(task, completed=written)
+                nursery.cancel_scope.cancel()
+    digest = await trio.to_thread.run_sync(_sha256, target)
+    print(f"sha256 {digest}  {written} bytes -> {target}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nerve", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="three nodes on loopback calling each other and streaming a file")
+    d.add_argument("--size", type=int, default=8 * 1024 * 1024, help="bytes of the streamed demo file")
+
+    r = sub.add_parser("run", help="run a node hosting services (module:Class)")
+    r.add_argument("--listen", default="tcp://127.0.0.1:0")
+    r.add_argument("--peer", action="append", default=[])
+    r.add_argument("--node-id", default=None)
+    r.add_argument("--service", action="append", default=[])
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--peer", required=True, help="tcp://host:port of a running node")
+        c.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service")
+        return c
+
+    c = client("call", "call an action and print the result")
+    c.add_argument("action")
+    c.add_argument("params", nargs="?", help="JSON params")
+    c.add_argument("--meta", help="JSON meta")
+    c.add_argument("--timeout", type=float, default=None)
+
+    u = client("upload", "upload FILE as the request stream of ACTION")
+    u.add_argument("file")
+    u.add_argument("action")
+    u.add_argument("--params", help="JSON params")
+    u.add_argument("--meta", help="JSON meta (filename and size are added)")
+    u.add_argument("--timeout", type=float, default=None)
+
+    dl = client("download", "download the response stream of ACTION into FILE")
+    dl.add_argument("action")
+    dl.add_argument("file")
+    dl.add_argument("--params", help="JSON params")
+    dl.add_argument("--meta", help="JSON meta")
+    dl.add_argument("--timeout", type=float, default=None)
+
+    client("nodes", "list the nodes of the cluster")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "demo":
+        from nerve.demo import run_demo
+
+        return run_demo(size=args.size)
+    commands = {"run": _run_node, "call": _call, "upload": _upload, "download": _download, "nodes": _nodes}
+    try:
+        trio.run(commands[args.command], args)
+    except NerveError as exc:
+        print(f"error: {type(exc).__name__}: {exc} (code {exc.code}, type {exc.type}, data {exc.data!r})",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
