@@ -23,7 +23,6 @@ from nerve.errors import (
     BrokerOptionsError,
     MaxCallLevelError,
     NerveError,
-    RequestSkippedError,
     RequestTimeoutError,
     ServiceNotFoundError,
     ServiceSchemaError,
@@ -289,6 +288,7 @@ class Broker:
         retries: int | None = None,
         node_id: str | None = None,
         stream: PacketStream | None = None,
+        parent_ctx: Context | None = None,
     ) -> Any:
         """Call ``action`` and return its result (a PacketStream if it answers with one).
 
@@ -297,58 +297,64 @@ class Broker:
         cancel scope both bound the call; the earlier deadline wins and the remaining budget
         travels to the callee. ``retries`` retries retryable errors with exponential backoff,
         preferring another node. ``node_id`` calls that node only. ``stream`` is the request
-        body. Cancelling a call may leave the callee running (there is no cancel packet),
-        except that a call with a request stream aborts that stream, which cancels the handler.
-        """
-        return await self._call(action, params, parent=None, meta=meta, headers=headers,
-                                timeout=timeout, retries=retries, node_id=node_id, stream=stream)
+        body. ``parent_ctx`` makes this a nested call of that context (as ``ctx.call`` does):
+        meta starts from a copy of the parent's and merges back into it.
 
-    async def _call(self, action: str, params: Any, *, parent: Context | None,
-                    meta: dict[str, Any] | None, headers: dict[str, Any] | None,
-                    timeout: float | None, retries: int | None, node_id: str | None,
-                    stream: PacketStream | None) -> Any:
+        Cancelling a call may leave the callee running (there is no cancel packet), except that
+        a call with a request stream aborts that stream, which cancels the handler.
+        """
         if not self._running:
             raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
-        level = parent.level + 1 if parent is not None else 1
-        if level > self.max_call_level:
-            raise MaxCallLevelError(f"Request level is reached, the limit is '{self.max_call_level}'.",
-                                    data={"level": level, "action": action}, node_id=self.node_id)
+        parent = parent_ctx
         if parent is not None:
+            level = parent.level + 1
+            if level > self.max_call_level:
+                raise MaxCallLevelError(f"Request level is reached, the limit is '{self.max_call_level}'.",
+                                        data={"level": level, "action": action}, node_id=self.node_id)
             base_meta = dict(parent.meta)
             if meta:
                 base_meta.update(meta)
             merge_into: dict[str, Any] | None = parent.meta
         else:
+            level = 1
             base_meta = dict(meta) if meta else {}
             merge_into = meta
         if timeout is None:
             timeout = self.request_timeout
         elif timeout <= 0:
             timeout = None
-        retries = self.retries if retries is None else retries
+        if retries is None:
+            retries = self.retries
         self.stats["calls"] += 1
         attempt = 0
         tried: set[str] = set()
         while True:
-            if trio.current_effective_deadline() <= trio.current_time():
-                raise RequestSkippedError(
-                    f"Calling '{action}' is skipped because timeout reached.",
-                    data={"action": action}, node_id=self.node_id)
-            ctx = Context(
-                self, id=self._next_id(), level=level, params=params, meta=dict(base_meta),
-                headers=dict(headers) if headers else {}, action=action, node_id=self.node_id,
-                request_id=parent.request_id if parent is not None else None,
-                parent_id=parent.id if parent is not None else None,
-                caller=parent.service if parent is not None else None,
-            )
+            ctx = Context(self, id=self._next_id(), level=level, params=params,
+                          meta=dict(base_meta) if retries else base_meta,
+                          headers=dict(headers) if headers else {}, action=action, node_id=self.node_id)
+            if parent is not None:
+                ctx.request_id = parent.request_id
+                ctx.parent_id = parent.id
+                ctx.caller = parent.service
             endpoint_node = None
             try:
                 ep = self.registry.select_action(action, node_id=node_id, exclude=tried)
                 endpoint_node = ep.node_id
                 if ep.local:
-                    assert ep.spec is not None
+                    spec = ep.spec
+                    assert spec is not None
                     try:
-                        return await self._call_local(ep.spec, ctx, timeout, stream)
+                        if stream is None and timeout is None:
+                            if spec.wants_params:
+                                result = await spec.handler(ctx, spec.convert_params(params))
+                            else:
+                                result = await spec.handler(ctx)
+                            if isinstance(result, msgspec.Struct):
+                                return msgspec.to_builtins(result)
+                            if isinstance(result, PacketStream):
+                                return self._local_response_stream(result)
+                            return result
+                        return await self._call_local(spec, ctx, timeout, stream)
                     finally:
                         if merge_into is not None:
                             merge_into.update(ctx.meta)
@@ -368,6 +374,12 @@ class Broker:
                 if endpoint_node is not None:
                     tried.add(endpoint_node)
                 await trio.sleep(delay)
+
+    def _local_response_stream(self, result: PacketStream) -> PacketStream:
+        reader = result._pipe()
+        if result._source is not None:
+            self._handlers.start_soon(result._pump)
+        return reader
 
     async def _call_local(self, spec: ActionSpec, ctx: Context, timeout: float | None,
                           stream: PacketStream | None) -> Any:
@@ -403,10 +415,7 @@ class Broker:
                     f"Request is timed out when call '{spec.name}' action on '{self.node_id}' node.",
                     data={"action": spec.name, "nodeID": self.node_id}, node_id=self.node_id)
         if isinstance(result, PacketStream):
-            reader = result._pipe()
-            if result._source is not None:
-                self._handlers.start_soon(result._pump)
-            return reader
+            return self._local_response_stream(result)
         if isinstance(result, msgspec.Struct):
             return msgspec.to_builtins(result)
         return result
@@ -559,6 +568,21 @@ class _TaskGroup:
         if self._idle.is_set():
             self._idle = trio.Event()
         nursery.start_soon(self._run, fn, args)
+
+    def start_counted(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Spawn ``fn(*args)``, which must catch its own exceptions and call :meth:`done`."""
+        nursery = self.broker._nursery
+        if nursery is None:
+            raise BrokerOptionsError("the broker is not running")
+        self.active += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        nursery.start_soon(fn, *args)
+
+    def done(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
 
     async def _run(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         try:

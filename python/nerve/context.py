@@ -90,9 +90,9 @@ class Context:
         stream: PacketStream | None = None,
     ) -> Any:
         """Call ``action`` as a child of this context; see :meth:`nerve.Broker.call`."""
-        return await self.broker._call(
-            action, params, parent=self, meta=meta, headers=headers, timeout=timeout,
-            retries=retries, node_id=node_id, stream=stream,
+        return await self.broker.call(
+            action, params, meta=meta, headers=headers, timeout=timeout, retries=retries,
+            node_id=node_id, stream=stream, parent_ctx=self,
         )
 
     async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,

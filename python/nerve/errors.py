@@ -137,12 +137,13 @@ class RequestTimeoutError(RetryableError):
     default_type = "REQUEST_TIMEOUT"
 
 
-class RequestSkippedError(NerveError):
-    """The call's budget was spent before it could be sent."""
+class RequestSkippedError(RequestTimeoutError):
+    """The call's budget was spent before it could be sent (a timeout, never retried)."""
 
     wire_name = "RequestSkippedError"
     default_code = 514
     default_type = "REQUEST_SKIPPED"
+    default_retryable = False
 
 
 class RequestRejectedError(RetryableError):

@@ -8,6 +8,7 @@ does) and no service code (the broker runs handlers).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import socket
@@ -23,6 +24,7 @@ from nerve.errors import (
     NerveError,
     ProtocolError,
     RequestRejectedError,
+    RequestSkippedError,
     RequestTimeoutError,
     SerializationError,
     ServiceNotFoundError,
@@ -63,16 +65,35 @@ _RES = int(PacketType.RES)
 
 
 class Pending:
-    """A call waiting for its RES."""
+    """A call waiting for its RES: settled once, waking the one task that waits."""
 
-    __slots__ = ("node_id", "done", "result", "error", "meta")
+    __slots__ = ("node_id", "settled", "result", "error", "meta", "_task")
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.done = trio.Event()
+        self.settled = False
         self.result: Any = None
         self.error: BaseException | None = None
         self.meta: dict[str, Any] | None = None
+        self._task: Any = None
+
+    def settle(self) -> None:
+        self.settled = True
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.settled:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> Any:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class _RemoteLink(_Link):
@@ -160,9 +181,13 @@ class Transit:
         the stream ends, so a long upload is never cut by it (the stream's idle timeout is).
         """
         node_id = ep.node_id
+        budget = _budget_ms(timeout)
+        if budget < 0:
+            raise RequestSkippedError(f"Calling '{ep.name}' is skipped because timeout reached.",
+                                      data={"action": ep.name, "nodeID": node_id}, node_id=self.node_id)
         pkt = Request(
             ver=self.ver, sender=self.node_id, id=ctx.id, action=ep.name, params=ctx.params,
-            meta=ctx.meta, headers=ctx.headers if self.v5 else UNSET, timeout=_budget_ms(timeout),
+            meta=ctx.meta, headers=ctx.headers if self.v5 else UNSET, timeout=budget,
             level=ctx.level, tracing=None, parent_id=ctx.parent_id, request_id=ctx.request_id,
             caller=ctx.caller, stream=stream is not None,
         )
@@ -170,6 +195,15 @@ class Transit:
         pending = Pending(node_id)
         self.pending[ctx.id] = pending
         self.stats["requests_out"] += 1
+        if timeout is None and stream is None:
+            try:
+                self.transport.send(node_id, _REQ, payload)
+                await pending.wait()
+            finally:
+                del self.pending[ctx.id]
+            if budget and isinstance(pending.error, RequestTimeoutError):
+                await _yield_to_own_deadline()
+            return pending
         key = (node_id, ctx.id, False)
         try:
             with trio.CancelScope() as scope:
@@ -177,7 +211,7 @@ class Transit:
                     scope.deadline = trio.current_time() + timeout
                 self.transport.send(node_id, _REQ, payload)
                 if stream is None:
-                    await pending.done.wait()
+                    await pending.wait()
                 else:
                     window, max_chunk = self.transport.peer_stream_config(node_id)
                     stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
@@ -188,9 +222,9 @@ class Transit:
                     async with trio.open_nursery() as nursery:
                         if stream._source is not None:
                             nursery.start_soon(stream._pump)
-                        await pending.done.wait()
+                        await pending.wait()
                         nursery.cancel_scope.cancel()
-            if scope.cancelled_caught and not pending.done.is_set():
+            if scope.cancelled_caught and not pending.settled:
                 pending.error = RequestTimeoutError(
                     f"Request is timed out when call '{ep.name}' action on '{node_id}' node.",
                     data={"action": ep.name, "nodeID": node_id}, node_id=node_id)
@@ -214,11 +248,11 @@ class Transit:
         was = self.broker.registry.node_gone(node_id)
         reason = "disconnected" if graceful else "was lost"
         for pending in list(self.pending.values()):
-            if pending.node_id == node_id and not pending.done.is_set():
+            if pending.node_id == node_id and not pending.settled:
                 pending.error = RequestRejectedError(
                     f"Request is rejected when call action: node '{node_id}' {reason}.",
                     data={"nodeID": node_id}, node_id=node_id)
-                pending.done.set()
+                pending.settle()
         for key, reader in list(self.readers.items()):
             if key[0] == node_id:
                 reader._deliver_error(StreamError(f"the stream's producer node '{node_id}' {reason}",
@@ -306,41 +340,60 @@ class Transit:
         reader = None
         if pkt.stream:
             reader = self._make_reader(sender, pkt.id, response=False)
-        self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
+        self.broker._handlers.start_counted(self._serve, sender, pkt, spec, reader)
 
     async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None) -> None:
-        ctx = Context(
-            self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id, parent_id=pkt.parent_id or None,
-            level=pkt.level or 1, caller=pkt.caller or None, node_id=sender, params=pkt.params,
-            meta=pkt.meta or {}, headers=pkt.headers or {}, stream=reader, action=pkt.action,
-            service=spec.service.full_name,
-        )
-        timeout = pkt.timeout if isinstance(pkt.timeout, (int, float)) and pkt.timeout > 0 else None
+        """Run a handler for a REQ and answer it (a task per request; counted for draining)."""
+        try:
+            ctx = Context(
+                self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
+                parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
+                node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
+                stream=reader, action=pkt.action, service=spec.service.full_name,
+            )
+            timeout = pkt.timeout
+            try:
+                if reader is None and not timeout:
+                    if spec.wants_params:
+                        result = await spec.handler(ctx, spec.convert_params(ctx.params))
+                    else:
+                        result = await spec.handler(ctx)
+                else:
+                    result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
+            except Exception as exc:
+                self._respond_error(sender, pkt.id, ctx.meta, exc)
+                return
+            if isinstance(result, PacketStream):
+                await self._send_response_stream(sender, pkt.id, ctx.meta, result)
+                return
+            self._respond(sender, pkt.id, ctx.meta, result)
+        finally:
+            self.broker._handlers.done()
+
+    async def _serve_scoped(self, sender: str, pkt: Request, spec: ActionSpec, ctx: Context,
+                            reader: PacketStream | None) -> Any:
+        """A handler under the call's remaining budget (no budget while a request stream flows)
+        and cancellable by an abort of its request stream."""
         key = (sender, pkt.id)
         scope = trio.CancelScope()
-        if timeout is not None and reader is None:
+        timeout = pkt.timeout
+        if reader is None and isinstance(timeout, (int, float)) and timeout > 0:
             scope.deadline = trio.current_time() + timeout / 1000
         self.serving[key] = scope
         try:
             with scope:
-                result = await self.broker._invoke(spec, ctx)
-            if scope.cancelled_caught:
-                raise RequestTimeoutError(
-                    f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
-                    data={"action": pkt.action, "nodeID": self.node_id})
-        except Exception as exc:
-            self._respond_error(sender, pkt.id, ctx.meta, exc)
-            return
+                return await self.broker._invoke(spec, ctx)
+            if reader is not None:
+                raise StreamError("the call's request stream was aborted by the caller")
+            raise RequestTimeoutError(
+                f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
+                data={"action": pkt.action, "nodeID": self.node_id})
         finally:
             del self.serving[key]
             if reader is not None:
                 self.readers.pop((sender, pkt.id, False), None)
                 if not reader._rx.finished:
                     reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
-        if isinstance(result, PacketStream):
-            await self._send_response_stream(sender, pkt.id, ctx.meta, result)
-            return
-        self._respond(sender, pkt.id, ctx.meta, result)
 
     def _respond(self, sender: str, call_id: str, meta: dict[str, Any], result: Any) -> None:
         res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=True, data=result,
@@ -394,7 +447,7 @@ class Transit:
 
     def _on_response(self, sender: str, pkt: Response) -> None:
         pending = self.pending.get(pkt.id)
-        if pending is None or pending.done.is_set():
+        if pending is None or pending.settled:
             return
         if pending.node_id != sender:
             log.warning("ignoring RES for %s from %s (sent to %s)", pkt.id, sender, pending.node_id)
@@ -407,7 +460,7 @@ class Transit:
             pending.result = self._make_reader(sender, pkt.id, response=True)
         else:
             pending.result = pkt.data
-        pending.done.set()
+        pending.settle()
 
     # --- streams ------------------------------------------------------------------------
 
@@ -467,14 +520,33 @@ class Transit:
 
 
 def _budget_ms(timeout: float | None) -> int:
-    """The REQ ``timeout`` field: what remains of the caller's budget, in ms (0 = none)."""
+    """The REQ ``timeout`` field: what remains of the caller's budget, in ms (0 = none,
+    negative = spent)."""
     deadline = trio.current_effective_deadline()
-    remaining = deadline - trio.current_time()
-    if timeout is not None:
-        remaining = min(remaining, timeout)
-    if remaining == float("inf"):
-        return 0
-    return max(1, int(remaining * 1000))
+    if deadline == _INF:
+        if timeout is None:
+            return 0
+        remaining = timeout
+    else:
+        remaining = deadline - trio.current_time()
+        if timeout is not None and timeout < remaining:
+            remaining = timeout
+    if remaining <= 0:
+        return -1
+    # Rounded up: the callee's deadline is never before the caller's, so when both come from
+    # the caller's cancel scope, the caller's own scope is the one that fires.
+    return max(1, math.ceil(remaining * 1000))
+
+
+async def _yield_to_own_deadline() -> None:
+    """The callee timed out on the budget we gave it: if that budget was our own cancel
+    scope's, let that scope fire (the caller sees its cancellation, not a remote timeout)."""
+    deadline = trio.current_effective_deadline()
+    if deadline - trio.current_time() < 0.005:
+        await trio.sleep_until(deadline)
+
+
+_INF = float("inf")
 
 
 def _now_ms() -> int:
