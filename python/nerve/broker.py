@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import trio
 
+from nerve._dispatch import HandlerPool
 from nerve.context import Context
 from nerve.errors import (
     BrokerOptionsError,
@@ -33,7 +34,7 @@ from nerve.registry import Registry, Strategy
 from nerve.serializers import Serializer, get_serializer
 from nerve.service import ActionSpec, EventSpec, Service
 from nerve.streams import DEFAULT_MAX_CHUNK, DEFAULT_STREAM_WINDOW, PacketStream
-from nerve.transit import Transit
+from nerve.transit import Transit, yield_to_own_deadline
 from nerve.transports import Transport, make_transport
 
 __all__ = ["Broker"]
@@ -119,7 +120,7 @@ class Broker:
         self._services_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
-        self._handlers = _TaskGroup(self)
+        self._handlers = HandlerPool()
         self._pongs: dict[str, trio.Event] = {}
         self.stats = {"event_handler_errors": 0, "events_received": 0, "calls": 0}
         for svc in services:
@@ -147,6 +148,7 @@ class Broker:
             raise BrokerOptionsError("broker already started")
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        self._handlers.bind(self._nursery)
         self._running = True
         try:
             for svc in list(self.services.values()):
@@ -186,6 +188,7 @@ class Broker:
     async def _teardown(self) -> None:
         nursery, cm = self._nursery, self._nursery_cm
         self._nursery = self._nursery_cm = None
+        self._handlers.bind(None)
         self._running = False
         if nursery is not None:
             nursery.cancel_scope.cancel()
@@ -358,7 +361,21 @@ class Broker:
                     finally:
                         if merge_into is not None:
                             merge_into.update(ctx.meta)
-                pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
+                if timeout is None and stream is None:
+                    # The common remote call, flattened (no extra coroutine frames to resume).
+                    pending = self.transit.send_request(ep, ctx)
+                    try:
+                        if pending.settled:
+                            await trio.lowlevel.checkpoint()
+                        else:
+                            pending._task = trio.lowlevel.current_task()
+                            await trio.lowlevel.wait_task_rescheduled(pending.abort)
+                    finally:
+                        del self.transit.pending[ctx.id]
+                    if isinstance(pending.error, RequestTimeoutError):
+                        await yield_to_own_deadline()
+                else:
+                    pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
                 if pending.meta and merge_into is not None:
                     merge_into.update(pending.meta)
                 if pending.error is not None:
@@ -396,18 +413,20 @@ class Broker:
         else:
             reader = stream._pipe()
             ctx.stream = reader
-            with trio.CancelScope() as scope:
-                if timeout is not None:
-                    stream._on_closed.append(
-                        lambda: setattr(scope, "deadline", trio.current_time() + timeout))
-                try:
-                    async with trio.open_nursery() as nursery:
-                        if stream._source is not None:
-                            nursery.start_soon(stream._pump)
-                        result = await self._invoke(spec, ctx)
-                        if not reader._rx.finished:
-                            reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
-                finally:
+            if stream._source is not None:
+                self._handlers.start_soon(stream._pump)
+            result = None
+            try:
+                with trio.CancelScope() as scope:
+                    if timeout is not None:
+                        stream._on_closed.append(
+                            lambda: setattr(scope, "deadline", trio.current_time() + timeout))
+                    result = await self._invoke(spec, ctx)
+            finally:
+                if isinstance(result, PacketStream):
+                    result._on_closed.append(lambda: _finish_reader(reader))
+                else:
+                    _finish_reader(reader)
                     if not stream._tx_done:
                         stream._abort_now(StreamError("the call ended before its request stream did"))
             if scope.cancelled_caught:
@@ -493,12 +512,7 @@ class Broker:
             endpoints = [ep for ep in self.registry.event_endpoints(pkt.event)
                          if ep.local and (groups is None or ep.group in groups)]
         else:
-            by_group: dict[str, Any] = {}
-            for ep in self.registry.event_endpoints(pkt.event):
-                if ep.local and (groups is None or ep.group in groups):
-                    by_group.setdefault(ep.group, []).append(ep)
-            endpoints = [eps[0] if len(eps) == 1 else self.registry.strategy.select(
-                f"{pkt.event}\0{g}", eps, None) for g, eps in by_group.items()]
+            endpoints = self.registry.pick_per_group(pkt.event, groups, None, local_only=True)
         for ep in endpoints:
             parent = None
             self._spawn_event(ep.spec, pkt.event, pkt.data, pkt.meta or {}, parent, sender, groups,
@@ -551,48 +565,6 @@ class Broker:
             waiter.set()
 
 
-class _TaskGroup:
-    """Handler tasks in the broker's nursery, counted so that stop() can drain them."""
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.active = 0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        nursery = self.broker._nursery
-        if nursery is None:
-            raise BrokerOptionsError("the broker is not running")
-        self.active += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
-        nursery.start_soon(self._run, fn, args)
-
-    def start_counted(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Spawn ``fn(*args)``, which must catch its own exceptions and call :meth:`done`."""
-        nursery = self.broker._nursery
-        if nursery is None:
-            raise BrokerOptionsError("the broker is not running")
-        self.active += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
-        nursery.start_soon(fn, *args)
-
-    def done(self) -> None:
-        self.active -= 1
-        if self.active == 0:
-            self._idle.set()
-
-    async def _run(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
-        try:
-            await fn(*args)
-        except Exception:
-            log.exception("task %r failed", fn)
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+def _finish_reader(reader: PacketStream) -> None:
+    if not reader._rx.finished:
+        reader._stop_reading(StreamError("the handler returned before reading the whole stream"))

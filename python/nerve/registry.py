@@ -262,19 +262,22 @@ class Registry:
         return found
 
     def pick_per_group(self, event: str, groups: list[str] | None,
-                       ctx: Context | None) -> list[EventEndpoint]:
-        """One endpoint per group (balanced, local preferred), limited to ``groups`` if given."""
-        by_group: dict[str, list[EventEndpoint]] = {}
+                       ctx: Context | None, *, local_only: bool = False) -> list[EventEndpoint]:
+        """One endpoint per (subscription, group), as Moleculer balances events: balanced,
+        local preferred, limited to ``groups`` if given (and to local endpoints if asked)."""
+        lists: dict[tuple[str, str], list[EventEndpoint]] = {}
         for ep in self.event_endpoints(event):
             if groups is not None and ep.group not in groups:
                 continue
-            by_group.setdefault(ep.group, []).append(ep)
+            if local_only and not ep.local:
+                continue
+            lists.setdefault((ep.name, ep.group), []).append(ep)
         chosen = []
-        for group, eps in by_group.items():
-            if self.prefer_local:
+        for (name, group), eps in lists.items():
+            if self.prefer_local and not local_only:
                 local = [ep for ep in eps if ep.local]
                 eps = local or eps
-            chosen.append(eps[0] if len(eps) == 1 else self.strategy.select(f"{event}\0{group}", eps, ctx))
+            chosen.append(eps[0] if len(eps) == 1 else self.strategy.select(f"{name}\0{group}", eps, ctx))
         return chosen
 
     def available_nodes(self) -> list[Node]:

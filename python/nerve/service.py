@@ -194,6 +194,10 @@ class Service:
                 actions.append(ActionSpec(full, raw, self, getattr(self, attr), tp, wants))
             emark = getattr(fn, _EVENT_ATTR, None)
             if isinstance(emark, _EventMark):
+                if any(e.name == emark.name for e in events):
+                    # INFO keys a service's events by name (as Moleculer does): one per name.
+                    raise ServiceSchemaError(
+                        f"service {self.full_name!r} subscribes to event {emark.name!r} twice")
                 tp, wants = _inspect_handler(fn)
                 events.append(EventSpec(emark.name, emark.group or self.full_name, self,
                                         getattr(self, attr), tp, wants))

@@ -83,17 +83,16 @@ class Pending:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
+    def abort(self, _: Any) -> Any:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     async def wait(self) -> None:
         if self.settled:
             await trio.lowlevel.checkpoint()
             return
         self._task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> Any:
-            self._task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(self.abort)
 
 
 class _RemoteLink(_Link):
@@ -173,13 +172,11 @@ class Transit:
         except NerveError as exc:  # pragma: no cover - broadcast skips gone peers
             log.debug("announce failed: %r", exc)
 
-    async def request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None,
-                      stream: PacketStream | None) -> Pending:
-        """Send a REQ to ``ep``'s node and wait for its RES (settled in the returned Pending).
+    def send_request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None = None,
+                     stream: PacketStream | None = None) -> Pending:
+        """Send a REQ and register its Pending (the caller waits for it and unregisters it).
 
-        ``timeout`` bounds the wait for the response; with a request stream it starts when
-        the stream ends, so a long upload is never cut by it (the stream's idle timeout is).
-        """
+        Raises RequestSkippedError, without sending, when the call has no budget left."""
         node_id = ep.node_id
         budget = _budget_ms(timeout)
         if budget < 0:
@@ -193,47 +190,60 @@ class Transit:
         )
         payload = self.serializer.encode(pkt)
         pending = Pending(node_id)
-        self.pending[ctx.id] = pending
+        self.pending[ctx.id] = pending  # before sending: an in-process answer comes at once
+        try:
+            self.transport.send(node_id, _REQ, payload)
+        except BaseException:
+            del self.pending[ctx.id]
+            raise
         self.stats["requests_out"] += 1
+        return pending
+
+    async def request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None,
+                      stream: PacketStream | None) -> Pending:
+        """Send a REQ to ``ep``'s node and wait for its RES (settled in the returned Pending).
+
+        ``timeout`` bounds the wait for the response; with a request stream it starts when
+        the stream ends, so a long upload is never cut by it (the stream's idle timeout is).
+        """
+        pending = self.send_request(ep, ctx, timeout=timeout, stream=stream)
+        node_id = ep.node_id
         if timeout is None and stream is None:
             try:
-                self.transport.send(node_id, _REQ, payload)
                 await pending.wait()
             finally:
                 del self.pending[ctx.id]
-            if budget and isinstance(pending.error, RequestTimeoutError):
-                await _yield_to_own_deadline()
+            if isinstance(pending.error, RequestTimeoutError):
+                await yield_to_own_deadline()
             return pending
         key = (node_id, ctx.id, False)
         try:
             with trio.CancelScope() as scope:
-                if timeout is not None and stream is None:
-                    scope.deadline = trio.current_time() + timeout
-                self.transport.send(node_id, _REQ, payload)
                 if stream is None:
-                    await pending.wait()
+                    if timeout is not None:
+                        scope.deadline = trio.current_time() + timeout
                 else:
                     window, max_chunk = self.transport.peer_stream_config(node_id)
                     stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
                     self.writers[key] = stream
+                    stream._on_closed.append(lambda: self.writers.pop(key, None))
                     if timeout is not None:
                         stream._on_closed.append(
                             lambda: setattr(scope, "deadline", trio.current_time() + timeout))
-                    async with trio.open_nursery() as nursery:
-                        if stream._source is not None:
-                            nursery.start_soon(stream._pump)
-                        await pending.wait()
-                        nursery.cancel_scope.cancel()
+                    if stream._source is not None:
+                        # In the background: a streaming answer (a transform) may arrive
+                        # before the request stream ends, and the caller reads it meanwhile.
+                        self.broker._handlers.start_soon(stream._pump)
+                await pending.wait()
             if scope.cancelled_caught and not pending.settled:
                 pending.error = RequestTimeoutError(
                     f"Request is timed out when call '{ep.name}' action on '{node_id}' node.",
                     data={"action": ep.name, "nodeID": node_id}, node_id=node_id)
         finally:
             del self.pending[ctx.id]
-            if stream is not None:
+            if stream is not None and not stream._tx_done and not isinstance(pending.result, PacketStream):
                 self.writers.pop(key, None)
-                if not stream._tx_done:
-                    stream._abort_now(StreamError("the call ended before its request stream did"))
+                stream._abort_now(StreamError("the call ended before its request stream did"))
         return pending
 
     # --- incoming -----------------------------------------------------------------------
@@ -340,35 +350,43 @@ class Transit:
         reader = None
         if pkt.stream:
             reader = self._make_reader(sender, pkt.id, response=False)
-        self.broker._handlers.start_counted(self._serve, sender, pkt, spec, reader)
+        self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
 
     async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None) -> None:
-        """Run a handler for a REQ and answer it (a task per request; counted for draining)."""
+        """Run a handler for a REQ and answer it."""
+        ctx = Context(
+            self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
+            parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
+            node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
+            stream=reader, action=pkt.action, service=spec.service.full_name,
+        )
         try:
-            ctx = Context(
-                self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
-                parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
-                node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
-                stream=reader, action=pkt.action, service=spec.service.full_name,
-            )
-            timeout = pkt.timeout
-            try:
-                if reader is None and not timeout:
-                    if spec.wants_params:
-                        result = await spec.handler(ctx, spec.convert_params(ctx.params))
-                    else:
-                        result = await spec.handler(ctx)
+            if reader is None and not pkt.timeout:
+                if spec.wants_params:
+                    result = await spec.handler(ctx, spec.convert_params(ctx.params))
                 else:
-                    result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
-            except Exception as exc:
-                self._respond_error(sender, pkt.id, ctx.meta, exc)
-                return
-            if isinstance(result, PacketStream):
-                await self._send_response_stream(sender, pkt.id, ctx.meta, result)
-                return
-            self._respond(sender, pkt.id, ctx.meta, result)
-        finally:
-            self.broker._handlers.done()
+                    result = await spec.handler(ctx)
+            else:
+                result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
+        except Exception as exc:
+            if reader is not None:
+                self._finish_request_stream(sender, pkt.id, reader)
+            self._respond_error(sender, pkt.id, ctx.meta, exc)
+            return
+        if isinstance(result, PacketStream):
+            if reader is not None:
+                result._on_closed.append(lambda: self._finish_request_stream(sender, pkt.id, reader))
+            await self._send_response_stream(sender, pkt.id, ctx.meta, result)
+            return
+        if reader is not None:
+            self._finish_request_stream(sender, pkt.id, reader)
+        self._respond(sender, pkt.id, ctx.meta, result)
+
+    def _finish_request_stream(self, sender: str, call_id: str, reader: PacketStream) -> None:
+        """The handler is done with its request stream: stop the producer if it is not over."""
+        self.readers.pop((sender, call_id, False), None)
+        if not reader._rx.finished:
+            reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
 
     async def _serve_scoped(self, sender: str, pkt: Request, spec: ActionSpec, ctx: Context,
                             reader: PacketStream | None) -> Any:
@@ -390,10 +408,6 @@ class Transit:
                 data={"action": pkt.action, "nodeID": self.node_id})
         finally:
             del self.serving[key]
-            if reader is not None:
-                self.readers.pop((sender, pkt.id, False), None)
-                if not reader._rx.finished:
-                    reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
 
     def _respond(self, sender: str, call_id: str, meta: dict[str, Any], result: Any) -> None:
         res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=True, data=result,
@@ -538,7 +552,7 @@ def _budget_ms(timeout: float | None) -> int:
     return max(1, math.ceil(remaining * 1000))
 
 
-async def _yield_to_own_deadline() -> None:
+async def yield_to_own_deadline() -> None:
     """The callee timed out on the budget we gave it: if that budget was our own cancel
     scope's, let that scope fire (the caller sees its cancellation, not a remote timeout)."""
     deadline = trio.current_effective_deadline()
