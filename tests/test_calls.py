@@ -340,3 +340,18 @@ async def test_call_errors_are_nerve_errors() -> None:
     async with nerve.Broker("calls-x") as b:
         with pytest.raises(NerveError):
             await b.call("no.such.action")
+
+
+async def test_a_request_for_a_removed_action_answers_service_not_found() -> None:
+    """A REQ that reaches a node after it removed the action (the caller's registry is not yet
+    updated) is answered with ServiceNotFoundError, never left hanging."""
+    async with nerve.Broker("calls-rr-client") as client, \
+            nerve.Broker("calls-rr-server", services=[Math()]) as server:
+        await client.wait_for_services("math")
+        ep = client.registry.select_action("math.whoami")
+        await server.remove_service("math")
+        ctx = nerve.Context(client, id="manual-1", action="math.whoami", node_id=client.node_id)
+        with trio.fail_after(5):
+            pending = await client.transit.request(ep, ctx, timeout=None, stream=None)
+        assert isinstance(pending.error, ServiceNotFoundError)
+        assert pending.error.node_id == "calls-rr-server"

@@ -25,49 +25,69 @@ log = logging.getLogger("nerve.broker")
 
 
 @types.coroutine
-def _run_in_context(coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> Generator[Any, Any, Any]:
-    """Drive ``coro`` to completion, each step inside ``context``; traps pass through."""
+def _run_in_context(coro: Coroutine[Any, Any, Any], context: contextvars.Context,
+                    pool: HandlerPool) -> Generator[Any, Any, Any]:
+    """Drive ``coro`` to completion, each step inside ``context``; traps pass through.
+
+    The first time the coroutine blocks (yields a trap to trio), the pool is told, so that
+    another worker takes over the queue meanwhile."""
     send: Any = None
     throw: BaseException | None = None
-    while True:
-        try:
-            if throw is None:
-                trap = context.run(coro.send, send)
-            else:
-                trap = context.run(coro.throw, throw)
-        except StopIteration as done:
-            return done.value
-        try:
-            send = yield trap
-            throw = None
-        except BaseException as exc:  # delivered by trio (e.g. KeyboardInterrupt): pass it in
-            throw = exc
-            send = None
+    blocked = False
+    try:
+        while True:
+            try:
+                if throw is None:
+                    trap = context.run(coro.send, send)
+                else:
+                    trap = context.run(coro.throw, throw)
+            except StopIteration as done:
+                return done.value
+            if not blocked:
+                blocked = True
+                pool._worker_blocked()
+            try:
+                send = yield trap
+                throw = None
+            except BaseException as exc:  # delivered by trio (e.g. KeyboardInterrupt): pass it in
+                throw = exc
+                send = None
+    finally:
+        if blocked:
+            pool._available += 1
 
 
 class HandlerPool:
     """Counted work items run by reusable worker tasks in one nursery.
 
-    ``max_idle`` workers are kept parked between bursts; the rest exit when the queue is
-    empty. ``wait_idle`` returns once no item is queued or running (graceful stop).
+    One worker drains the queue for as long as its items finish without blocking, so a burst
+    of quick handlers costs one task switch, not one per request; when an item blocks, the
+    next worker is woken (or spawned) for the rest of the queue, so a slow handler never
+    holds up others. ``max_idle`` workers stay parked between bursts. ``wait_idle`` returns
+    once no item is queued or running (graceful stop).
     """
 
     def __init__(self, max_idle: int = 64) -> None:
         self.max_idle = max_idle
         self.active = 0
+        self.workers = 0
         self._queue: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = deque()
         self._idle: list[Any] = []
+        #: workers that will look at the queue without a wake-up (woken, spawned, or
+        #: running an item that has not blocked)
+        self._available = 0
         self._drained = trio.Event()
         self._drained.set()
         self._nursery: trio.Nursery | None = None
         self._context: contextvars.Context | None = None
-        self.workers = 0
 
     def bind(self, nursery: trio.Nursery | None) -> None:
         self._nursery = nursery
         self._context = contextvars.copy_context() if nursery is not None else None
         if nursery is None:
             self._idle.clear()
+            self._queue.clear()
+            self._available = 0
             self.workers = 0
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -80,11 +100,22 @@ class HandlerPool:
         if self._drained.is_set():
             self._drained = trio.Event()
         self._queue.append((fn, args))
+        if self._available == 0:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        self._available += 1
         if self._idle:
             trio.lowlevel.reschedule(self._idle.pop())
         else:
+            assert self._nursery is not None
             self.workers += 1
             self._nursery.start_soon(self._worker, name="nerve handler worker")
+
+    def _worker_blocked(self) -> None:
+        self._available -= 1
+        if self._queue and self._available == 0:
+            self._wake_one()
 
     async def _worker(self) -> None:
         queue = self._queue
@@ -95,13 +126,14 @@ class HandlerPool:
                 while queue:
                     fn, args = queue.popleft()
                     try:
-                        await _run_in_context(fn(*args), base.copy())  # type: ignore[arg-type]
+                        await _run_in_context(fn(*args), base.copy(), self)  # type: ignore[arg-type]
                     except Exception:
                         log.exception("handler task %r failed", fn)
                     finally:
                         self.active -= 1
                         if self.active == 0:
                             self._drained.set()
+                self._available -= 1
                 if len(self._idle) >= self.max_idle:
                     return
                 await self._park()
