@@ -353,6 +353,9 @@ class PacketStream:
     async def receive(self) -> bytes:
         """The next chunk, or ``b""`` once the stream has ended."""
         while True:
+            if self._rx_stopped:
+                assert self._rx_error is not None
+                raise self._rx_error
             chunk = self._rx.pop()
             if chunk is not None:
                 grant = self._rx.take_grant()

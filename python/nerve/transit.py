@@ -265,14 +265,14 @@ class Transit:
                 pending.settle()
         for key, reader in list(self.readers.items()):
             if key[0] == node_id:
+                self.readers.pop(key, None)
                 reader._deliver_error(StreamError(f"the stream's producer node '{node_id}' {reason}",
                                                   data={"nodeID": node_id}))
-                del self.readers[key]
         for key, writer in list(self.writers.items()):
             if key[0] == node_id:
+                self.writers.pop(key, None)
                 writer._fail_producer(StreamError(f"the stream's reader node '{node_id}' {reason}",
                                                   data={"nodeID": node_id}))
-                del self.writers[key]
         if was:
             log.info("node %s %s", node_id, reason)
             self.broker._node_event("$node.disconnected", node_id, unexpected=not graceful)
@@ -508,7 +508,7 @@ class Transit:
                 exc: BaseException = error_from_wire(self.serializer.decode_value(chunk), sender)
             except ProtocolError as bad:
                 exc = StreamError(f"the producer failed the stream with an unreadable error: {bad}")
-            del self.readers[key]
+            self.readers.pop(key, None)
             reader._deliver_error(exc)
             if not key[2]:
                 scope = self.serving.get((sender, stream_id))
@@ -517,7 +517,7 @@ class Transit:
             return
         if flags & STREAM_FLAG_END:
             reader._deliver_end(seq)
-            del self.readers[key]
+            self.readers.pop(key, None)
             return
         reader._deliver(seq, chunk)
 
@@ -527,7 +527,7 @@ class Transit:
         if writer is None:
             return
         if flags & STREAM_FLAG_END:
-            del self.writers[key]
+            self.writers.pop(key, None)
             writer._on_credit(consumed, stop=True)
         else:
             writer._on_credit(consumed)
