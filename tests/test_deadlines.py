@@ -89,7 +89,7 @@ async def test_callers_cancel_scope_bounds_the_call_and_wins_when_earlier(remote
                 await client.call("slow.sleep", {"for": 5.0}, timeout=3.0)  # must not raise
             elapsed = trio.current_time() - t0
             assert cs.cancelled_caught, attempt
-            assert 0.13 <= elapsed < 0.6
+            assert 0.13 <= elapsed < 1.5  # far below the 3 s timeout= and the 5 s sleep
             # The cancel scope's budget (not the longer timeout=) travelled to the callee.
             assert 0.1 < slow.budgets[-1] <= 0.15 + 1e-3
             await wait_until(lambda: slow.cancelled == attempt + 1, 2.0)

@@ -20,6 +20,14 @@ from nerve.errors import (
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """Virtual time: backoff delays are exact whatever the machine's load."""
+    import trio.testing
+
+    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+
+
 class Flaky(nerve.Service):
     """``work`` fails with ``error`` (a factory) while ``failing`` is true, else answers."""
 
