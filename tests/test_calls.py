@@ -355,3 +355,40 @@ async def test_a_request_for_a_removed_action_answers_service_not_found() -> Non
             pending = await client.transit.request(ep, ctx, timeout=None, stream=None)
         assert isinstance(pending.error, ServiceNotFoundError)
         assert pending.error.node_id == "calls-rr-server"
+
+
+class Busy(nerve.Service):
+    name = "busy"
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+
+    @nerve.action
+    async def wait(self, ctx: nerve.Context) -> str:
+        await self.release.wait()
+        return "done"
+
+
+async def test_a_full_node_answers_queue_is_full_and_keeps_serving() -> None:
+    from nerve.errors import QueueIsFullError
+
+    busy = Busy()
+    async with nerve.Broker("qf-client") as client, \
+            nerve.Broker("qf-server", services=[busy], max_pending_requests=5):
+        await client.wait_for_services("busy")
+        results: list[Any] = []
+
+        async def one() -> None:
+            try:
+                results.append(await client.call("busy.wait"))
+            except QueueIsFullError as exc:
+                results.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one)
+            await trio.sleep(0.1)
+            full = [r for r in results if isinstance(r, QueueIsFullError)]
+            assert len(full) == 3 and all(e.retryable and e.code == 429 for e in full)
+            busy.release.set()
+        assert results.count("done") == 5

@@ -50,6 +50,11 @@ class Broker:
     ``transport=None`` connects brokers of this process in memory; ``"tcp://host:port"``
     listens there (port 0 picks a free port; read :attr:`address` once started) and
     ``peers=["tcp://host:port", ...]`` are seeds. Use as ``async with Broker(...) as b:``.
+
+    Limits (safe defaults): ``max_pending_requests`` handlers and event handlers running at
+    once (beyond it, remote calls get ``QueueIsFullError``, 429, retryable);
+    ``stream_window`` / ``max_chunk`` per stream; ``max_frame_size`` on TCP;
+    ``stream_idle_timeout`` between chunks; ``heartbeat_timeout`` for silent peers.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class Broker:
         max_chunk: int = DEFAULT_MAX_CHUNK,
         stream_idle_timeout: float | None = 60.0,
         max_frame_size: int | None = None,
+        max_pending_requests: int = 10_000,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
@@ -99,6 +105,7 @@ class Broker:
         self.graceful_stop_timeout = graceful_stop_timeout
         self.stream_window = stream_window
         self.max_chunk = max_chunk
+        self.max_pending_requests = max_pending_requests
         self.stream_idle_timeout = stream_idle_timeout
         self.metadata = dict(metadata or {})
         self.serializer = get_serializer(serializer)

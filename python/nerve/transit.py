@@ -23,6 +23,7 @@ from nerve.errors import (
     BrokerDisconnectedError,
     NerveError,
     ProtocolError,
+    QueueIsFullError,
     RequestRejectedError,
     RequestSkippedError,
     RequestTimeoutError,
@@ -336,15 +337,21 @@ class Transit:
             raise ProtocolError(f"{sender} sent a Moleculer stream chunk (seq {pkt.seq}) on a native "
                                 "transport; streams travel as STREAM_DATA frames here",
                                 reason="unexpected_stream_packet")
-        spec = self.broker._local_action(pkt.action)
-        if spec is None or self.broker._stopping:
+        broker = self.broker
+        spec = broker._local_action(pkt.action)
+        if spec is None or broker._stopping or broker._handlers.active >= broker.max_pending_requests:
             if spec is None:
                 exc: NerveError = ServiceNotFoundError(
                     f"Service '{pkt.action}' is not found on '{self.node_id}' node.",
                     data={"action": pkt.action, "nodeID": self.node_id})
-            else:
+            elif broker._stopping:
                 exc = RequestRejectedError(f"node '{self.node_id}' is stopping",
                                            data={"action": pkt.action, "nodeID": self.node_id})
+            else:
+                exc = QueueIsFullError(
+                    f"Queue is full: {broker._handlers.active} requests are being served on "
+                    f"'{self.node_id}' (max_pending_requests={broker.max_pending_requests}).",
+                    data={"action": pkt.action, "nodeID": self.node_id, "size": broker._handlers.active})
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
         reader = None
