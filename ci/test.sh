@@ -12,3 +12,5 @@ echo "== pytest"
 python -m pytest -q
 echo "== stubtest"
 ci/stubtest.sh
+echo "== mypy"
+python -m mypy python/nerve

@@ -259,12 +259,8 @@ class Broker:
         """Wait until every service in ``names`` is available somewhere in the cluster."""
 
         def missing() -> list[str]:
-            known = set()
-            for eps in self.registry.actions.values():
-                for ep in eps:
-                    known.add(ep.service)
-            for ep in self.registry.events:
-                known.add(ep.service)
+            known = {ep.service for eps in self.registry.actions.values() for ep in eps}
+            known.update(ev.service for ev in self.registry.events)
             return [n for n in names if n not in known]
 
         with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:

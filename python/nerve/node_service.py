@@ -7,6 +7,7 @@ import platform
 import resource
 import socket
 import time
+import builtins
 from typing import Any
 
 from nerve.context import Context
@@ -27,7 +28,7 @@ class NodeService(Service):
         return [n.describe() for n in self.broker.registry.nodes.values() if n.available or not only]
 
     @action
-    async def services(self, ctx: Context) -> list[dict[str, Any]]:
+    async def services(self, ctx: Context) -> builtins.list[dict[str, Any]]:
         """Services and the nodes that host them."""
         out: dict[str, dict[str, Any]] = {}
         reg = self.broker.registry
@@ -43,15 +44,15 @@ class NodeService(Service):
         return list(out.values())
 
     @action
-    async def actions(self, ctx: Context) -> list[dict[str, Any]]:
+    async def actions(self, ctx: Context) -> builtins.list[dict[str, Any]]:
         """Actions and their endpoints."""
         return [{"name": name, "endpoints": [{"nodeID": ep.node_id, "local": ep.local} for ep in eps]}
                 for name, eps in sorted(self.broker.registry.actions.items())]
 
     @action
-    async def events(self, ctx: Context) -> list[dict[str, Any]]:
+    async def events(self, ctx: Context) -> builtins.list[dict[str, Any]]:
         """Event subscriptions and their endpoints."""
-        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        out: dict[tuple[str, str], builtins.list[dict[str, Any]]] = {}
         for ep in self.broker.registry.events:
             out.setdefault((ep.name, ep.group), []).append({"nodeID": ep.node_id, "local": ep.local})
         return [{"name": n, "group": g, "endpoints": eps} for (n, g), eps in sorted(out.items())]

@@ -51,9 +51,9 @@ def action(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[
 
     def mark(f: F) -> F:
         if not inspect.iscoroutinefunction(f):
-            raise ServiceSchemaError(f"action {f.__qualname__} must be an 'async def'")
+            raise ServiceSchemaError(f"action {getattr(f, '__qualname__', f)} must be an 'async def'")
         setattr(f, _ACTION_ATTR, _ActionMark(name))
-        return f
+        return f  # type: ignore[return-value]  # mypy narrows F in iscoroutinefunction
 
     return mark(fn) if fn is not None else mark
 
@@ -67,9 +67,9 @@ def event(name: str, *, group: str | None = None) -> Callable[[F], F]:
 
     def mark(f: F) -> F:
         if not inspect.iscoroutinefunction(f):
-            raise ServiceSchemaError(f"event handler {f.__qualname__} must be an 'async def'")
+            raise ServiceSchemaError(f"event handler {getattr(f, '__qualname__', f)} must be an 'async def'")
         setattr(f, _EVENT_ATTR, _EventMark(name, group))
-        return f
+        return f  # type: ignore[return-value]  # mypy narrows F in iscoroutinefunction
 
     return mark
 

@@ -227,7 +227,7 @@ class Transit:
                     window, max_chunk = self.transport.peer_stream_config(node_id)
                     stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
                     self.writers[key] = stream
-                    stream._on_closed.append(lambda: self.writers.pop(key, None))
+                    stream._on_closed.append(lambda: self._forget_writer(key))
                     if timeout is not None:
                         stream._on_closed.append(
                             lambda: setattr(scope, "deadline", trio.current_time() + timeout))
@@ -462,7 +462,7 @@ class Transit:
         key = (sender, call_id, True)
         stream._bind(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
         self.writers[key] = stream
-        stream._on_closed.append(lambda: self.writers.pop(key, None))
+        stream._on_closed.append(lambda: self._forget_writer(key))
         if stream._source is not None:
             await stream._pump()
 
@@ -484,6 +484,9 @@ class Transit:
         pending.settle()
 
     # --- streams ------------------------------------------------------------------------
+
+    def _forget_writer(self, key: tuple[str, str, bool]) -> None:
+        self.writers.pop(key, None)
 
     def _make_reader(self, sender: str, stream_id: str, *, response: bool) -> PacketStream:
         broker = self.broker
@@ -589,7 +592,7 @@ def _version() -> str:
 @lru_cache(maxsize=1)
 def _ip_list() -> list[str]:
     try:
-        return sorted({ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
+        return sorted({str(ai[4][0]) for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
     except OSError:
         return []
 
