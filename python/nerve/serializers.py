@@ -55,23 +55,26 @@ class Serializer:
         raise NotImplementedError
 
 
-class MsgPackSerializer(Serializer):
-    name = "msgpack"
+class _MsgspecSerializer(Serializer):
+    """A serializer over one msgspec format module (``msgspec.msgpack`` or ``msgspec.json``):
+    one encoder and one typed decoder per packet type, built once."""
+
+    _format: Any = None
 
     def __init__(self) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoders = {k: msgspec.msgpack.Decoder(cls) for k, cls in PACKET_CLASSES.items()}
-        self._any = msgspec.msgpack.Decoder()
+        self._encoder = self._format.Encoder()
+        self._decoders = {k: self._format.Decoder(cls) for k, cls in PACKET_CLASSES.items()}
+        self._any = self._format.Decoder()
 
     def encode(self, packet: Packet) -> bytes:
         try:
-            return self._encoder.encode(packet)
+            return self._encoder.encode(packet)  # type: ignore[no-any-return]
         except (TypeError, OverflowError, ValueError) as exc:
             raise _serialization_error(packet, exc) from exc
 
     def decode(self, kind: PacketType | int, payload: bytes | bytearray | memoryview) -> Packet:
         try:
-            decoder = self._decoders[kind]  # type: ignore[index]
+            decoder = self._decoders[kind]  # type: ignore[index]  # an int is a PacketType
         except KeyError:
             raise PacketError(f"unknown packet type {kind!r}", field=None) from None
         try:
@@ -80,13 +83,20 @@ class MsgPackSerializer(Serializer):
             raise _packet_error(PacketType(kind), exc) from exc
 
     def encode_value(self, value: Any) -> bytes:
-        return self._encoder.encode(value)
+        return self._encoder.encode(value)  # type: ignore[no-any-return]
 
     def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
         try:
             return self._any.decode(payload)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise PacketError(f"invalid payload: {exc}") from exc
+
+
+class MsgPackSerializer(_MsgspecSerializer):
+    """nerve's default: compact, binary chunks as msgpack ``bin``."""
+
+    name = "msgpack"
+    _format = msgspec.msgpack
 
 
 def _to_node_buffer(value: Any) -> Any:
@@ -108,13 +118,11 @@ def _from_node_buffer(value: Any, kind: PacketType, field_name: str) -> Any:
     return value
 
 
-class JSONSerializer(Serializer):
-    name = "json"
+class JSONSerializer(_MsgspecSerializer):
+    """Moleculer's default; binary ``params``/``data`` in Node's Buffer form."""
 
-    def __init__(self) -> None:
-        self._encoder = msgspec.json.Encoder()
-        self._decoders = {k: msgspec.json.Decoder(cls) for k, cls in PACKET_CLASSES.items()}
-        self._any = msgspec.json.Decoder()
+    name = "json"
+    _format = msgspec.json
 
     def encode(self, packet: Packet) -> bytes:
         if isinstance(packet, Request):
@@ -123,34 +131,15 @@ class JSONSerializer(Serializer):
         elif isinstance(packet, (Response, Event)):
             if isinstance(packet.data, (bytes, bytearray, memoryview)):
                 packet = msgspec.structs.replace(packet, data=_to_node_buffer(packet.data))
-        try:
-            return self._encoder.encode(packet)
-        except (TypeError, OverflowError, ValueError) as exc:
-            raise _serialization_error(packet, exc) from exc
+        return super().encode(packet)
 
     def decode(self, kind: PacketType | int, payload: bytes | bytearray | memoryview) -> Packet:
-        try:
-            decoder = self._decoders[kind]  # type: ignore[index]
-        except KeyError:
-            raise PacketError(f"unknown packet type {kind!r}", field=None) from None
-        try:
-            packet = decoder.decode(payload)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise _packet_error(PacketType(kind), exc) from exc
+        packet = super().decode(kind, payload)
         if isinstance(packet, Request):
             packet.params = _from_node_buffer(packet.params, packet.kind, "params")
         elif isinstance(packet, (Response, Event)):
             packet.data = _from_node_buffer(packet.data, packet.kind, "data")
-        return packet  # type: ignore[no-any-return]
-
-    def encode_value(self, value: Any) -> bytes:
-        return self._encoder.encode(value)
-
-    def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
-        try:
-            return self._any.decode(payload)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise PacketError(f"invalid payload: {exc}") from exc
+        return packet
 
 
 def _serialization_error(packet: Packet, exc: Exception) -> Exception:
