@@ -74,10 +74,16 @@ class FrameDecoder:
     poisoned and every later :meth:`feed` raises the same error.
     """
 
-    def __new__(cls, max_frame_size: int = ...) -> Self:
+    def __new__(cls, max_frame_size: int = ..., *, split_streams: bool = False) -> Self:
         """``max_frame_size`` must lie in ``[HEADER_LEN, 2**32 - 1]`` (else ``ValueError``)."""
-    def feed(self, data: Buffer) -> list[tuple[int, bytes]]:
-        """Feed received bytes; returns every frame they complete, as ``(type, payload)`` tuples."""
+    def feed(self, data: Buffer) -> list[Any]:
+        """Feed received bytes; returns every frame they complete, as ``(type, payload)`` tuples.
+
+        With ``split_streams``, STREAM_DATA frames come out as
+        ``(21, flags, stream_id, seq, chunk: bytes)`` and STREAM_CREDIT frames as
+        ``(22, flags, stream_id, consumed, None)``: the binary stream header is parsed in Rust
+        and the chunk is copied once; a bad stream header raises
+        ``FrameError('bad_stream_header')``."""
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame (always below ``max_frame_size``)."""

@@ -23,7 +23,6 @@ from nerve.frames import (
     FrameDecoder,
     FrameEncoder,
     FrameType,
-    decode_stream_header,
 )
 from nerve.packets import Heartbeat, PacketType
 from nerve.transports.base import Transport
@@ -159,14 +158,16 @@ class Connection:
             if not data:
                 return
             self.last_recv = trio.current_time()
-            for kind, payload in feed(data):
+            for frame in feed(data):
+                kind = frame[0]
                 if kind == _STREAM_DATA:
-                    flags, stream_id, seq, offset = decode_stream_header(payload)
-                    transit.on_stream_data(node, flags, stream_id, seq, memoryview(payload)[offset:])
-                elif kind == _STREAM_CREDIT:
-                    flags, stream_id, consumed, _ = decode_stream_header(payload)
-                    transit.on_stream_credit(node, flags, stream_id, consumed)
-                elif kind == _PEERS:
+                    transit.on_stream_data(node, frame[1], frame[2], frame[3], frame[4])
+                    continue
+                if kind == _STREAM_CREDIT:
+                    transit.on_stream_credit(node, frame[1], frame[2], frame[3])
+                    continue
+                payload = frame[1]
+                if kind == _PEERS:
                     self.transport._on_peers(self, payload)
                 elif kind == _HELLO or kind == _HELLO_ACK:
                     raise ProtocolError(f"{node} sent a second handshake frame", reason="unexpected_hello")
@@ -278,7 +279,7 @@ class TcpTransport(Transport):
             accept=accept, reason=reason))
 
     async def _read_handshake(self, stream: trio.SocketStream, decoder: FrameDecoder,
-                              expected: int) -> tuple[Hello, list[tuple[int, bytes]]]:
+                              expected: int) -> tuple[Hello, list[Any]]:
         """Read frames until the handshake frame; returns it and any frames that followed."""
         with trio.fail_after(_HANDSHAKE_TIMEOUT):
             while True:
@@ -287,7 +288,7 @@ class TcpTransport(Transport):
                     raise ProtocolError("connection closed during the handshake", reason="handshake_eof")
                 frames = decoder.feed(data)
                 if frames:
-                    kind, payload = frames[0]
+                    kind, payload = frames[0][0], frames[0][1]
                     if kind != expected:
                         raise ProtocolError(f"expected {FrameType(expected).name} first, got frame type {kind}",
                                             reason="handshake")
@@ -312,7 +313,7 @@ class TcpTransport(Transport):
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
         assert self.transit is not None
-        decoder = FrameDecoder(self.max_frame_size)
+        decoder = FrameDecoder(self.max_frame_size, split_streams=True)
         try:
             hello, rest = await self._read_handshake(stream, decoder, _HELLO)
         except (ProtocolError, FrameError, trio.TooSlowError, trio.BrokenResourceError) as exc:
@@ -363,7 +364,7 @@ class TcpTransport(Transport):
         except (OSError, trio.TooSlowError) as exc:
             log.debug("cannot connect to %s: %r", address, exc)
             return "retry"
-        decoder = FrameDecoder(self.max_frame_size)
+        decoder = FrameDecoder(self.max_frame_size, split_streams=True)
         try:
             await stream.send_all(_frame(_HELLO, self._hello()))
             hello, rest = await self._read_handshake(stream, decoder, _HELLO_ACK)
@@ -385,7 +386,7 @@ class TcpTransport(Transport):
         await self._run(Connection(self, stream, hello, decoder), rest)
         return "done"
 
-    async def _run(self, conn: Connection, early: list[tuple[int, bytes]]) -> None:
+    async def _run(self, conn: Connection, early: list[Any]) -> None:
         """Register an established connection and serve it until it closes."""
         assert self.transit is not None
         node = conn.node_id
@@ -482,17 +483,18 @@ async def _until_done(fn: Any, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _replay(conn: Connection, frames: list[tuple[int, bytes]]) -> None:
+def _replay(conn: Connection, frames: list[Any]) -> None:
     """Frames that arrived in the same read as the handshake."""
     transit = conn.transport.transit
     assert transit is not None
-    for kind, payload in frames:
-        if kind == _PEERS:
-            conn.transport._on_peers(conn, payload)
-        elif kind == _STREAM_DATA or kind == _STREAM_CREDIT:
+    for frame in frames:
+        kind = frame[0]
+        if kind == _STREAM_DATA or kind == _STREAM_CREDIT:
             raise ProtocolError("stream frame before any call", reason="unexpected_stream_frame")
+        if kind == _PEERS:
+            conn.transport._on_peers(conn, frame[1])
         else:
-            transit.on_frame(conn.node_id, kind, payload)
+            transit.on_frame(conn.node_id, kind, frame[1])
 
 
 def _frame(kind: int, payload: bytes) -> bytes:

@@ -204,13 +204,14 @@ impl FrameEncoder {
 #[pyclass(module = "nerve._core")]
 pub struct FrameDecoder {
     inner: Decoder,
+    split_streams: bool,
 }
 
 #[pymethods]
 impl FrameDecoder {
     #[new]
-    #[pyo3(signature = (max_frame_size = frame::DEFAULT_MAX_FRAME_SIZE))]
-    fn new(max_frame_size: usize) -> PyResult<Self> {
+    #[pyo3(signature = (max_frame_size = frame::DEFAULT_MAX_FRAME_SIZE, *, split_streams = false))]
+    fn new(max_frame_size: usize, split_streams: bool) -> PyResult<Self> {
         if max_frame_size < HEADER_LEN || max_frame_size > u32::MAX as usize {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "max_frame_size must be between {HEADER_LEN} and {}",
@@ -219,14 +220,20 @@ impl FrameDecoder {
         }
         Ok(FrameDecoder {
             inner: Decoder::new(max_frame_size),
+            split_streams,
         })
     }
 
     /// Feed received bytes; returns every frame they complete, as `(type, payload)` tuples.
+    ///
+    /// With `split_streams`, STREAM_DATA frames come out as `(21, flags, stream_id, seq,
+    /// chunk)` and STREAM_CREDIT frames as `(22, flags, stream_id, consumed, None)`: the
+    /// binary header is parsed here and the chunk is copied once, straight out of `data`.
     fn feed<'py>(&mut self, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
         let py = data.py();
         let out = PyList::empty(py);
         let mut err: Option<PyErr> = None;
+        let split = self.split_streams;
         let inner = &mut self.inner;
         let result = with_bytes(data, |bytes| {
             inner
@@ -234,9 +241,20 @@ impl FrameDecoder {
                     if err.is_some() {
                         return;
                     }
-                    let item = PyTuple::new(py, [t.into_pyobject(py).unwrap().into_any(), PyBytes::new(py, payload).into_any()])
-                        .and_then(|tuple| out.append(tuple));
-                    if let Err(e) = item {
+                    let item = if split
+                        && (t == FrameType::StreamData as u8 || t == FrameType::StreamCredit as u8)
+                    {
+                        stream_item(py, t, payload)
+                    } else {
+                        PyTuple::new(
+                            py,
+                            [
+                                t.into_pyobject(py).unwrap().into_any(),
+                                PyBytes::new(py, payload).into_any(),
+                            ],
+                        )
+                    };
+                    if let Err(e) = item.and_then(|tuple| out.append(tuple)) {
                         err = Some(e);
                     }
                 })
@@ -259,6 +277,26 @@ impl FrameDecoder {
     fn max_frame_size(&self) -> usize {
         self.inner.max_frame_size()
     }
+}
+
+fn stream_item<'py>(py: Python<'py>, t: u8, payload: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+    let (flags, id, value, offset) =
+        stream_codec::read_header(payload).map_err(|e| stream_codec_error(&e))?;
+    let body = if t == FrameType::StreamData as u8 {
+        PyBytes::new(py, &payload[offset..]).into_any()
+    } else {
+        py.None().into_bound(py)
+    };
+    PyTuple::new(
+        py,
+        [
+            t.into_pyobject(py)?.into_any(),
+            flags.into_pyobject(py)?.into_any(),
+            id.into_pyobject(py)?.into_any(),
+            value.into_pyobject(py)?.into_any(),
+            body,
+        ],
+    )
 }
 
 /// One whole frame as `bytes`.
