@@ -392,3 +392,20 @@ async def test_a_full_node_answers_queue_is_full_and_keeps_serving() -> None:
             assert len(full) == 3 and all(e.retryable and e.code == 429 for e in full)
             busy.release.set()
         assert results.count("done") == 5
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_ping_measures_a_round_trip(transport: str) -> None:
+    from nerve.errors import BrokerDisconnectedError
+
+    kw: dict[str, Any] = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
+    async with nerve.Broker("ping-a", **kw) as a:
+        peer_kw = dict(kw, peers=[a.address]) if transport == "tcp" else {}
+        async with nerve.Broker("ping-b", **peer_kw) as b:
+            with trio.fail_after(5):
+                while "ping-a" not in b.transport.connected():
+                    await trio.sleep(0.01)
+            rtt = await b.ping("ping-a")
+            assert 0 <= rtt < 1.0
+            with pytest.raises(BrokerDisconnectedError):
+                await b.ping("nobody")

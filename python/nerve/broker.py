@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -29,7 +30,7 @@ from nerve.errors import (
     ServiceSchemaError,
     StreamError,
 )
-from nerve.packets import PROTOCOL_VERSION, UNSET, Disconnect, Event, Pong
+from nerve.packets import PROTOCOL_VERSION, UNSET, Disconnect, Event, Ping, Pong
 from nerve.registry import Registry, Strategy
 from nerve.serializers import Serializer, get_serializer
 from nerve.service import ActionSpec, EventSpec, Service
@@ -561,6 +562,21 @@ class Broker:
             if ep.local:
                 self._spawn_event(ep.spec, name, data, {}, None, self.node_id, None)
         self._services_changed.set()
+
+    async def ping(self, node_id: str, timeout: float = 2.0) -> float:
+        """Round-trip time to ``node_id`` in seconds (PING/PONG packets)."""
+        ping_id = self._next_id()
+        waiter = self._pongs[ping_id] = trio.Event()
+        start = trio.current_time()
+        try:
+            self.transit.send_packet(node_id, Ping(ver=self.protocol_version, sender=self.node_id,
+                                                   time=int(time.time() * 1000), id=ping_id))
+            with trio.move_on_after(timeout):
+                await waiter.wait()
+                return trio.current_time() - start
+        finally:
+            del self._pongs[ping_id]
+        raise RequestTimeoutError(f"no PONG from '{node_id}' within {timeout}s", data={"nodeID": node_id})
 
     def _on_pong(self, sender: str, pkt: Pong) -> None:
         waiter = self._pongs.get(str(pkt.id))
