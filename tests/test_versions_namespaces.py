@@ -1,0 +1,88 @@
+"""Protocol v4/v5 switch and namespaces: each cluster talks only to its own kind."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import nerve
+from nerve.packets import Request
+from nerve.serializers import MsgPackSerializer
+
+pytestmark = pytest.mark.anyio
+
+
+class Echo(nerve.Service):
+    name = "echo"
+
+    @nerve.action
+    async def echo(self, ctx: nerve.Context) -> dict[str, object]:
+        ctx.meta["seen_by"] = ctx.broker.node_id
+        return {"params": ctx.params, "headers": ctx.headers}
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_v4_cluster_works_and_sends_no_headers(transport: str) -> None:
+    tcp = transport == "tcp"
+    kw = {"transport": "tcp://127.0.0.1:0"} if tcp else {}
+    async with nerve.Broker("v4-a", protocol_version="4", services=[Echo()], **kw) as a:
+        peer = {"peers": [a.address]} if tcp else {}
+        async with nerve.Broker("v4-b", protocol_version="4", **kw, **peer) as b:
+            await b.wait_for_services("echo")
+            sent: list[bytes] = []
+            original = b.transport.send
+
+            def spy(node_id: str, kind: int, payload: bytes) -> None:
+                sent.append(payload)
+                original(node_id, kind, payload)
+
+            b.transport.send = spy  # type: ignore[method-assign]
+            meta: dict[str, object] = {}
+            result = await b.call("echo.echo", {"x": 1}, meta=meta, headers={"h": 1})
+            assert result == {"params": {"x": 1}, "headers": {}}  # v4 carries no headers
+            assert meta == {"seen_by": "v4-a"}
+            req = MsgPackSerializer().decode(2, sent[-1])
+            assert isinstance(req, Request) and req.ver == "4" and req.headers is nerve.packets.UNSET
+
+
+async def test_v5_and_v4_nodes_refuse_each_other_over_tcp() -> None:
+    async with nerve.Broker("mix-5", transport="tcp://127.0.0.1:0", services=[Echo()]) as a:
+        async with nerve.Broker("mix-4", transport="tcp://127.0.0.1:0", peers=[a.address],
+                                protocol_version="4") as b:
+            await trio.sleep(0.5)
+            assert b.transport.connected() == [] and a.transport.connected() == []
+            with pytest.raises(nerve.errors.ServiceNotFoundError):
+                await b.call("echo.echo")
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_namespaces_isolate_clusters(transport: str) -> None:
+    tcp = transport == "tcp"
+    kw = {"transport": "tcp://127.0.0.1:0"} if tcp else {}
+    async with nerve.Broker("ns-a", namespace="blue", services=[Echo()], **kw) as a:
+        peer = {"peers": [a.address]} if tcp else {}
+        async with nerve.Broker("ns-b", namespace="green", **kw, **peer) as b, \
+                nerve.Broker("ns-c", namespace="blue", **kw, **peer) as c:
+            await c.wait_for_services("echo")
+            assert (await c.call("echo.echo", 1))["params"] == 1
+            await trio.sleep(0.3)
+            assert "echo.echo" not in b.registry.actions
+            with pytest.raises(nerve.errors.ServiceNotFoundError):
+                await b.call("echo.echo")
+
+
+async def test_a_dropped_connection_is_redialed_and_calls_resume() -> None:
+    async with nerve.Broker("rd-a", transport="tcp://127.0.0.1:0", services=[Echo()]) as a:
+        async with nerve.Broker("rd-b", transport="tcp://127.0.0.1:0", peers=[a.address]) as b:
+            await b.wait_for_services("echo")
+            first = b.transport.connections["rd-a"]
+            # A network blip: the socket dies without a DISCONNECT.
+            await first.stream.aclose()
+            with trio.fail_after(10):
+                while True:
+                    conn = b.transport.connections.get("rd-a")
+                    if conn is not None and conn is not first and "echo.echo" in b.registry.actions:
+                        break
+                    await trio.sleep(0.02)
+            assert (await b.call("echo.echo", 7))["params"] == 7
+            assert len(a.transport.connected()) == 1 and len(b.transport.connected()) == 1
