@@ -86,6 +86,10 @@ async def test_reader_idle_timeout_when_the_producer_stalls() -> None:
             with pytest.raises(StreamIdleTimeoutError):
                 await stream.receive()
         assert 0.25 <= trio.current_time() - start < 2.0
+        # The producer was told and its stalled source cancelled: nothing keeps running there.
+        with trio.fail_after(2):
+            while server._handlers.active:
+                await trio.sleep(0.01)
 
 
 async def test_producer_idle_timeout_when_the_reader_never_reads() -> None:
@@ -198,3 +202,16 @@ async def test_reader_closing_early_stops_the_remote_producer() -> None:
         with trio.fail_after(5):
             await endless.producer_done.wait()
         assert isinstance(endless.producer_error, StreamClosedError)
+
+
+async def test_per_call_idle_timeout_overrides_the_brokers() -> None:
+    client, server, _ = brokers(local_idle=30.0)
+    async with client, server:
+        await client.wait_for_services("slow")
+        stream = await client.call("slow.stall_after_first", idle_timeout=0.2)
+        assert await stream.receive() == b"x" * CHUNK
+        start = trio.current_time()
+        with trio.fail_after(5):
+            with pytest.raises(StreamIdleTimeoutError):
+                await stream.receive()
+        assert trio.current_time() - start < 2.0

@@ -295,6 +295,7 @@ class Broker:
         retries: int | None = None,
         node_id: str | None = None,
         stream: PacketStream | None = None,
+        idle_timeout: float | None = None,
         parent_ctx: Context | None = None,
     ) -> Any:
         """Call ``action`` and return its result (a PacketStream if it answers with one).
@@ -304,7 +305,9 @@ class Broker:
         cancel scope both bound the call; the earlier deadline wins and the remaining budget
         travels to the callee. ``retries`` retries retryable errors with exponential backoff,
         preferring another node. ``node_id`` calls that node only. ``stream`` is the request
-        body. ``parent_ctx`` makes this a nested call of that context (as ``ctx.call`` does):
+        body. ``idle_timeout`` bounds the gap between chunks of this call's streams (the
+        request stream's own setting and the broker's ``stream_idle_timeout`` otherwise); the
+        call timeout never bounds a transfer, only the wait for the response. ``parent_ctx`` makes this a nested call of that context (as ``ctx.call`` does):
         meta starts from a copy of the parent's and merges back into it.
 
         Cancelling a call may leave the callee running (there is no cancel packet), except that
@@ -332,6 +335,14 @@ class Broker:
             timeout = None
         if retries is None:
             retries = self.retries
+        if idle_timeout is not None:
+            if stream is not None:
+                stream.idle_timeout = idle_timeout
+            result = await self.call(action, params, meta=meta, headers=headers, timeout=timeout,
+                                     retries=retries, node_id=node_id, stream=stream, parent_ctx=parent_ctx)
+            if isinstance(result, PacketStream):
+                result.idle_timeout = idle_timeout
+            return result
         self.stats["calls"] += 1
         attempt = 0
         tried: set[str] = set()

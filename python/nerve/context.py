@@ -88,11 +88,12 @@ class Context:
         retries: int | None = None,
         node_id: str | None = None,
         stream: PacketStream | None = None,
+        idle_timeout: float | None = None,
     ) -> Any:
         """Call ``action`` as a child of this context; see :meth:`nerve.Broker.call`."""
         return await self.broker.call(
             action, params, meta=meta, headers=headers, timeout=timeout, retries=retries,
-            node_id=node_id, stream=stream, parent_ctx=self,
+            node_id=node_id, stream=stream, idle_timeout=idle_timeout, parent_ctx=self,
         )
 
     async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,

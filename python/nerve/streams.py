@@ -116,6 +116,7 @@ class PacketStream:
         self._tx_done = False
         self._on_closed: list[Callable[[], None]] = []
         self._pending_abort: BaseException | None = None
+        self._pump_scope: trio.CancelScope | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -244,25 +245,31 @@ class PacketStream:
         return sent
 
     async def _pump(self) -> None:
-        """Send everything from the source given to from_file / from_iterable, then close."""
+        """Send everything from the source given to from_file / from_iterable, then close.
+
+        Stops (cancelling the source) as soon as the reader stops reading or goes away."""
         source = self._source
         if source is None:
             return
         self._source = None
-        try:
-            async for chunk in source:
-                await self.send(chunk)
-        except (StreamClosedError, StreamIdleTimeoutError):
-            return
-        except trio.Cancelled:
-            self._abort_now(StreamError("the stream's producer was cancelled"))
-            raise
-        except BaseException as exc:
-            self._abort_now(exc)
-            if isinstance(exc, Exception):
+        with trio.CancelScope() as self._pump_scope:
+            if self._tx_error is not None:
                 return
-            raise
-        await self.close()
+            try:
+                async for chunk in source:
+                    await self.send(chunk)
+            except (StreamClosedError, StreamIdleTimeoutError):
+                return
+            except trio.Cancelled:
+                if self._tx_error is None:
+                    self._abort_now(StreamError("the stream's producer was cancelled"))
+                raise
+            except BaseException as exc:
+                self._abort_now(exc)
+                if isinstance(exc, Exception):
+                    return
+                raise
+            await self.close()
 
     # --- binding (used by the broker/transit) -------------------------------------------
 
@@ -292,6 +299,8 @@ class PacketStream:
                 self._tx_error = StreamClosedError("the reader closed the stream")
             self._tx_done = True
             self._fire_closed()
+            if self._pump_scope is not None:
+                self._pump_scope.cancel()
         elif self._tx is not None:
             try:
                 self._tx.on_credit(consumed)
@@ -306,6 +315,8 @@ class PacketStream:
         self._tx_done = True
         self._credit_wakeup.set()
         self._fire_closed()
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
 
     def _fire_closed(self) -> None:
         callbacks, self._on_closed = self._on_closed, []
