@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 
@@ -86,3 +87,42 @@ async def test_a_dropped_connection_is_redialed_and_calls_resume() -> None:
                     await trio.sleep(0.02)
             assert (await b.call("echo.echo", 7))["params"] == 7
             assert len(a.transport.connected()) == 1 and len(b.transport.connected()) == 1
+
+
+@pytest.mark.parametrize("secrets", [("s3cret", "s3cret"), ("s3cret", "other"), ("s3cret", None), (None, "s3cret")])
+async def test_shared_secret_authentication(secrets: tuple[str | None, str | None]) -> None:
+    mine, theirs = secrets
+    async with nerve.Broker("auth-a", transport="tcp://127.0.0.1:0", services=[Echo()], secret=mine) as a:
+        async with nerve.Broker("auth-b", transport="tcp://127.0.0.1:0", peers=[a.address], secret=theirs) as b:
+            if mine == theirs:
+                await b.wait_for_services("echo")
+                assert (await b.call("echo.echo", 1))["params"] == 1
+            else:
+                await trio.sleep(0.5)
+                assert a.transport.connected() == [] and b.transport.connected() == []
+                assert "echo.echo" not in b.registry.actions
+
+
+async def test_a_wrong_proof_is_refused_before_any_frame_is_processed() -> None:
+    import socket
+
+    from nerve.frames import FrameDecoder, FrameType, encode_frame
+    from nerve.transports.tcp import Hello, _hello_encoder
+
+    async with nerve.Broker("auth-c", transport="tcp://127.0.0.1:0", services=[Echo()], secret="k") as a:
+        host, port = a.address.removeprefix("tcp://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.settimeout(5)
+        hello = Hello(node_id="intruder", window=1 << 20, max_chunk=1 << 16, auth=True, nonce=b"n" * 16)
+        sock.sendall(encode_frame(FrameType.HELLO, _hello_encoder.encode(hello)))
+        ack_bytes = await trio.to_thread.run_sync(sock.recv, 65536)
+        ((_, ack_payload),) = FrameDecoder().feed(ack_bytes)
+        ack = msgspec.msgpack.decode(ack_payload, type=Hello)
+        assert ack.accept and ack.auth and len(ack.proof) == 32  # provisional: our proof is next
+        forged = Hello(node_id="intruder", window=1 << 20, max_chunk=1 << 16, proof=b"x" * 32)
+        sock.sendall(encode_frame(FrameType.HELLO, _hello_encoder.encode(forged))
+                     + encode_frame(FrameType.DISCOVER, b"\x80"))
+        rest = await trio.to_thread.run_sync(sock.recv, 65536)
+        assert rest == b""  # closed, nothing answered
+        sock.close()
+        assert "intruder" not in a.registry.nodes

@@ -56,6 +56,8 @@ class Broker:
     once (beyond it, remote calls get ``QueueIsFullError``, 429, retryable);
     ``stream_window`` / ``max_chunk`` per stream; ``max_frame_size`` on TCP;
     ``stream_idle_timeout`` between chunks; ``heartbeat_timeout`` for silent peers.
+    ``secret`` (TCP): nodes prove they share it (HMAC-SHA256 challenge-response in the
+    handshake) before any frame of theirs is processed.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Broker:
         stream_idle_timeout: float | None = 60.0,
         max_frame_size: int | None = None,
         max_pending_requests: int = 10_000,
+        secret: str | bytes | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
@@ -114,8 +117,10 @@ class Broker:
         options: dict[str, Any] = {"peers": list(peers)}
         if max_frame_size is not None:
             options["max_frame_size"] = max_frame_size
-        if transport is None and options["peers"]:
-            raise BrokerOptionsError("peers= needs a tcp:// transport")
+        if secret is not None:
+            options["secret"] = secret
+        if transport is None and (options["peers"] or secret is not None):
+            raise BrokerOptionsError("peers= and secret= need a tcp:// transport")
         self.transport = make_transport(transport, **options)
         self.transit = Transit(self, self.transport, self.serializer, protocol_version=protocol_version)
         self.services: dict[str, Service] = {}

@@ -8,8 +8,11 @@ seed learns all; HEARTBEATs and a watchdog turn a silent peer into a lost one.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import os
 import random
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -57,6 +60,9 @@ class Hello(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_chunk: int = msgspec.field(default=0, name="maxChunk")
     accept: bool = True
     reason: str | None = None
+    auth: bool = False
+    nonce: bytes = b""
+    proof: bytes = b""
 
 
 class Peers(msgspec.Struct):
@@ -185,13 +191,15 @@ class TcpTransport(Transport):
 
     def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (),
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, high_water: int = 4 * 1024 * 1024,
-                 reconnect_min: float = 0.05, reconnect_max: float = 5.0) -> None:
+                 reconnect_min: float = 0.05, reconnect_max: float = 5.0,
+                 secret: str | bytes | None = None) -> None:
         self.host, self.port = parse_address(url)
         for p in peers:
             parse_address(p)
         self.seeds = list(peers)
         self.max_frame_size = max_frame_size
         self.high_water = high_water
+        self.secret = secret.encode() if isinstance(secret, str) else secret
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.transit: Transit | None = None
@@ -270,13 +278,20 @@ class TcpTransport(Transport):
             task_status.started()
             await trio.sleep_forever()
 
-    def _hello(self, *, accept: bool = True, reason: str | None = None) -> bytes:
+    def _hello(self, *, accept: bool = True, reason: str | None = None, nonce: bytes = b"",
+               proof: bytes = b"") -> bytes:
         assert self.transit is not None
         broker = self.transit.broker
         return _hello_encoder.encode(Hello(
             node_id=self.transit.node_id, namespace=self.transit.namespace, ver=self.transit.ver,
             address=self.address, window=broker.stream_window, max_chunk=broker.max_chunk,
-            accept=accept, reason=reason))
+            accept=accept, reason=reason, auth=self.secret is not None, nonce=nonce, proof=proof))
+
+    def _proof(self, role: bytes, first: bytes, second: bytes, me: str, peer: str) -> bytes:
+        """HMAC-SHA256 over both nonces and both node ids, bound to the role."""
+        assert self.secret is not None
+        message = b"nerve-auth\0" + role + b"\0" + first + second + me.encode() + b"\0" + peer.encode()
+        return hmac.new(self.secret, message, hashlib.sha256).digest()
 
     async def _read_handshake(self, stream: trio.SocketStream, decoder: FrameDecoder,
                               expected: int) -> tuple[Hello, list[Any]]:
@@ -327,9 +342,27 @@ class TcpTransport(Transport):
             elif self._dialing.get(hello.address or "") == hello.node_id and \
                     self.transit.node_id < hello.node_id:
                 reason = "duplicate connection"  # our own dial to it wins
+        nonce = os.urandom(16) if self.secret is not None else b""
+        proof = b""
+        if reason is None and self.secret is None and hello.auth:
+            reason = "the dialer requires a shared secret and this node has none"
+        if self.secret is not None and reason is None:
+            if not hello.auth or len(hello.nonce) < 16:
+                reason = "authentication required"
+            else:
+                proof = self._proof(b"acceptor", hello.nonce, nonce, self.transit.node_id, hello.node_id)
         try:
-            await stream.send_all(_frame(_HELLO_ACK, self._hello(accept=reason is None, reason=reason)))
-        except trio.BrokenResourceError:
+            await stream.send_all(_frame(_HELLO_ACK, self._hello(accept=reason is None, reason=reason,
+                                                                 nonce=nonce, proof=proof)))
+            if reason is None and self.secret is not None:
+                # No frame of the dialer is processed before its proof checks out.
+                auth, rest = await self._read_handshake(stream, decoder, _HELLO)
+                expected = self._proof(b"dialer", nonce, hello.nonce, hello.node_id, self.transit.node_id)
+                if not hmac.compare_digest(auth.proof, expected):
+                    reason = "authentication failed"
+        except (ProtocolError, FrameError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.warning("inbound handshake with %s failed: %s", hello.node_id, exc)
+            await trio.aclose_forcefully(stream)
             return
         if reason is not None:
             if reason != "duplicate connection":
@@ -365,8 +398,9 @@ class TcpTransport(Transport):
             log.debug("cannot connect to %s: %r", address, exc)
             return "retry"
         decoder = FrameDecoder(self.max_frame_size, split_streams=True)
+        nonce = os.urandom(16)
         try:
-            await stream.send_all(_frame(_HELLO, self._hello()))
+            await stream.send_all(_frame(_HELLO, self._hello(nonce=nonce)))
             hello, rest = await self._read_handshake(stream, decoder, _HELLO_ACK)
         except (ProtocolError, FrameError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             log.debug("handshake with %s failed: %r", address, exc)
@@ -378,6 +412,21 @@ class TcpTransport(Transport):
                 log.warning("%s refused us: %s", address, hello.reason)
             return "refused"
         reason = self._check_peer(hello)
+        if reason is None and self.secret is None and hello.auth:
+            reason = "the node requires a shared secret and we have none"
+        if reason is None and self.secret is not None:
+            assert self.transit is not None
+            me, peer = self.transit.node_id, hello.node_id
+            expected = self._proof(b"acceptor", nonce, hello.nonce, peer, me)
+            if not hmac.compare_digest(hello.proof, expected):
+                reason = "authentication failed (the node does not share our secret)"
+            else:
+                try:
+                    await stream.send_all(_frame(_HELLO, self._hello(
+                        proof=self._proof(b"dialer", hello.nonce, nonce, me, peer))))
+                except (trio.BrokenResourceError, OSError):
+                    await trio.aclose_forcefully(stream)
+                    return "retry"
         if reason is not None or hello.node_id in self.connections:
             await trio.aclose_forcefully(stream)
             if reason:
@@ -505,8 +554,6 @@ def _frame(kind: int, payload: bytes) -> bytes:
 
 def _cpu() -> float:
     try:
-        import os
-
         return round(os.getloadavg()[0] * 100 / (os.cpu_count() or 1), 1)
     except OSError:  # pragma: no cover
         return math.nan
