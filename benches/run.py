@@ -1,0 +1,1114 @@
+"""nerve against its peers, side by side in one run: RPC, events, transfers, slow consumer and
+in-process call cost, with a JSON record, a Markdown table and PNG charts.
+
+    python -m benches                 # full mode (tens of minutes)
+    python -m benches --quick         # tiny counts, a couple of minutes: CI keeps it from rotting
+    python -m benches --only rpc,slow --runs 3 --out /tmp/b
+
+``benches/run.sh`` installs the peers first (bench extra, npm ci, NATS, MoleculerPy venv) and
+then runs this. Method: every run is a fresh server process and a fresh client process on
+127.0.0.1; in each round nerve runs first and then every peer (A B C .. A B C ..); several
+rounds; each figure is the median with its min-max, and each peer's column gives
+``nerve / peer`` for that metric. Peers that cannot run are reported (with the reason or the
+tail of their stderr) and never stop the harness; a nerve failure makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCHES = Path(__file__).resolve().parent
+ROOT = BENCHES.parent
+PEERS_DIR = BENCHES / "peers"
+JS_DIR = PEERS_DIR / "js"
+RESULTS = BENCHES / "results"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+NATS_URL = ("127.0.0.1", 4222)
+NATS_START = ("start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
+              "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log")
+MOLECULERPY_VERSION = "0.14.22"
+FAMILIES = ("rpc", "events", "transfer", "slow", "inproc")
+SLOW_BUDGET_EXTRA = 16 * MIB  # target: peak RSS <= idle RSS + window + 16 MiB
+
+
+# --- what is measured ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_better: bool
+
+
+REQ_S = Metric("req_per_s", "req/s", "req/s", True)
+P50 = Metric("p50_us", "p50 latency", "µs", False)
+P99 = Metric("p99_us", "p99 latency", "µs", False)
+EV_S = Metric("events_per_s", "events/s", "events/s", True)
+LOST = Metric("lost", "events lost", "events", False)
+MB_S = Metric("mb_per_s", "MB/s", "MB/s", True)
+SRV_PEAK = Metric("server_rss_peak_mib", "server peak RSS", "MiB", False)
+CLI_PEAK = Metric("client_rss_peak_mib", "client peak RSS", "MiB", False)
+SRV_GROWTH = Metric("server_rss_growth_mib", "server peak − idle RSS", "MiB", False)
+CLI_GROWTH = Metric("client_rss_growth_mib", "client peak − idle RSS", "MiB", False)
+NS_CALL = Metric("ns_per_call", "cost per call", "ns", False)
+SRV_CPU_OP = Metric("server_cpu_us_per_op", "server CPU per call/event", "µs", False)
+CLI_CPU_OP = Metric("client_cpu_us_per_op", "client CPU per call/event", "µs", False)
+SRV_CPU_GB = Metric("server_cpu_s_per_gb", "server CPU per GB", "s/GB", False)
+CLI_CPU_GB = Metric("client_cpu_s_per_gb", "client CPU per GB", "s/GB", False)
+
+
+@dataclass
+class Peer:
+    id: str
+    label: str
+    runtime: str  # python | node | moleculerpy
+    script: str
+    args: tuple[str, ...] = ()
+    chunk: int = 256 * 1024  # bytes per message in transfers
+    nats: bool = False
+    note: str = ""
+
+
+PEERS: dict[str, Peer] = {p.id: p for p in [
+    Peer("nerve", "nerve", "python", "nerve_peer.py",
+         note="nerve Broker over its native TCP transport, msgpack, one connection; streams: "
+              "PacketStream, 256 KiB chunks, 4 MiB credit window"),
+    Peer("raw-trio", "raw trio+msgspec", "python", "raw_trio.py",
+         note="length-prefixed msgspec frames on trio, reader task + batching writer task; "
+              "one-way transfer of 256 KiB raw frames"),
+    Peer("grpc-aio", "grpc.aio", "python", "grpc_peer.py", chunk=MIB,
+         note="grpcio asyncio API, generic handlers on msgpack bytes, one channel; events are "
+              "messages of one client stream; transfers are 1 MiB stream messages"),
+    Peer("pyzmq", "pyzmq", "python", "zmq_peer.py", chunk=MIB,
+         note="DEALER/ROUTER, blocking API, msgpack bodies, default HWM; 1 MiB zero-copy transfer "
+              "messages"),
+    Peer("moljs-tcp-json", "moleculer.js tcp/json", "node", "server.js",
+         ("--transport", "tcp", "--serializer", "JSON"),
+         note="moleculer.js 0.15 TCP transporter (no UDP discovery), JSON serializer"),
+    Peer("moljs-nats-json", "moleculer.js nats/json", "node", "server.js",
+         ("--transport", "nats", "--serializer", "JSON"), nats=True,
+         note="moleculer.js 0.15 NATS transporter, JSON serializer"),
+    Peer("moljs-tcp-msgpack", "moleculer.js tcp/msgpack", "node", "server.js",
+         ("--transport", "tcp", "--serializer", "MsgPack"),
+         note="moleculer.js 0.15 TCP transporter, MsgPack (msgpack5), 0.15 streams, 256 KiB chunks"),
+    Peer("moljs-nats-msgpack", "moleculer.js nats/msgpack", "node", "server.js",
+         ("--transport", "nats", "--serializer", "MsgPack"), nats=True,
+         note="moleculer.js 0.15 NATS transporter, MsgPack (msgpack5), 0.15 streams, 256 KiB chunks"),
+    Peer("moleculerpy-nats-json", "MoleculerPy nats/json", "moleculerpy", "moleculerpy_peer.py",
+         nats=True, note=f"MoleculerPy {MOLECULERPY_VERSION} (asyncio) NATS transporter, JSON"),
+    Peer("bare-await", "bare await + msgspec", "python", "raw_trio.py",
+         note="await handler(ctx) plus a msgspec msgpack round trip of the params, in process"),
+]}
+
+RPC_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-json", "moljs-nats-json",
+             "moleculerpy-nats-json"]
+TRANSFER_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", "moljs-nats-msgpack"]
+SLOW_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    family: str
+    title: str
+    client: dict[str, dict[str, Any]]  # mode -> client options
+    peers: list[str]
+    metrics: list[Metric]
+    server: bool = True
+    full_runs: int | None = None  # default number of runs in full mode (else --runs default)
+
+    def opts(self, mode: str) -> dict[str, Any]:
+        return dict(self.client[mode])
+
+
+def _size_label(n: int) -> str:
+    return f"{n // GIB} GiB" if n >= GIB and n % GIB == 0 else f"{n // MIB} MiB"
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("rpc_1", "rpc", "RPC, 1 in flight, one connection",
+             {"full": dict(scenario="rpc", inflight=1, duration=3.0, count=1_000_000, warmup=2000),
+              "quick": dict(scenario="rpc", inflight=1, duration=0.4, count=20_000, warmup=200)},
+             RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
+    Scenario("rpc_64", "rpc", "RPC, 64 in flight, one connection",
+             {"full": dict(scenario="rpc", inflight=64, duration=3.0, count=1_000_000, warmup=5000),
+              "quick": dict(scenario="rpc", inflight=64, duration=0.4, count=50_000, warmup=500)},
+             RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
+    Scenario("events", "events", "fire-and-forget events (all counted at the receiver)",
+             {"full": dict(scenario="events", count=100_000, warmup=1000),
+              "quick": dict(scenario="events", count=5_000, warmup=200)},
+             RPC_PEERS, [EV_S, LOST, SRV_CPU_OP, CLI_CPU_OP]),
+    Scenario("upload", "transfer", "upload (client → server stream)",
+             {"full": dict(scenario="upload", size=GIB), "quick": dict(scenario="upload", size=32 * MIB)},
+             TRANSFER_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB]),
+    Scenario("download", "transfer", "download (server → client stream)",
+             {"full": dict(scenario="download", size=GIB),
+              "quick": dict(scenario="download", size=32 * MIB)},
+             TRANSFER_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB]),
+    Scenario("slow_1g", "slow", "slow consumer (reads at 1/4 of the producer's speed), download",
+             {"full": dict(scenario="slow", size=GIB), "quick": dict(scenario="slow", size=16 * MIB)},
+             SLOW_PEERS, [SRV_GROWTH, CLI_GROWTH, SRV_PEAK, CLI_PEAK, MB_S], full_runs=3),
+    Scenario("slow_4g", "slow", "slow consumer (reads at 1/4 of the producer's speed), download",
+             {"full": dict(scenario="slow", size=4 * GIB),
+              "quick": dict(scenario="slow", size=64 * MIB)},
+             SLOW_PEERS, [SRV_GROWTH, CLI_GROWTH, SRV_PEAK, CLI_PEAK, MB_S], full_runs=3),
+    Scenario("inproc", "inproc", "in-process call cost (trivial handler)",
+             {"full": dict(scenario="inproc", count=300_000, warmup=5000),
+              "quick": dict(scenario="inproc", count=20_000, warmup=500)},
+             ["bare-await"], [NS_CALL], server=False),
+]
+SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: str
+    metric: str
+    peer: str
+    op: str  # ">=" or "<="
+    goal: float
+    text: str
+
+
+TARGETS = [
+    Target("rpc_64", "req_per_s", "moljs-tcp-json", ">=", 1.0,
+           "RPC 64 in flight: nerve vs moleculer.js TCP (JSON)"),
+    Target("rpc_64", "req_per_s", "raw-trio", ">=", 0.6,
+           "RPC 64 in flight: nerve vs raw trio+msgspec pipelined echo"),
+    Target("rpc_1", "req_per_s", "raw-trio", ">=", 0.8,
+           "RPC 1 in flight: nerve vs raw trio echo (reader + writer task)"),
+    Target("inproc", "ns_per_call", "bare-await", "<=", 3.0,
+           "in-process broker.call cost vs bare await + msgspec round trip"),
+    Target("upload", "mb_per_s", "grpc-aio", ">=", 1.5, "1 GiB upload: nerve vs grpc.aio (1 MiB msgs)"),
+    Target("download", "mb_per_s", "grpc-aio", ">=", 1.5, "1 GiB download: nerve vs grpc.aio (1 MiB msgs)"),
+    Target("upload", "mb_per_s", "moljs-tcp-msgpack", ">=", 10.0,
+           "1 GiB upload: nerve vs moleculer.js streams, TCP + MsgPack"),
+    Target("download", "mb_per_s", "moljs-tcp-msgpack", ">=", 10.0,
+           "1 GiB download: nerve vs moleculer.js streams, TCP + MsgPack"),
+]
+
+
+# --- processes ----------------------------------------------------------------------------
+
+class RunFailed(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+class Proc:
+    """A benchmark process in its own session (so its whole group can be killed), its stdout
+    read line by line by a thread, its stderr kept in a temporary file."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.cmd = cmd
+        self.stderr = tempfile.TemporaryFile()
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.stderr, cwd=ROOT, env=env, start_new_session=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for raw in self.p.stdout:
+            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        self.lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def next_json(self, deadline: float) -> dict[str, Any] | None:
+        """The next JSON object line (other lines are ignored), None at EOF; raises on timeout."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunFailed(f"timed out: {' '.join(self.cmd[-12:])}")
+            try:
+                line = self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                return None
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+    def say(self, text: str) -> None:
+        try:
+            assert self.p.stdin is not None
+            self.p.stdin.write(text.encode())
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def stderr_tail(self, n: int = 15) -> str:
+        try:
+            self.stderr.seek(0)
+            lines = self.stderr.read().decode("utf-8", "replace").splitlines()
+        except (OSError, ValueError):
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # kill whatever is left of the group (the leader and any straggler it started)
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable
+            pass
+        for f in (self.p.stdin, self.p.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+
+
+@dataclass
+class Env:
+    """What this machine has for the peers, and why a peer is skipped."""
+
+    python: str = sys.executable
+    node: str | None = None
+    moleculerpy_python: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def _cmd_output(cmd: list[str], timeout: float = 20.0) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return (r.stdout or r.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def nats_up() -> bool:
+    try:
+        with socket.create_connection(NATS_URL, timeout=1.0) as s:
+            s.settimeout(2.0)
+            return s.recv(4) == b"INFO"
+    except OSError:
+        return False
+
+
+def find_moleculerpy_python() -> tuple[str | None, str]:
+    """(interpreter with moleculerpy importable, reason if none)."""
+    candidates = []
+    if os.environ.get("NERVE_BENCH_MOLECULERPY_PYTHON"):
+        candidates.append(os.environ["NERVE_BENCH_MOLECULERPY_PYTHON"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nerve-bench"
+    candidates += sorted(str(p) for p in cache.glob("moleculerpy-py3.*/bin/python"))
+    for c in candidates:
+        check = "import moleculerpy, sys; print(sys.version_info >= (3, 12))"
+        if Path(c).exists() and _cmd_output([c, "-c", check]) == "True":
+            return c, ""
+    if sys.version_info >= (3, 12) and _cmd_output([sys.executable, "-c", "import moleculerpy; print(1)"]) == "1":
+        return sys.executable, ""
+    if not find_python312():
+        return None, "no Python >= 3.12 on this machine (MoleculerPy needs one)"
+    return None, ("MoleculerPy is not installed: benches/run.sh makes its virtualenv "
+                  f"({cache}/moleculerpy-py3.X, moleculerpy=={MOLECULERPY_VERSION})")
+
+
+def find_python312() -> str | None:
+    names = ["python3.14", "python3.13", "python3.12"]
+    cands = [shutil.which(n) for n in names]
+    cands += sorted((str(p) for p in Path("/root/.pyenv/versions").glob("3.1[2-9]*/bin/python3")), reverse=True)
+    for c in cands:
+        if c and _cmd_output([c, "-c", "import sys; print(sys.version_info >= (3, 12))"]) == "True":
+            return c
+    return None
+
+
+def probe_env(selected_peers: set[str]) -> Env:
+    env = Env()
+    env.versions["python"] = platform.python_version()
+    for mod in ("nerve", "trio", "msgspec", "grpc", "zmq", "matplotlib"):
+        try:
+            m = __import__(mod)
+            env.versions[mod] = getattr(m, "__version__", "") or _dist_version(mod)
+        except Exception as exc:  # noqa: BLE001 - any import failure makes the peer unusable
+            env.versions[mod] = f"missing ({exc.__class__.__name__})"
+    if env.versions["grpc"].startswith("missing"):
+        env.skipped["grpc-aio"] = "grpcio is not installed (pip install -e '.[bench]')"
+    if env.versions["zmq"].startswith("missing"):
+        env.skipped["pyzmq"] = "pyzmq is not installed (pip install -e '.[bench]')"
+    node = shutil.which("node")
+    js_peers = [p for p in PEERS.values() if p.runtime == "node"]
+    if node is None:
+        for p in js_peers:
+            env.skipped[p.id] = "node is not on PATH"
+    elif not (JS_DIR / "node_modules" / "moleculer").is_dir():
+        for p in js_peers:
+            env.skipped[p.id] = "moleculer.js is not installed (npm ci --prefix benches/peers/js)"
+    else:
+        env.node = node
+        env.versions["node"] = _cmd_output([node, "--version"])
+        for pkg in ("moleculer", "nats", "msgpack5"):
+            try:
+                meta = json.loads((JS_DIR / "node_modules" / pkg / "package.json").read_text())
+                env.versions[f"npm:{pkg}"] = meta.get("version", "?")
+            except (OSError, ValueError):
+                env.versions[f"npm:{pkg}"] = "missing"
+    if any(PEERS[p].nats for p in selected_peers):
+        if nats_up():
+            env.versions["nats-server"] = (_cmd_output(["/usr/sbin/nats-server", "--version"])
+                                           .replace("nats-server:", "").strip() or "?")
+        else:
+            for p in PEERS.values():
+                if p.nats:
+                    env.skipped.setdefault(p.id, f"NATS is not reachable at 127.0.0.1:4222 (start it: {NATS_START})")
+    if "moleculerpy-nats-json" in selected_peers and "moleculerpy-nats-json" not in env.skipped:
+        py, reason = find_moleculerpy_python()
+        if py is None:
+            env.skipped["moleculerpy-nats-json"] = reason
+        else:
+            env.moleculerpy_python = py
+            env.versions["moleculerpy"] = _cmd_output([py, "-c", "import moleculerpy; print(moleculerpy.__version__)"])
+            env.versions["moleculerpy-python"] = _cmd_output(
+                [py, "-c", "import platform; print(platform.python_version())"])
+    return env
+
+
+def _dist_version(mod: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version({"grpc": "grpcio", "zmq": "pyzmq"}.get(mod, mod))
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def command(peer: Peer, env: Env, mode: str, extra: list[str]) -> list[str]:
+    if peer.runtime == "node":
+        assert env.node is not None
+        script = JS_DIR / ("server.js" if mode == "server" else "client.js")
+        return [env.node, str(script), mode, *peer.args, *extra]
+    python = env.moleculerpy_python if peer.runtime == "moleculerpy" else env.python
+    assert python is not None
+    return [python, str(PEERS_DIR / peer.script), mode, *peer.args, *extra]
+
+
+def client_deadline(opts: dict[str, Any]) -> float:
+    sc = opts["scenario"]
+    if sc == "rpc":
+        return opts["duration"] + 90.0
+    if sc == "events":
+        return 60.0 + opts["count"] / 2000.0
+    if sc == "inproc":
+        return 60.0 + opts["count"] / 20000.0
+    if sc == "slow":
+        return 90.0 + 2.5 * opts["size"] / max(opts["rate"], 1.0)
+    return 90.0 + opts["size"] / (8 * 1e6)  # transfers: at least 8 MB/s
+
+
+def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> dict[str, Any]:
+    """One server + one client; returns the client's result with RSS figures added."""
+    opts = dict(opts)
+    if scenario.family in ("transfer", "slow"):
+        opts.setdefault("chunk", peer.chunk)
+    deadline = client_deadline(opts)
+    opts["deadline"] = round(deadline, 1)
+    proc_env = dict(os.environ)
+    proc_env.pop("NERVE_BENCH_NO_SYNC", None)
+    proc_env["PYTHONUNBUFFERED"] = "1"
+    namespace = f"nervebench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    server: Proc | None = None
+    client: Proc | None = None
+    out: dict[str, Any] = {}
+    try:
+        port = free_port()
+        common = ["--port", str(port)]
+        if peer.runtime in ("node", "moleculerpy"):
+            common += ["--namespace", namespace]
+        if scenario.server:
+            srv_opts = ["--deadline", str(round(deadline + 60))]
+            server = Proc(command(peer, env, "server", common + srv_opts), proc_env)
+            msg = server.next_json(time.monotonic() + 60)
+            if not msg or not msg.get("ready"):
+                raise RunFailed("the server did not start:\n" + server.stderr_tail())
+        args = list(common)
+        for k, v in opts.items():
+            args += [f"--{k}", str(int(v) if isinstance(v, float) and v.is_integer() and k != "duration" else v)]
+        client = Proc(command(peer, env, "client", args), proc_env)
+        hard = time.monotonic() + deadline + 30
+        marks: dict[str, float | None] = {}
+        result: dict[str, Any] | None = None
+        while True:
+            msg = client.next_json(hard)
+            if msg is None:
+                break
+            if "mark" in msg:
+                if server is not None:
+                    marks[msg["mark"]] = proc_cpu_s(server.pid)
+            elif msg.get("idle"):
+                if server is not None:
+                    st = proc_status(server.pid)
+                    out["server_rss_idle_kb"] = st.get("VmRSS", 0)
+                client.say("go\n")
+            else:
+                result = msg
+        try:
+            rc = client.p.wait(max(1.0, hard - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RunFailed("the client did not exit in time") from None
+        if rc != 0 or result is None:
+            raise RunFailed(f"the client failed (exit {rc}):\n" + client.stderr_tail())
+        out.update(result)
+        if server is not None:
+            if server.p.poll() is not None:
+                raise RunFailed("the server exited during the run:\n" + server.stderr_tail())
+            st = proc_status(server.pid)
+            out["server_rss_peak_kb"] = st.get("VmHWM", 0)
+            if marks.get("start") is not None and marks.get("end") is not None:
+                out["server_cpu_s"] = marks["end"] - marks["start"]  # type: ignore[operator]
+    except RunFailed as exc:
+        tail = server.stderr_tail() if server is not None else ""
+        if tail and "--- server stderr ---" not in str(exc) and not str(exc).startswith("the server"):
+            exc = RunFailed(f"{exc}\n--- server stderr ---\n{tail}")
+        raise exc from None
+    finally:
+        for p in (client, server):
+            if p is not None:
+                p.stop()
+    _derive(out)
+    return out
+
+
+def _derive(out: dict[str, Any]) -> None:
+    ops = out.get("calls") or out.get("received")
+    gb = out.get("bytes", 0) / 1e9
+    for side in ("server", "client"):
+        cpu = out.get(f"{side}_cpu_s")
+        if cpu is None:
+            continue
+        if ops and "bytes" not in out:
+            out[f"{side}_cpu_us_per_op"] = round(cpu / ops * 1e6, 3)
+        if gb:
+            out[f"{side}_cpu_s_per_gb"] = round(cpu / gb, 4)
+    for side in ("server", "client"):
+        peak = out.get(f"{side}_rss_peak_kb")
+        idle = out.get(f"{side}_rss_idle_kb")
+        if peak:
+            out[f"{side}_rss_peak_mib"] = round(peak / 1024, 2)
+        if peak and idle:
+            out[f"{side}_rss_idle_mib"] = round(idle / 1024, 2)
+            out[f"{side}_rss_growth_mib"] = round((peak - idle) / 1024, 2)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    a = abs(v)
+    if a >= 1e6:
+        return f"{v / 1e6:.3g}M"
+    if a >= 1e4:
+        return f"{v / 1e3:.3g}k"
+    if a >= 99.5:
+        return f"{v:.0f}"
+    if a >= 9.995:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.mode = "quick" if args.quick else "full"
+        self.scenarios = select_scenarios(args.only)
+        wanted = {"nerve"} | {p for s in self.scenarios for p in s.peers}
+        if args.peers:
+            keep = {p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none")} | {"nerve"}
+            unknown = keep - set(PEERS)
+            if unknown:
+                raise SystemExit(f"unknown peers: {', '.join(sorted(unknown))}; known: {', '.join(PEERS)}")
+            wanted &= keep
+        self.wanted = wanted
+        self.env = probe_env(wanted)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.nerve_failed: list[str] = []
+        self.started = dt.datetime.now().astimezone()
+        self.slow_rates: dict[str, float] = {}
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    def runs_for(self, sc: Scenario) -> int:
+        if self.args.runs:
+            return self.args.runs
+        if self.mode == "quick":
+            return 1
+        return sc.full_runs or 5
+
+    def peers_for(self, sc: Scenario) -> list[str]:
+        out = ["nerve"]
+        for p in sc.peers:
+            if p in self.wanted:
+                out.append(p)
+        return out
+
+    def run(self) -> int:
+        self.log(f"nerve benchmarks, {self.mode} mode, on {socket.gethostname()} "
+                 f"({os.cpu_count()} cores); peers skipped: "
+                 + (", ".join(f"{k} ({v})" for k, v in self.env.skipped.items() if k in self.wanted) or "none"))
+        for sc in self.scenarios:
+            self.run_scenario(sc)
+        self.finished = dt.datetime.now().astimezone()
+        self.write_outputs()
+        if self.nerve_failed:
+            self.log("\nnerve FAILED in: " + ", ".join(self.nerve_failed))
+            return 1
+        return 0
+
+    def slow_rate(self, peer: Peer, sc: Scenario) -> float:
+        """A quarter of this peer's own download speed (measured in this run, or now)."""
+        if peer.id in self.slow_rates:
+            return self.slow_rates[peer.id]
+        if self.args.slow_rate:
+            rate = self.args.slow_rate * 1e6
+        else:
+            dl = self.results.get("download", {}).get("peers", {}).get(peer.id, {})
+            med = (dl.get("summary") or {}).get("mb_per_s", {}).get("median")
+            if not med:
+                size = 32 * MIB if self.mode == "quick" else 256 * MIB
+                calib = SCENARIO_BY_NAME["download"]
+                try:
+                    r = run_once(peer, calib, dict(scenario="download", size=size), self.env)
+                    med = r["mb_per_s"]
+                    self.log(f"  [calibration] {peer.label}: download {fmt(med)} MB/s")
+                except RunFailed as exc:
+                    raise RunFailed(f"calibration download failed: {exc}") from None
+            rate = med * 1e6 / 4
+        self.slow_rates[peer.id] = rate
+        return rate
+
+    def run_scenario(self, sc: Scenario) -> None:
+        runs = self.runs_for(sc)
+        base = sc.opts(self.mode)
+        entry: dict[str, Any] = {"family": sc.family, "title": sc.title, "options": base,
+                                 "metrics": [m.__dict__ for m in sc.metrics], "peers": {}}
+        if sc.family in ("transfer", "slow"):
+            entry["title"] = f"{sc.title}, {_size_label(base['size'])}"
+        self.results[sc.name] = entry
+        peers = [p for p in self.peers_for(sc) if p not in self.env.skipped]
+        for p in self.peers_for(sc):
+            if p in self.env.skipped:
+                entry["peers"][p] = {"status": "skipped", "reason": self.env.skipped[p], "runs": []}
+            else:
+                entry["peers"][p] = {"status": "ok", "runs": [], "failures": []}
+        failures: dict[str, int] = {p: 0 for p in peers}
+        max_failures = 1 if self.mode == "quick" else 2
+        self.log(f"\n== {sc.name}: {entry['title']} — {runs} run(s) of {', '.join(peers)}")
+        for r in range(runs):
+            for pid in peers:
+                if failures[pid] >= max_failures:
+                    continue
+                peer = PEERS[pid]
+                opts = dict(base)
+                rec = entry["peers"][pid]
+                t0 = time.monotonic()
+                try:
+                    if sc.family == "slow":
+                        opts["rate"] = round(self.slow_rate(peer, sc))
+                        rec["rate_mb_per_s"] = opts["rate"] / 1e6
+                    res = run_once(peer, sc, opts, self.env)
+                    if sc.family == "events" and res.get("lost"):
+                        raise RunFailed(f"{res['lost']} of {res['sent']} events lost")
+                except RunFailed as exc:
+                    failures[pid] += 1
+                    rec["failures"].append({"run": r + 1, "error": str(exc)[-3000:]})
+                    self.log(f"  [{r + 1}/{runs}] {PEERS[pid].label:<26} FAILED ({time.monotonic() - t0:.1f}s): "
+                             + _gist(str(exc)))
+                    if pid == "nerve" and sc.name not in self.nerve_failed:
+                        self.nerve_failed.append(sc.name)
+                    continue
+                rec["runs"].append(res)
+                m0 = sc.metrics[0]
+                self.log(f"  [{r + 1}/{runs}] {PEERS[pid].label:<26} {fmt(res.get(m0.key)):>8} {m0.unit}"
+                         f"  ({time.monotonic() - t0:.1f}s)")
+        for pid in peers:
+            rec = entry["peers"][pid]
+            rec["summary"] = {}
+            for m in sc.metrics:
+                s = summarize([x[m.key] for x in rec["runs"] if isinstance(x.get(m.key), (int, float))])
+                if s:
+                    rec["summary"][m.key] = s
+            if not rec["runs"]:
+                rec["status"] = "failed"
+            if pid == "nerve" and not rec["runs"] and sc.name not in self.nerve_failed:
+                self.nerve_failed.append(sc.name)
+        nerve = entry["peers"].get("nerve", {}).get("summary", {})
+        for pid in peers:
+            if pid == "nerve":
+                continue
+            rec = entry["peers"][pid]
+            rec["ratio"] = {}
+            for m in sc.metrics:
+                a = nerve.get(m.key, {}).get("median")
+                b = rec["summary"].get(m.key, {}).get("median")
+                if a is not None and b:
+                    rec["ratio"][m.key] = a / b
+
+    # --- outputs ------------------------------------------------------------------------
+
+    def targets(self) -> list[dict[str, Any]]:
+        out = []
+        for t in TARGETS:
+            sc = self.results.get(t.scenario)
+            if sc is None:
+                continue
+            rec = sc["peers"].get(t.peer, {})
+            ratio = rec.get("ratio", {}).get(t.metric)
+            met = None if ratio is None else (ratio >= t.goal if t.op == ">=" else ratio <= t.goal)
+            out.append({"target": t.text, "scenario": t.scenario, "metric": t.metric, "peer": t.peer,
+                        "ratio": ratio, "goal": f"{t.op} {t.goal:g}x", "met": met,
+                        "why_missing": None if ratio is not None else rec.get("reason") or "not measured"})
+        for name in ("slow_1g", "slow_4g"):
+            sc = self.results.get(name)
+            if sc is None:
+                continue
+            nerve = sc["peers"].get("nerve", {})
+            runs = nerve.get("runs", [])
+            window = max((r.get("window", 0) for r in runs), default=0) or 4 * MIB
+            budget = (window + SLOW_BUDGET_EXTRA) / MIB
+            for side in ("server", "client"):
+                worst = max((r.get(f"{side}_rss_growth_mib", 0) for r in runs), default=None)
+                out.append({"target": f"{sc['title']}: nerve {side} peak RSS ≤ idle + window + 16 MiB",
+                            "scenario": name, "metric": f"{side}_rss_growth_mib", "peer": None,
+                            "value_mib": worst, "budget_mib": budget,
+                            "goal": f"<= {budget:g} MiB (worst run)",
+                            "met": None if worst is None else worst <= budget})
+        return out
+
+    def machine(self) -> dict[str, Any]:
+        cpu = "?"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        mem = "?"
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal"):
+                    mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+        except OSError:
+            pass
+        commit = _cmd_output(["git", "rev-parse", "--short=12", "HEAD"])
+        dirty = bool(_cmd_output(["git", "status", "--porcelain", "--", "python", "rust"]))
+        return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
+                "kernel": platform.release(), "os": _os_name(),
+                "git_commit": commit + ("+dirty" if dirty else "")}
+
+    def write_outputs(self) -> None:
+        args = self.args
+        stamp = self.started.strftime("%Y-%m-%d")
+        host = socket.gethostname().split(".")[0]
+        if args.out:
+            out_dir = Path(args.out)
+        elif self.mode == "quick":
+            out_dir = RESULTS / "tmp"
+        else:
+            out_dir = RESULTS
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{stamp}-{host}" + ("-quick" if self.mode == "quick" else "")
+        doc = {
+            "schema": 1,
+            "mode": self.mode,
+            "command": " ".join(["python -m benches", *sys.argv[1:]]),
+            "started": self.started.isoformat(timespec="seconds"),
+            "finished": self.finished.isoformat(timespec="seconds"),
+            "duration_s": round((self.finished - self.started).total_seconds(), 1),
+            "machine": self.machine(),
+            "versions": self.env.versions,
+            "method": ("fresh server + client processes per run on 127.0.0.1; rounds of nerve then "
+                       "each peer; median and min-max over runs; ratio = nerve / peer"),
+            "peers": {p.id: {"label": p.label, "note": p.note,
+                             **({"skipped": self.env.skipped[p.id]} if p.id in self.env.skipped else {})}
+                      for p in PEERS.values() if p.id in self.wanted},
+            "scenarios": self.results,
+            "targets": self.targets(),
+            "nerve_failed": self.nerve_failed,
+        }
+        json_path = out_dir / f"{stem}.json"
+        json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        charts = write_charts(doc, out_dir, stem)
+        md_path = out_dir / f"{stem}.md"
+        md_path.write_text(markdown(doc, charts, md_path.parent))
+        self.log(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}, "
+                 f"{md_path.name}, {len(charts)} chart(s) in {out_dir}")
+        self.log("\n" + markdown(doc, charts, md_path.parent, title=False))
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def select_scenarios(only: str | None) -> list[Scenario]:
+    if not only:
+        return list(SCENARIOS)
+    picked: list[Scenario] = []
+    for item in only.split(","):
+        item = item.strip()
+        if item in FAMILIES:
+            picked += [s for s in SCENARIOS if s.family == item and s not in picked]
+        elif item in SCENARIO_BY_NAME:
+            if SCENARIO_BY_NAME[item] not in picked:
+                picked.append(SCENARIO_BY_NAME[item])
+        else:
+            raise SystemExit(f"--only: unknown family or scenario {item!r}; families: {', '.join(FAMILIES)}; "
+                             f"scenarios: {', '.join(SCENARIO_BY_NAME)}")
+    order = {s.name: i for i, s in enumerate(SCENARIOS)}
+    return sorted(picked, key=lambda s: order[s.name])
+
+
+# --- Markdown -------------------------------------------------------------------------------
+
+def _cell(summary: dict[str, Any] | None, ratio: float | None = None, *, with_ratio: bool) -> str:
+    if not summary:
+        return "—"
+    text = f"{fmt(summary['median'])} [{fmt(summary['min'])}–{fmt(summary['max'])}]"
+    if with_ratio and ratio is not None:
+        text += f" · **{ratio:.2f}×**"
+    return text
+
+
+def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: bool = True) -> str:
+    m = doc["machine"]
+    lines: list[str] = []
+    if title:
+        lines.append(f"# nerve benchmarks: {doc['started'][:10]} on {m['host']} ({doc['mode']} mode)")
+        lines.append("")
+    lines.append(f"Machine: {m['host']}, {m['cpu']}, {m['cores']} cores, {m['memory']}, {m['os']}, "
+                 f"kernel {m['kernel']}. nerve {m['git_commit']}. Run {doc['started']} "
+                 f"({doc['duration_s']:.0f} s, `{doc['command']}`).")
+    v = doc["versions"]
+    vers = ", ".join(f"{k} {v[k]}" for k in ("python", "trio", "msgspec", "grpc", "zmq", "node", "npm:moleculer",
+                                             "npm:nats", "npm:msgpack5", "moleculerpy", "nats-server") if k in v)
+    lines.append(f"Versions: {vers}.")
+    lines.append("")
+    lines.append("Each cell: median [min–max] over the runs; in a peer's cell, **nerve ÷ peer** for that "
+                 "metric (above 1 means nerve is higher: better for throughput, worse for latency, "
+                 "cost and memory). Fresh server and client processes per run on 127.0.0.1; rounds "
+                 "alternate nerve and every peer.")
+    if doc["mode"] == "quick":
+        lines.append("")
+        lines.append("**Quick mode: tiny counts to keep the harness working; never quote these figures.**")
+    lines.append("")
+    targets = doc.get("targets") or []
+    if targets:
+        lines.append("## Targets")
+        lines.append("")
+        lines.append("| target | measured | goal | met |")
+        lines.append("|---|---|---|---|")
+        for t in targets:
+            if "value_mib" in t:
+                val = "—" if t["value_mib"] is None else f"{t['value_mib']:.1f} MiB"
+            else:
+                val = "—" if t["ratio"] is None else f"{t['ratio']:.2f}×"
+            met = {True: "yes", False: "**no**", None: f"n/a ({t.get('why_missing') or 'not measured'})"}[t["met"]]
+            lines.append(f"| {t['target']} | {val} | {t['goal']} | {met} |")
+        lines.append("")
+    scenarios = doc["scenarios"]
+    for fam in FAMILIES:
+        names = [n for n, s in scenarios.items() if s["family"] == fam]
+        if not names:
+            continue
+        peer_ids: list[str] = []
+        for n in names:
+            for p in scenarios[n]["peers"]:
+                if p != "nerve" and p not in peer_ids:
+                    peer_ids.append(p)
+        labels = [PEERS[p].label for p in peer_ids]
+        lines.append(f"## {FAMILY_TITLES[fam]}")
+        lines.append("")
+        if fam == "inproc":
+            lines.append("| scenario | metric | nerve | " + " | ".join(labels) + " |")
+        else:
+            lines.append("| scenario | metric | nerve | " + " | ".join(labels) + " |")
+        lines.append("|---|---|---|" + "---|" * len(labels))
+        for n in names:
+            sc = scenarios[n]
+            nerve = sc["peers"].get("nerve", {})
+            for met in sc["metrics"]:
+                row = [f"{n}", f"{met['label']} ({met['unit']})",
+                       _cell(nerve.get("summary", {}).get(met["key"]), with_ratio=False)]
+                for p in peer_ids:
+                    rec = sc["peers"].get(p)
+                    if rec is None:
+                        row.append("")
+                    elif rec.get("status") == "skipped":
+                        row.append("skipped")
+                    elif rec.get("status") == "failed":
+                        row.append("failed")
+                    else:
+                        row.append(_cell(rec.get("summary", {}).get(met["key"]), rec.get("ratio", {}).get(met["key"]),
+                                         with_ratio=True))
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        for n in names:
+            sc = scenarios[n]
+            lines.append(f"- `{n}`: {sc['title']}. " + _options_text(sc))
+        if fam in charts:
+            rel = os.path.relpath(charts[fam], base)
+            lines.append("")
+            lines.append(f"![{fam}]({rel})")
+        lines.append("")
+    problems = []
+    for n, sc in scenarios.items():
+        for p, rec in sc["peers"].items():
+            if rec.get("status") == "skipped":
+                continue
+            for f in rec.get("failures", []):
+                problems.append(f"- `{n}` / {PEERS[p].label}, run {f['run']}: {_gist(f['error'])}")
+    skipped = {p: info["skipped"] for p, info in doc["peers"].items() if "skipped" in info}
+    if skipped or problems:
+        lines.append("## Skipped and failed")
+        lines.append("")
+        for p, why in skipped.items():
+            lines.append(f"- {PEERS[p].label}: skipped: {why}")
+        lines.extend(problems)
+        lines.append("")
+    lines.append("## Peers")
+    lines.append("")
+    for info in doc["peers"].values():
+        lines.append(f"- **{info['label']}**: {info['note']}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _gist(error: str) -> str:
+    """The first line of a failure and, if different, its last (the exception, usually)."""
+    lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip() and not ln.startswith("---")]
+    if not lines:
+        return "failed"
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return text[:400].replace("|", "\\|")
+
+
+FAMILY_TITLES = {
+    "rpc": "RPC over loopback TCP",
+    "events": "Fire-and-forget events",
+    "transfer": "Streams: upload and download",
+    "slow": "Slow consumer: memory",
+    "inproc": "In-process call cost",
+}
+
+
+def _options_text(sc: dict[str, Any]) -> str:
+    o = sc["options"]
+    if o["scenario"] == "rpc":
+        return f"{o['inflight']} in flight, {o['duration']:g} s per run after {o['warmup']} warm-up calls."
+    if o["scenario"] == "events":
+        return f"{o['count']} events per run, throughput until the receiver has counted them all."
+    if o["scenario"] in ("upload", "download"):
+        return f"{_size_label(o['size'])} per run, data from memory, counted and dropped by the reader."
+    if o["scenario"] == "slow":
+        rates = {p: r.get("rate_mb_per_s") for p, r in sc["peers"].items() if r.get("rate_mb_per_s")}
+        rtext = ", ".join(f"{PEERS[p].label} {v:.0f}" for p, v in rates.items())
+        return (f"{_size_label(o['size'])}; the client reads at a quarter of that peer's download speed "
+                f"(MB/s: {rtext}); growth = peak − RSS once connected and warmed up.")
+    if o["scenario"] == "inproc":
+        return f"{o['count']} sequential calls after {o['warmup']} warm-up calls, one process."
+    return ""
+
+
+# --- charts -------------------------------------------------------------------------------
+
+def write_charts(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import EngFormatter
+    except Exception as exc:  # noqa: BLE001
+        print(f"charts skipped: matplotlib unavailable ({exc})", flush=True)
+        return {}
+    charts: dict[str, str] = {}
+    scenarios = doc["scenarios"]
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+              "#7f7f7f", "#bcbd22"]
+    color_of = {pid: colors[i % len(colors)] for i, pid in enumerate(PEERS)}
+    for fam in FAMILIES:
+        names = [n for n, s in scenarios.items() if s["family"] == fam]
+        if not names:
+            continue
+        metric_keys: list[dict[str, Any]] = []
+        for n in names:
+            for met in scenarios[n]["metrics"]:
+                if met["key"] not in [x["key"] for x in metric_keys] and met["key"] != "lost":
+                    metric_keys.append(met)
+        peer_ids: list[str] = []
+        for n in names:
+            for p, rec in scenarios[n]["peers"].items():
+                if rec.get("summary") and p not in peer_ids:
+                    peer_ids.append(p)
+        if not peer_ids:
+            continue
+        ncols = min(3, len(metric_keys))
+        nrows = (len(metric_keys) + ncols - 1) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.0, 4.8 * ncols), 0.6 + 4.0 * nrows),
+                                 squeeze=False)
+        flat = [ax for row in axes for ax in row]
+        for ax in flat[len(metric_keys):]:
+            ax.set_visible(False)
+        for ax, met in zip(flat, metric_keys, strict=False):
+            width = 0.8 / len(peer_ids)
+            values: list[float] = []
+            for j, p in enumerate(peer_ids):
+                xs, meds, lo, hi = [], [], [], []
+                for i, n in enumerate(names):
+                    s = scenarios[n]["peers"].get(p, {}).get("summary", {}).get(met["key"])
+                    if not s:
+                        continue
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    meds.append(s["median"])
+                    lo.append(s["median"] - s["min"])
+                    hi.append(s["max"] - s["median"])
+                    values.append(s["median"])
+                if xs:
+                    ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=PEERS[p].label,
+                           color=color_of[p], edgecolor="black" if p == "nerve" else None, linewidth=0.8)
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names)
+            ax.set_title(f"{met['label']} ({'higher' if met['higher_better'] else 'lower'} is better)",
+                         fontsize=10)
+            ax.set_ylabel(met["unit"])
+            positive = [v for v in values if v > 0]
+            if positive and max(positive) / min(positive) > 30:
+                ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(EngFormatter(sep=""))
+            if fam == "slow" and met["key"].endswith("growth_mib"):
+                budget = _slow_budget(doc)
+                ax.axhline(budget, color="black", linestyle="--", linewidth=0.8)
+                ax.text(len(names) - 0.5, budget, f" window + 16 MiB = {budget:g} MiB", va="bottom",
+                        ha="right", fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
+        handles, labels = flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+        fig.suptitle(f"{FAMILY_TITLES[fam]} — {doc['machine']['host']}, {doc['started'][:10]} "
+                     f"({doc['mode']} mode; median, bars min–max)", fontsize=11)
+        height = 0.6 + 4.0 * nrows
+        fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.35 / height))
+        path = out_dir / f"{stem}-{fam}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        charts[fam] = str(path)
+    return charts
+
+
+def _slow_budget(doc: dict[str, Any]) -> float:
+    for t in doc.get("targets", []):
+        if t.get("budget_mib"):
+            return float(t["budget_mib"])
+    return (4 * MIB + SLOW_BUDGET_EXTRA) / MIB
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benches", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny counts (CI): figures are never quoted")
+    p.add_argument("--only", help=f"comma-separated families ({', '.join(FAMILIES)}) or scenarios "
+                                  f"({', '.join(SCENARIO_BY_NAME)})")
+    p.add_argument("--peers", help="comma-separated peer ids to run besides nerve "
+                                   f"({', '.join(p for p in PEERS if p != 'nerve')})")
+    p.add_argument("--runs", type=int, help="runs per peer and scenario (default: 5, slow consumer 3; quick 1)")
+    p.add_argument("--out", help="output directory (default: benches/results, quick: benches/results/tmp)")
+    p.add_argument("--slow-rate", type=float, help="slow consumer read rate in MB/s for every peer "
+                                                   "(default: a quarter of each peer's download speed)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        raise SystemExit("--runs must be >= 1")
+    return Harness(args).run()
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
