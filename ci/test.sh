@@ -3,7 +3,7 @@
 # benchmark harness in --quick mode (so it never rots; its figures are not quoted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ci/setup.sh dev
+ci/setup.sh dev,bench
 # shellcheck disable=SC1091
 . .venv/bin/activate
 echo "== cargo test"
@@ -14,3 +14,5 @@ echo "== stubtest"
 ci/stubtest.sh
 echo "== mypy"
 python -m mypy python/nerve
+echo "== benchmark harness, quick mode (keeps it from rotting; its figures are never quoted)"
+NERVE_BENCH_SKIP_PIP=1 benches/run.sh --quick
