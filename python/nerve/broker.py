@@ -157,6 +157,8 @@ class Broker:
         await self.stop()
 
     async def start(self) -> None:
+        """Start the broker (prefer ``async with``). ``start`` opens the broker's nursery in the
+        calling task, so ``stop`` must be called by the same task, at the same nesting."""
         if self._running:
             raise BrokerOptionsError("broker already started")
         self._nursery_cm = trio.open_nursery()
