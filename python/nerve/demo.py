@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,9 @@ class Storage(nerve.Service):
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="nerve-demo-storage-"))
+
+    async def stopped(self) -> None:
+        await trio.to_thread.run_sync(shutil.rmtree, self.root, True)
 
     @nerve.action
     async def save(self, ctx: nerve.Context) -> dict[str, Any]:
