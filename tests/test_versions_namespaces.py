@@ -126,3 +126,48 @@ async def test_a_wrong_proof_is_refused_before_any_frame_is_processed() -> None:
         assert rest == b""  # closed, nothing answered
         sock.close()
         assert "intruder" not in a.registry.nodes
+
+
+async def test_a_peer_that_never_reads_is_disconnected_not_buffered_without_bound(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from nerve.frames import FrameType, encode_frame
+    from nerve.packets import Request
+    from nerve.serializers import MsgPackSerializer
+    from nerve.transports.tcp import Hello, _hello_encoder
+
+    async with nerve.Broker("wq-server", transport="tcp://127.0.0.1:0", services=[Echo()],
+                            max_write_queue=8 * 1024 * 1024) as server:
+        async with nerve.Broker("wq-good", transport="tcp://127.0.0.1:0", peers=[server.address]) as good:
+            await good.wait_for_services("echo")
+            host, port = server.address.removeprefix("tcp://").split(":")
+            sock = socket.create_connection((host, int(port)))
+            sock.setblocking(True)
+            hello = Hello(node_id="greedy", window=1 << 20, max_chunk=1 << 16)
+            sock.sendall(encode_frame(FrameType.HELLO, _hello_encoder.encode(hello)))
+            serializer = MsgPackSerializer()
+            payload = b"p" * 65536
+            frames = b"".join(
+                encode_frame(FrameType.REQUEST, serializer.encode(Request(
+                    ver="5", sender="greedy", id=f"g{i}", action="echo.echo", params=payload,
+                    meta={}, headers={}, timeout=0, level=1)))
+                for i in range(64))
+
+            def flood() -> None:
+                try:
+                    for _ in range(40):  # 160 MiB of requests; their answers are never read
+                        sock.sendall(frames)
+                except OSError:
+                    pass
+
+            with trio.fail_after(10):  # well before the 15 s heartbeat timeout
+                await trio.to_thread.run_sync(flood)
+                while "greedy" in server.transport.connected():
+                    await trio.sleep(0.05)
+            sock.close()
+            assert "it is not reading" in caplog.text
+            assert (await good.call("echo.echo", 5))["params"] == 5
+            import resource
+
+            assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 1024 * 1024  # < 1 GiB peak

@@ -55,7 +55,9 @@ class Broker:
     Limits (safe defaults): ``max_pending_requests`` handlers and event handlers running at
     once (beyond it, remote calls get ``QueueIsFullError``, 429, retryable);
     ``stream_window`` / ``max_chunk`` per stream; ``max_frame_size`` on TCP;
-    ``stream_idle_timeout`` between chunks; ``heartbeat_timeout`` for silent peers.
+    ``stream_idle_timeout`` between chunks; ``heartbeat_timeout`` for silent peers;
+    ``max_write_queue`` (TCP, 64 MiB): bytes queued for a peer that does not read them before
+    its connection is dropped.
     ``secret`` (TCP): nodes prove they share it (HMAC-SHA256 challenge-response in the
     handshake) before any frame of theirs is processed.
     """
@@ -86,6 +88,7 @@ class Broker:
         stream_idle_timeout: float | None = 60.0,
         max_frame_size: int | None = None,
         max_pending_requests: int = 10_000,
+        max_write_queue: int | None = None,
         secret: str | bytes | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
@@ -119,6 +122,8 @@ class Broker:
             options["max_frame_size"] = max_frame_size
         if secret is not None:
             options["secret"] = secret
+        if max_write_queue is not None:
+            options["max_write_queue"] = max_write_queue
         if transport is None and (options["peers"] or secret is not None):
             raise BrokerOptionsError("peers= and secret= need a tcp:// transport")
         self.transport = make_transport(transport, **options)

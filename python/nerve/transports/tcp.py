@@ -132,8 +132,21 @@ class Connection:
         self._wakeup.set()
         if self._flushed.is_set():
             self._flushed = trio.Event()
-        if self._drained.is_set() and len(self.encoder) > self.transport.high_water:
-            self._drained = trio.Event()
+        queued = len(self.encoder)
+        if queued > self.transport.high_water:
+            if self._drained.is_set():
+                self._drained = trio.Event()
+            if queued > self.transport.max_write_queue:
+                self._overloaded()
+
+    def _overloaded(self) -> None:
+        """The peer does not read what we owe it: drop the connection rather than the memory
+        (its pending calls fail with a retryable error; it may reconnect)."""
+        if not self.closed and self.cancel_scope is not None:
+            log.warning("disconnecting %s: %d bytes queued for it (max_write_queue %d); it is not reading",
+                        self.node_id, len(self.encoder), self.transport.max_write_queue)
+            self.closed = True
+            self.cancel_scope.cancel()
 
     async def wait_writable(self) -> None:
         if len(self.encoder) > self.transport.high_water:
@@ -191,6 +204,7 @@ class TcpTransport(Transport):
 
     def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (),
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, high_water: int = 4 * 1024 * 1024,
+                 max_write_queue: int = 64 * 1024 * 1024,
                  reconnect_min: float = 0.05, reconnect_max: float = 5.0,
                  secret: str | bytes | None = None) -> None:
         self.host, self.port = parse_address(url)
@@ -199,6 +213,7 @@ class TcpTransport(Transport):
         self.seeds = list(peers)
         self.max_frame_size = max_frame_size
         self.high_water = high_water
+        self.max_write_queue = max(max_write_queue, high_water)
         self.secret = secret.encode() if isinstance(secret, str) else secret
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
