@@ -1,6 +1,6 @@
 """Hypothesis strategies for fuzzing nerve and the services built on it: frames, byte streams
 and their splits, JSON values, Moleculer packets and payloads, and error wire forms.
-Requires ``hypothesis`` (installed with nerve's ``dev`` extra); nothing else imports this module.
+Requires ``hypothesis`` (the ``testing`` extra: ``pip install 'nerve[testing]'``); nothing else imports it.
 """
 
 from __future__ import annotations
