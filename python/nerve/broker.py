@@ -529,8 +529,12 @@ class Broker:
             except NerveError as exc:
                 log.warning("event %s to %s not sent: %r", event, node, exc)
                 continue
-            await self.transport.wait_writable(node)
-        await trio.lowlevel.checkpoint()
+        if remote:
+            # Backpressure (and the checkpoint): wait while a connection's queue is over its mark.
+            for node in remote:
+                await self.transport.wait_writable(node)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def _on_remote_event(self, sender: str, pkt: Event) -> None:
         self.stats["events_received"] += 1
