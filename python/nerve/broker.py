@@ -347,6 +347,8 @@ class Broker:
             timeout = None
         if retries is None:
             retries = self.retries
+        if params is None:
+            params = {}  # as Moleculer: a call without params has empty params
         if idle_timeout is not None:
             if stream is not None:
                 stream.idle_timeout = idle_timeout

@@ -380,6 +380,10 @@ class Transit:
                 self._finish_request_stream(sender, pkt.id, reader)
             self._respond_error(sender, pkt.id, ctx.meta, exc)
             return
+        if isinstance(result, PacketStream) and not self.transport.native_streams:
+            self._respond_error(sender, pkt.id, ctx.meta, StreamError(
+                f"'{pkt.action}' answered with a stream, which this transport does not carry"))
+            return
         if isinstance(result, PacketStream):
             if reader is not None:
                 result._on_closed.append(lambda: self._finish_request_stream(sender, pkt.id, reader))

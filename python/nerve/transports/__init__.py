@@ -1,4 +1,5 @@
-"""Transports move packets between nodes: ``local`` (in-process, the default) and ``tcp``."""
+"""Transports move packets between nodes: ``local`` (in-process, the default), ``tcp`` (native)
+and ``nats`` (Moleculer's subjects, for moleculer.js interop)."""
 
 from nerve.transports.base import Transport
 from nerve.transports.local import LocalTransport
@@ -16,6 +17,11 @@ def make_transport(spec: "str | Transport | None", **options: object) -> Transpo
         from nerve.transports.tcp import TcpTransport
 
         return TcpTransport(spec, **options)  # type: ignore[arg-type]
+    if isinstance(spec, str) and spec.startswith("nats://"):
+        from nerve.transports.nats import NatsTransport
+
+        return NatsTransport(spec, **options)  # type: ignore[arg-type]
     from nerve.errors import BrokerOptionsError
 
-    raise BrokerOptionsError(f"unknown transport {spec!r}; expected None, 'local' or 'tcp://host:port'")
+    raise BrokerOptionsError(
+        f"unknown transport {spec!r}; expected None, 'local', 'tcp://host:port' or 'nats://host:port'")

@@ -1,0 +1,132 @@
+"""A nerve node and a real moleculer.js 0.15 node in one cluster over a real NATS server:
+discovery, calls both ways (nested, meta merged back), errors, events."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+import nerve
+from nerve.errors import ClientError
+
+ROOT = Path(__file__).resolve().parent.parent
+JS_DIR = ROOT / "benches" / "peers" / "js"
+NODE_SCRIPT = Path(__file__).with_name("interop") / "moleculer_node.js"
+NATS_START = ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/nats-server",
+              "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server",
+              "-l", "/var/log/nats-server.log"]
+
+
+def nats_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=1) as s:
+            return s.recv(4) == b"INFO"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def nats() -> str:
+    """The machine's NATS server, started (with the command of DESIGN section 5) if it is down."""
+    if not nats_up():
+        subprocess.run(NATS_START, check=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while not nats_up():
+            assert time.monotonic() < deadline, "nats-server did not come up"
+            time.sleep(0.2)
+    return "nats://127.0.0.1:4222"
+
+
+@pytest.fixture(scope="module")
+def moleculer_js() -> Path:
+    """moleculer.js 0.15 from the lock file (npm ci when it is not installed yet)."""
+    if not (JS_DIR / "node_modules" / "moleculer").is_dir():
+        npm = shutil.which("npm")
+        assert npm, "npm is needed for the moleculer.js interop tests"
+        subprocess.run([npm, "ci", "--prefix", str(JS_DIR), "--no-audit", "--no-fund", "--loglevel=error"],
+                       check=True, timeout=300)
+    return JS_DIR / "node_modules"
+
+
+@pytest.fixture
+def js_node(nats: str, moleculer_js: Path) -> Iterator[tuple[str, str]]:
+    namespace = f"nervetest{os.getpid()}{time.monotonic_ns() % 100000}"
+    env = dict(os.environ, NODE_PATH=str(moleculer_js))
+    proc = subprocess.Popen(["node", str(NODE_SCRIPT), "js-node", namespace], stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert json.loads(line) == {"ready": True}
+    try:
+        yield "js-node", namespace
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class MulParams(msgspec.Struct):
+    a: int
+    b: int
+
+
+class PyMath(nerve.Service):
+    name = "pymath"
+
+    @nerve.action
+    async def mul(self, ctx: nerve.Context, params: MulParams) -> int:
+        ctx.meta["py"] = "was here too"
+        return params.a * params.b
+
+    @nerve.action
+    async def fail(self, ctx: nerve.Context) -> None:
+        raise ClientError("python says no", 409, "PY_NO", {"detail": 1})
+
+
+def test_nerve_and_moleculer_js_in_one_cluster(nats: str, js_node: tuple[str, str]) -> None:
+    js_id, namespace = js_node
+
+    async def main() -> None:
+        async with nerve.Broker("py-node", transport=nats, namespace=namespace, serializer="json",
+                                services=[PyMath()], heartbeat_interval=1, heartbeat_timeout=3) as b:
+            with trio.fail_after(20):
+                await b.wait_for_services("jsmath")
+            # nerve -> moleculer.js, meta merged back
+            meta: dict[str, object] = {"from": "python"}
+            assert await b.call("jsmath.add", {"a": 1, "b": 2}, meta=meta) == 3
+            assert meta == {"from": "python", "js": "was here"}
+            # moleculer.js -> nerve, nested: JS calls pymath.mul, whose meta travels back
+            out = await b.call("jsmath.viaPython", {"a": 6, "b": 7})
+            assert out["product"] == 42
+            assert out["meta"]["py"] == "was here too" and out["meta"]["asked"] == "js"
+            # errors cross the wire intact, both ways
+            with pytest.raises(ClientError) as info:
+                await b.call("jsmath.fail", {"why": "test"})
+            err = info.value
+            assert (err.name, err.code, err.type, err.data) == ("MoleculerClientError", 422, "JS_NO", {"why": "test"})
+            assert err.node_id == js_id and "js says no" in (err.stack or "")
+            seen_by_js = await b.call("jsmath.pythonError")
+            assert seen_by_js == {"name": "MoleculerClientError", "code": 409, "type": "PY_NO",
+                                  "data": {"detail": 1}, "message": "python says no"}
+            # events: nerve emits, the JS handler receives
+            await b.emit("py.hello", {"n": 1})
+            with trio.fail_after(5):
+                while not await b.call("jsmath.events"):
+                    await trio.sleep(0.05)
+            assert await b.call("jsmath.events") == [{"n": 1}]
+            # the JS node sees us in its registry
+            nodes = await b.call("$node.list", node_id=js_id)
+            assert {n["id"] for n in nodes if n.get("available")} >= {"py-node", js_id}
+
+    trio.run(main)
