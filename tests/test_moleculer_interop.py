@@ -130,3 +130,52 @@ def test_nerve_and_moleculer_js_in_one_cluster(nats: str, js_node: tuple[str, st
             assert {n["id"] for n in nodes if n.get("available")} >= {"py-node", js_id}
 
     trio.run(main)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_nodes_reconnect_after_the_nats_server_restarts(tmp_path: Path) -> None:
+    """A private nats-server (not the machine's): killed and restarted on the same port."""
+    port = _free_port()
+    url = f"nats://127.0.0.1:{port}"
+
+    def start_server() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return proc
+            except OSError:
+                assert time.monotonic() < deadline, "private nats-server did not start"
+                time.sleep(0.05)
+
+    server = start_server()
+    try:
+        async def main() -> None:
+            nonlocal server
+            kw = dict(transport=url, heartbeat_interval=0.3, heartbeat_timeout=1.5)
+            async with nerve.Broker("nr-a", services=[PyMath()], **kw), nerve.Broker("nr-b", **kw) as b:
+                await b.wait_for_services("pymath")
+                assert await b.call("pymath.mul", {"a": 2, "b": 3}) == 6
+                server.kill()
+                server.wait()
+                await trio.sleep(0.5)
+                server = await trio.to_thread.run_sync(start_server)
+                with trio.fail_after(15):
+                    while True:
+                        try:
+                            if await b.call("pymath.mul", {"a": 4, "b": 5}, timeout=1) == 20:
+                                break
+                        except nerve.errors.NerveError:
+                            await trio.sleep(0.2)
+
+        trio.run(main)
+    finally:
+        server.kill()
+        server.wait()

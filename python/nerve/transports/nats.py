@@ -3,7 +3,8 @@ join a moleculer.js cluster (``MOL[-namespace].<TYPE>[.<nodeID>]``, JSON by defa
 
 Discovery and liveness are Moleculer's: DISCOVER and INFO broadcasts, HEARTBEAT every
 ``heartbeat_interval``, a node silent for ``heartbeat_timeout`` is lost. Streams are not
-carried over NATS yet (a call with a stream raises a clear error).
+carried over NATS yet (a call with a stream raises a clear error). A broken NATS connection
+is re-established with backoff; peers then rediscover each other.
 """
 
 from __future__ import annotations
@@ -157,15 +158,40 @@ class NatsTransport(Transport):
         return f"{self.prefix}.{name}.{node_id}" if node_id else f"{self.prefix}.{name}"
 
     async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (and reconnect with backoff whenever the NATS connection breaks)."""
         self.transit = transit
         if transit.namespace:
             self.prefix = f"MOL-{transit.namespace}"
+        first = True
+        delay = 0.1
+        while True:
+            try:
+                client = await NatsClient.connect(self.url, name=transit.node_id)
+            except (OSError, trio.BrokenResourceError, ProtocolError) as exc:
+                if first:
+                    raise BrokerDisconnectedError(f"cannot connect to NATS at {self.url}: {exc}") from exc
+                log.warning("NATS at %s unreachable (%s); retrying in %.1fs", self.url, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            try:
+                await self._run(client, task_status if first else trio.TASK_STATUS_IGNORED)
+            except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
+                log.warning("NATS connection lost (%s); reconnecting", group.exceptions[0])
+            finally:
+                self.client = None
+            first = False
+
+    async def _run(self, client: NatsClient, task_status: Any) -> None:
+        assert self.transit is not None
+        transit = self.transit
         me = transit.node_id
-        client = self.client = await NatsClient.connect(self.url, name=me)
         for name in ("EVENT", "REQ", "RES", "DISCOVER", "INFO", "PING", "PONG"):
             client.subscribe(f"{self.prefix}.{name}.{me}")
         for name in ("DISCOVER", "INFO", "HEARTBEAT", "DISCONNECT"):
             client.subscribe(f"{self.prefix}.{name}")
+        self.client = client
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.writer)
