@@ -83,7 +83,8 @@ def _progress(description: str, total: int | None) -> Any:
     return progress, task
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (call it in a worker thread)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -102,7 +103,7 @@ async def _upload(args: argparse.Namespace) -> None:
     size = path.stat().st_size
     meta = {"filename": path.name, "size": size, **(json.loads(args.meta) if args.meta else {})}
     params = json.loads(args.params) if args.params else {}
-    digest = await trio.to_thread.run_sync(_sha256, path)
+    digest = await trio.to_thread.run_sync(sha256_file, path)
     async with _client(args.peer) as broker:
         await _ready(broker, args.action, args.wait)
         upload = nerve.PacketStream.from_file(path, window=broker.stream_window, max_chunk=broker.max_chunk,
@@ -135,7 +136,7 @@ async def _download(args: argparse.Namespace) -> None:
                 written = await stream.transfer_to(target)
                 progress.update(task, completed=written)
                 nursery.cancel_scope.cancel()
-    digest = await trio.to_thread.run_sync(_sha256, target)
+    digest = await trio.to_thread.run_sync(sha256_file, target)
     print(f"sha256 {digest}  {written} bytes -> {target}")
 
 

@@ -6,7 +6,6 @@ travels back), emits and broadcasts events, and streams a file both ways, checki
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import msgspec
 import trio
 
 import nerve
+from nerve.cli import sha256_file as _sha256
 from nerve.errors import NerveError, ValidationError
 
 ROLES = ("alpha", "beta", "gamma")
@@ -101,14 +101,6 @@ def _every_node_event(node_id: str) -> type[nerve.Service]:
             _say(self.broker.node_id, f"alert received: {ctx.params['text']!r} (broadcast)")
 
     return Alerts
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 async def _node(role: str, seed: str | None) -> None:
