@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import socket
+import time
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -578,8 +579,6 @@ _INF = float("inf")
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
