@@ -144,7 +144,8 @@ class PacketStream:
             await self._bound.wait()
         assert self._tx is not None and self._link is not None
         if self._tx_done:
-            raise StreamClosedError("send() after close() or abort()")
+            why = f": {self._tx_error}" if self._tx_error is not None else " (after close())"
+            raise StreamClosedError(f"cannot send on a stream that is over{why}")
         view = data if isinstance(data, bytes) and len(data) <= self.max_chunk else memoryview(data)
         total = len(view)
         if total == 0:
