@@ -75,3 +75,22 @@ def test_errors_are_reported_with_their_type(node: tuple[str, Path]) -> None:
     out = nerve_cmd("call", "files.missing", "--peer", address, "--wait", "5")
     assert out.returncode == 1
     assert "ServiceNotFoundError" in out.stderr and "code 404" in out.stderr
+
+
+def test_run_a_node_then_call_it_and_list_nodes() -> None:
+    exe = shutil.which("nerve", path=os.path.dirname(sys.executable)) or "nerve"
+    proc = subprocess.Popen([exe, "run", "--listen", "tcp://127.0.0.1:0", "--node-id", "cli-run",
+                             "--service", "nerve.demo:Math"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["nodeID"] == "cli-run"
+        called = nerve_cmd("call", "math.add", '{"a": 1, "b": 2}', "--peer", info["address"])
+        assert called.returncode == 0, called.stderr
+        assert json.loads(called.stdout)["result"] == {"sum": 3}
+        nodes = nerve_cmd("nodes", "--peer", info["address"])
+        assert nodes.returncode == 0, nodes.stderr
+        assert "cli-run" in nodes.stdout and "up" in nodes.stdout
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
