@@ -11,14 +11,11 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import msgspec
 
 from nerve.errors import ServiceSchemaError, ValidationError
-
-if TYPE_CHECKING:
-    from nerve.context import Context
 
 __all__ = ["Service", "action", "event", "ActionSpec", "EventSpec"]
 
