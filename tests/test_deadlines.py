@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio
 
 import nerve
@@ -267,3 +269,47 @@ async def test_nested_timeout_option_and_inherited_budget_earlier_wins(remote: b
         # The nested timeout= (0.1) is earlier than the inherited budget (5).
         seen = await a.call("mid.run", {"t": 0.1}, timeout=5.0)
         assert 0.05 < seen <= 0.1 + 1e-3
+
+
+# --- nerve._deadline: the hot path's own reading of the effective deadline ---------------
+
+_scope_kinds = st.lists(
+    st.tuples(st.sampled_from(["plain", "deadline", "relative", "shield", "cancelled", "task"]),
+              st.floats(min_value=-5, max_value=1000, allow_nan=False)),
+    max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_scope_kinds)
+def test_effective_deadline_matches_trio(kinds: list[tuple[str, float]]) -> None:
+    """Any nesting of scopes (absolute and relative deadlines, shields, cancelled scopes and
+    child tasks): the fast walk gives exactly what trio's own function gives."""
+    from nerve._deadline import _walk, effective_deadline
+
+    assert effective_deadline is _walk, "trio's internals changed: the fast path is off"
+    seen: list[tuple[float, float]] = []
+
+    async def nest(rest: list[tuple[str, float]]) -> None:
+        seen.append((_walk(), trio.current_effective_deadline()))
+        if not rest:
+            return
+        (kind, value), tail = rest[0], rest[1:]
+        if kind == "task":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(nest, tail)
+            return
+        scope = trio.CancelScope()
+        if kind == "deadline":
+            scope.deadline = trio.current_time() + value
+        elif kind == "relative":
+            scope = trio.CancelScope(relative_deadline=max(value, 0.0))
+        elif kind == "shield":
+            scope.shield = True
+        elif kind == "cancelled":
+            scope.cancel()
+        with scope:
+            await nest(tail)
+            seen.append((_walk(), trio.current_effective_deadline()))
+
+    trio.run(nest, kinds)
+    assert seen and all(ours == theirs for ours, theirs in seen), seen

@@ -360,39 +360,23 @@ class Broker:
         self.stats["calls"] += 1
         attempt = 0
         tried: set[str] = set()
+        if parent is None:
+            request_id: str | None = None
+            parent_id = caller = None
+        else:
+            request_id, parent_id, caller = parent.request_id, parent.id, parent.service
         while True:
-            ctx = Context(self, id=self._next_id(), level=level, params=params,
-                          meta=dict(base_meta) if retries else base_meta,
-                          headers=dict(headers) if headers else {}, action=action, node_id=self.node_id)
-            if parent is not None:
-                ctx.request_id = parent.request_id
-                ctx.parent_id = parent.id
-                ctx.caller = parent.service
+            call_id = self._next_id()
+            call_meta = dict(base_meta) if retries else base_meta
+            call_headers = dict(headers) if headers else {}
             endpoint_node = None
             try:
                 ep = self.registry.select_action(action, node_id=node_id, exclude=tried)
                 endpoint_node = ep.node_id
-                if ep.local:
-                    spec = ep.spec
-                    assert spec is not None
-                    try:
-                        if stream is None and timeout is None:
-                            if spec.wants_params:
-                                result = await spec.handler(ctx, spec.convert_params(params))
-                            else:
-                                result = await spec.handler(ctx)
-                            if isinstance(result, msgspec.Struct):
-                                return msgspec.to_builtins(result)
-                            if isinstance(result, PacketStream):
-                                return self._local_response_stream(result)
-                            return result
-                        return await self._call_local(spec, ctx, timeout, stream)
-                    finally:
-                        if merge_into is not None:
-                            merge_into.update(ctx.meta)
-                if timeout is None and stream is None:
-                    # The common remote call, flattened (no extra coroutine frames to resume).
-                    pending = self.transit.send_request(ep, ctx)
+                if timeout is None and stream is None and not ep.local:
+                    # The common remote call, flattened: no Context, no extra coroutine frames.
+                    pending = self.transit.send_request(ep, call_id, params, call_meta, call_headers, level,
+                                                        request_id or call_id, parent_id, caller)
                     try:
                         if pending.settled:
                             await trio.lowlevel.checkpoint()
@@ -400,10 +384,31 @@ class Broker:
                             pending._task = trio.lowlevel.current_task()
                             await trio.lowlevel.wait_task_rescheduled(pending.abort)
                     finally:
-                        del self.transit.pending[ctx.id]
+                        del self.transit.pending[call_id]
                     if isinstance(pending.error, RequestTimeoutError):
                         await yield_to_own_deadline()
                 else:
+                    ctx = Context(self, id=call_id, request_id=request_id, parent_id=parent_id, level=level,
+                                  caller=caller, params=params, meta=call_meta, headers=call_headers,
+                                  action=action, node_id=self.node_id)
+                    if ep.local:
+                        spec = ep.spec
+                        assert spec is not None
+                        try:
+                            if stream is None and timeout is None:
+                                if spec.wants_params:
+                                    result = await spec.handler(ctx, spec.convert_params(params))
+                                else:
+                                    result = await spec.handler(ctx)
+                                if isinstance(result, msgspec.Struct):
+                                    return msgspec.to_builtins(result)
+                                if isinstance(result, PacketStream):
+                                    return self._local_response_stream(result)
+                                return result
+                            return await self._call_local(spec, ctx, timeout, stream)
+                        finally:
+                            if merge_into is not None:
+                                merge_into.update(ctx.meta)
                     pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
                 if pending.meta and merge_into is not None:
                     merge_into.update(pending.meta)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from nerve._deadline import effective_deadline
 from nerve.context import Context
 from nerve.errors import (
     BrokerDisconnectedError,
@@ -174,9 +175,11 @@ class Transit:
         except NerveError as exc:  # pragma: no cover - broadcast skips gone peers
             log.debug("announce failed: %r", exc)
 
-    def send_request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None = None,
-                     stream: PacketStream | None = None) -> Pending:
+    def send_request(self, ep: ActionEndpoint, call_id: str, params: Any, meta: dict[str, Any],
+                     headers: dict[str, Any], level: int, request_id: str, parent_id: str | None,
+                     caller: str | None, *, timeout: float | None = None, stream: bool = False) -> Pending:
         """Send a REQ and register its Pending (the caller waits for it and unregisters it).
+        Takes the call's fields rather than a Context: a remote call needs no Context here.
 
         Raises RequestSkippedError, without sending, when the call has no budget left."""
         node_id = ep.node_id
@@ -184,19 +187,17 @@ class Transit:
         if budget < 0:
             raise RequestSkippedError(f"Calling '{ep.name}' is skipped because timeout reached.",
                                       data={"action": ep.name, "nodeID": node_id}, node_id=self.node_id)
-        pkt = Request(
-            ver=self.ver, sender=self.node_id, id=ctx.id, action=ep.name, params=ctx.params,
-            meta=ctx.meta, headers=ctx.headers if self.v5 else UNSET, timeout=budget,
-            level=ctx.level, tracing=None, parent_id=ctx.parent_id, request_id=ctx.request_id,
-            caller=ctx.caller, stream=stream is not None,
-        )
-        payload = self.serializer.encode(pkt)
+        payload = self.serializer.encode(Request(
+            ver=self.ver, sender=self.node_id, id=call_id, action=ep.name, params=params,
+            meta=meta, headers=headers if self.v5 else UNSET, timeout=budget, level=level,
+            tracing=None, parent_id=parent_id, request_id=request_id, caller=caller, stream=stream,
+        ))
         pending = Pending(node_id)
-        self.pending[ctx.id] = pending  # before sending: an in-process answer comes at once
+        self.pending[call_id] = pending  # before sending: an in-process answer comes at once
         try:
             self.transport.send(node_id, _REQ, payload)
         except BaseException:
-            del self.pending[ctx.id]
+            del self.pending[call_id]
             raise
         self.stats["requests_out"] += 1
         return pending
@@ -208,7 +209,9 @@ class Transit:
         ``timeout`` bounds the wait for the response; with a request stream it starts when
         the stream ends, so a long upload is never cut by it (the stream's idle timeout is).
         """
-        pending = self.send_request(ep, ctx, timeout=timeout, stream=stream)
+        pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
+                                    ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
+                                    stream=stream is not None)
         node_id = ep.node_id
         if timeout is None and stream is None:
             try:
@@ -551,7 +554,7 @@ class Transit:
 def _budget_ms(timeout: float | None) -> int:
     """The REQ ``timeout`` field: what remains of the caller's budget, in ms (0 = none,
     negative = spent)."""
-    deadline = trio.current_effective_deadline()
+    deadline = effective_deadline()
     if deadline == _INF:
         if timeout is None:
             return 0
@@ -570,7 +573,7 @@ def _budget_ms(timeout: float | None) -> int:
 async def yield_to_own_deadline() -> None:
     """The callee timed out on the budget we gave it: if that budget was our own cancel
     scope's, let that scope fire (the caller sees its cancellation, not a remote timeout)."""
-    deadline = trio.current_effective_deadline()
+    deadline = effective_deadline()
     if deadline - trio.current_time() < 0.005:
         await trio.sleep_until(deadline)
 
