@@ -12,6 +12,7 @@ function across shields, cancellations and nested deadlines.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import trio
 
@@ -21,7 +22,7 @@ _INF = math.inf
 
 
 def _walk() -> float:
-    status = trio.lowlevel.current_task()._cancel_status  # type: ignore[attr-defined]
+    status: Any = trio.lowlevel.current_task()._cancel_status  # type: ignore[attr-defined]
     deadline = _INF
     while status is not None:
         if status.effectively_cancelled:
