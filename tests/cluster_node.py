@@ -29,6 +29,10 @@ class Work(nerve.Service):
         return {"i": ctx.params["i"], "node": self.broker.node_id}
 
     @nerve.action
+    async def blob(self, ctx: nerve.Context) -> object:
+        return ctx.params
+
+    @nerve.action
     async def seen_count(self, ctx: nerve.Context) -> dict[str, int]:
         return {"count": len(self.seen), "distinct": len(set(self.seen))}
 

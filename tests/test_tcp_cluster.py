@@ -187,6 +187,37 @@ def test_sigkill_mid_call_fails_fast_and_retries_elsewhere(cluster: Cluster) -> 
     trio.run(main)
 
 
+def test_frames_queued_while_the_peer_stops_reading_all_arrive_in_order(cluster: Cluster) -> None:
+    """64 calls of 256 KiB each go out while the node is stopped (SIGSTOP): the socket fills,
+    so the eager writes from the calling tasks are cut short and the writer task sends the rest.
+    Once the node runs again, every call gets its own payload back, byte for byte."""
+    seed = cluster.start("n1")
+
+    async def main() -> None:
+        async with nerve.Broker("client", transport="tcp://127.0.0.1:0", peers=[seed]) as b:
+            await wait_nodes(b, 1)
+            results: dict[int, Any] = {}
+
+            async def call(i: int) -> None:
+                payload = {"i": i, "blob": bytes([i]) * (256 * 1024 - i)}
+                results[i] = (await b.call("work.blob", payload)) == payload
+
+            cluster.signal("n1", signal.SIGSTOP)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in range(64):
+                        nursery.start_soon(call, i)
+                    await trio.sleep(0.5)
+                    conn = b.transport.connections["n1"]  # type: ignore[attr-defined]
+                    assert conn._unsent or len(conn.encoder), "the socket never filled up"
+                    cluster.signal("n1", signal.SIGCONT)
+            finally:
+                cluster.signal("n1", signal.SIGCONT)
+            assert results == {i: True for i in range(64)}
+
+    trio.run(main)
+
+
 def test_frozen_node_is_lost_after_the_heartbeat_timeout(cluster: Cluster) -> None:
     seed = three_nodes(cluster)
 
