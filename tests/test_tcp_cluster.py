@@ -188,8 +188,10 @@ def test_sigkill_mid_call_fails_fast_and_retries_elsewhere(cluster: Cluster) -> 
 
 
 def test_frames_queued_while_the_peer_stops_reading_all_arrive_in_order(cluster: Cluster) -> None:
-    """64 calls of 256 KiB each go out while the node is stopped (SIGSTOP): the socket fills,
-    so the eager writes from the calling tasks are cut short and the writer task sends the rest.
+    """64 calls of 768 KiB each (48 MiB, more than loopback socket buffers hold here: 4 MiB to
+    send, at most 32 MiB to receive) go out while the node is stopped (SIGSTOP): the socket
+    fills, so the eager writes from the calling tasks are cut short and the writer task sends
+    the rest.
     Once the node runs again, every call gets its own payload back, byte for byte."""
     seed = cluster.start("n1")
 
@@ -199,7 +201,7 @@ def test_frames_queued_while_the_peer_stops_reading_all_arrive_in_order(cluster:
             results: dict[int, Any] = {}
 
             async def call(i: int) -> None:
-                payload = {"i": i, "blob": bytes([i]) * (256 * 1024 - i)}
+                payload = {"i": i, "blob": bytes([i]) * (768 * 1024 - i)}
                 results[i] = (await b.call("work.blob", payload)) == payload
 
             cluster.signal("n1", signal.SIGSTOP)
