@@ -197,11 +197,10 @@ class Connection:
                 await self._wakeup.wait()
                 continue
             self._drained.set()
+            # Left set if send_all fails or is cancelled midway: nothing may follow its bytes.
             self._sending = True
-            try:
-                await self.stream.send_all(data)
-            finally:
-                self._sending = False
+            await self.stream.send_all(data)
+            self._sending = False
 
     async def reader(self) -> None:
         transit = self.transport.transit
