@@ -191,12 +191,12 @@ class Connection:
                 data, self._unsent = self._unsent, b""
             elif len(encoder):
                 data = encoder.take()
+                self._drained.set()  # only once the queue is empty, not while _unsent goes out
             else:
                 self._flushed.set()
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
-            self._drained.set()
             # Left set if send_all fails or is cancelled midway: nothing may follow its bytes.
             self._sending = True
             await self.stream.send_all(data)
