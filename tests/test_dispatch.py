@@ -38,6 +38,22 @@ class Probe(nerve.Service):
     async def quick(self, ctx: nerve.Context) -> str:
         return "quick"
 
+    @nerve.action
+    async def nap(self, ctx: nerve.Context) -> float:
+        """Sleeps ``params`` seconds; returns the budget it saw."""
+        budget = trio.current_effective_deadline() - trio.current_time()
+        await trio.sleep(float(ctx.params))
+        return budget
+
+    @nerve.action
+    async def stubborn(self, ctx: nerve.Context) -> str:
+        """Swallows its cancellation (a badly written handler) and answers anyway."""
+        try:
+            await trio.sleep(float(ctx.params))
+        except trio.Cancelled:
+            return "swallowed"
+        return "slept"
+
 
 @pytest.mark.parametrize("transport", ["local", "tcp"])
 async def test_context_variables_do_not_leak_between_requests(transport: str) -> None:
@@ -99,3 +115,68 @@ async def test_graceful_stop_drains_running_handlers() -> None:
                 nursery.start_soon(release_later)
             # Leaving the block stopped the server: it waited for the slow handler to answer.
             assert results == ["slow"]
+
+
+async def _raw_call(client: nerve.Broker, action: str, params: object, budget: float) -> object:
+    """Send a REQ carrying ``budget`` and wait for whatever the callee answers, with no timer of
+    our own: what comes back is the callee's doing."""
+    ep = client.registry.select_action(action)
+    call_id = client._next_id()
+    pending = client.transit.send_request(ep, call_id, params, {}, {}, 1, call_id, None, None,
+                                          timeout=budget)
+    try:
+        with trio.fail_after(5):
+            await pending.wait()
+    finally:
+        del client.transit.pending[call_id]
+    if pending.error is not None:
+        raise pending.error
+    return pending.result
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_budgets_cut_handlers_and_the_workers_go_on(transport: str) -> None:
+    """Requests with budgets run under them on the pool's workers: one that outlives its budget
+    is cut and the callee answers RequestTimeoutError; a handler that swallows the cancellation
+    still answers; and afterwards the same workers serve calls with and without budgets, with
+    no stale deadline left on them."""
+    from nerve.errors import RequestTimeoutError
+
+    probe = Probe()
+    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
+    async with nerve.Broker("dp-server", services=[probe], **kw) as server:
+        peer = {"peers": [server.address]} if transport == "tcp" else {}
+        async with nerve.Broker("dp-client", **kw, **peer) as client:
+            await client.wait_for_services("probe")
+            outcomes: dict[str, list[object]] = {"cut": [], "ok": [], "stubborn": []}
+
+            async def cut() -> None:
+                try:
+                    await _raw_call(client, "probe.nap", 5.0, budget=0.1)
+                except RequestTimeoutError as exc:
+                    outcomes["cut"].append(exc.node_id)
+
+            async def ok() -> None:
+                outcomes["ok"].append(await _raw_call(client, "probe.nap", 0.01, budget=2.0))
+
+            async def stubborn() -> None:
+                outcomes["stubborn"].append(await _raw_call(client, "probe.stubborn", 5.0, budget=0.1))
+
+            t0 = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(cut)
+                    nursery.start_soon(ok)
+                nursery.start_soon(stubborn)
+            assert trio.current_time() - t0 < 2.0
+            assert outcomes["cut"] == ["dp-server"] * 20
+            assert outcomes["stubborn"] == ["swallowed"]
+            budgets = outcomes["ok"]
+            assert len(budgets) == 20 and all(1.5 < b <= 2.0 + 1e-3 for b in budgets)  # type: ignore[operator]
+            # The workers that were cut (and the one whose scope fired) serve on, under no
+            # leftover deadline: each call sees only the budget of this fail_after (5 s).
+            with trio.fail_after(5):
+                for _ in range(30):
+                    assert await client.call("probe.quick") == "quick"
+                assert 4.5 < await client.call("probe.nap", 0.3) <= 5.0 + 1e-3
+                assert await client.call("probe.stubborn", 0.2) == "slept"

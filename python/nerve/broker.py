@@ -169,6 +169,7 @@ class Broker:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
         self._handlers.bind(self._nursery)
+        self._nursery.start_soon(self.transit.timers.run, name="nerve call timeouts")
         self._running = True
         try:
             for svc in list(self.services.values()):
@@ -373,10 +374,13 @@ class Broker:
             try:
                 ep = self.registry.select_action(action, node_id=node_id, exclude=tried)
                 endpoint_node = ep.node_id
-                if timeout is None and stream is None and not ep.local:
-                    # The common remote call, flattened: no Context, no extra coroutine frames.
-                    pending = self.transit.send_request(ep, call_id, params, call_meta, call_headers, level,
-                                                        request_id or call_id, parent_id, caller)
+                if stream is None and not ep.local:
+                    # The common remote call, flattened: no Context, no extra coroutine frames,
+                    # and a timeout is a dict entry in the transit's DeadlineQueue, not a scope.
+                    transit = self.transit
+                    pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
+                                                   request_id or call_id, parent_id, caller, timeout=timeout)
+                    expiry = None if timeout is None else transit.expire_at(pending, timeout, action)
                     try:
                         if pending.settled:
                             await trio.lowlevel.checkpoint()
@@ -384,7 +388,9 @@ class Broker:
                             pending._task = trio.lowlevel.current_task()
                             await trio.lowlevel.wait_task_rescheduled(pending.abort)
                     finally:
-                        del self.transit.pending[call_id]
+                        del transit.pending[call_id]
+                        if expiry is not None:
+                            transit.timers.discard(expiry, pending)
                     if isinstance(pending.error, RequestTimeoutError):
                         await yield_to_own_deadline()
                 else:

@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from nerve._deadline import effective_deadline
+from nerve._timers import DeadlineQueue
 from nerve.context import Context
 from nerve.errors import (
     BrokerDisconnectedError,
@@ -64,6 +65,7 @@ __all__ = ["Transit"]
 log = logging.getLogger("nerve.transit")
 
 _REQ = int(PacketType.REQ)
+_INF = float("inf")
 _RES = int(PacketType.RES)
 
 
@@ -140,6 +142,8 @@ class Transit:
         self.readers: dict[tuple[str, str, bool], PacketStream] = {}
         self.writers: dict[tuple[str, str, bool], PacketStream] = {}
         self.serving: dict[tuple[str, str], trio.CancelScope] = {}
+        #: call timeouts (the broker runs ``timers.run``)
+        self.timers = DeadlineQueue()
         self.instance_id = os.urandom(8).hex()
         self.info_seq = 1
         self.stats = {"requests_in": 0, "requests_out": 0, "protocol_errors": 0}
@@ -213,32 +217,31 @@ class Transit:
                                     ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
                                     stream=stream is not None)
         node_id = ep.node_id
-        if timeout is None and stream is None:
+        if stream is None:
+            expiry = None if timeout is None else self.expire_at(pending, timeout, ep.name)
             try:
                 await pending.wait()
             finally:
                 del self.pending[ctx.id]
+                if expiry is not None:
+                    self.timers.discard(expiry, pending)
             if isinstance(pending.error, RequestTimeoutError):
                 await yield_to_own_deadline()
             return pending
         key = (node_id, ctx.id, False)
         try:
             with trio.CancelScope() as scope:
-                if stream is None:
-                    if timeout is not None:
-                        scope.deadline = trio.current_time() + timeout
-                else:
-                    window, max_chunk = self.transport.peer_stream_config(node_id)
-                    stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
-                    self.writers[key] = stream
-                    stream._on_closed.append(lambda: self._forget_writer(key))
-                    if timeout is not None:
-                        stream._on_closed.append(
-                            lambda: setattr(scope, "deadline", trio.current_time() + timeout))
-                    if stream._source is not None:
-                        # In the background: a streaming answer (a transform) may arrive
-                        # before the request stream ends, and the caller reads it meanwhile.
-                        self.broker._handlers.start_soon(stream._pump)
+                window, max_chunk = self.transport.peer_stream_config(node_id)
+                stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
+                self.writers[key] = stream
+                stream._on_closed.append(lambda: self._forget_writer(key))
+                if timeout is not None:
+                    stream._on_closed.append(
+                        lambda: setattr(scope, "deadline", trio.current_time() + timeout))
+                if stream._source is not None:
+                    # In the background: a streaming answer (a transform) may arrive
+                    # before the request stream ends, and the caller reads it meanwhile.
+                    self.broker._handlers.start_soon(stream._pump)
                 await pending.wait()
             if scope.cancelled_caught and not pending.settled:
                 pending.error = RequestTimeoutError(
@@ -246,10 +249,24 @@ class Transit:
                     data={"action": ep.name, "nodeID": node_id}, node_id=node_id)
         finally:
             del self.pending[ctx.id]
-            if stream is not None and not stream._tx_done and not isinstance(pending.result, PacketStream):
+            if not stream._tx_done and not isinstance(pending.result, PacketStream):
                 self.writers.pop(key, None)
                 stream._abort_now(StreamError("the call ended before its request stream did"))
         return pending
+
+    def expire_at(self, pending: Pending, timeout: float, action: str) -> int:
+        """Settle ``pending`` with RequestTimeoutError ``timeout`` seconds from now unless it is
+        settled first; returns the key for ``timers.discard(key, pending)``."""
+
+        def expire() -> None:
+            if not pending.settled:
+                node_id = pending.node_id
+                pending.error = RequestTimeoutError(
+                    f"Request is timed out when call '{action}' action on '{node_id}' node.",
+                    data={"action": action, "nodeID": node_id}, node_id=node_id)
+                pending.settle()
+
+        return self.timers.add(trio.current_time() + timeout, pending, expire)
 
     # --- incoming -----------------------------------------------------------------------
 
@@ -358,13 +375,23 @@ class Transit:
                     data={"action": pkt.action, "nodeID": self.node_id, "size": broker._handlers.active})
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
-        reader = None
         if pkt.stream:
             reader = self._make_reader(sender, pkt.id, response=False)
-        self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
+            self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
+            return
+        timeout = pkt.timeout
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            # The handler runs under the caller's remaining budget (the worker's cancel scope
+            # carries it, so trio.current_effective_deadline() and nested calls see it).
+            deadline = trio.current_time() + timeout / 1000
+            self.broker._handlers.start_soon_until(deadline, self._serve, sender, pkt, spec, None, deadline)
+        else:
+            self.broker._handlers.start_soon(self._serve, sender, pkt, spec, None)
 
-    async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None) -> None:
-        """Run a handler for a REQ and answer it."""
+    async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None,
+                     deadline: float = _INF) -> None:
+        """Run a handler for a REQ and answer it. ``deadline``: the one the handler pool runs
+        it under (the REQ's budget), to tell the caller when the handler is cut by it."""
         ctx = Context(
             self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
             parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
@@ -372,13 +399,19 @@ class Transit:
             stream=reader, action=pkt.action, service=spec.service.full_name,
         )
         try:
-            if reader is None and not pkt.timeout:
+            if reader is None:
                 if spec.wants_params:
                     result = await spec.handler(ctx, spec.convert_params(ctx.params))
                 else:
                     result = await spec.handler(ctx)
             else:
                 result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
+        except trio.Cancelled:
+            if trio.current_time() >= deadline:
+                self._respond_error(sender, pkt.id, ctx.meta, RequestTimeoutError(
+                    f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
+                    data={"action": pkt.action, "nodeID": self.node_id}))
+            raise
         except Exception as exc:
             if reader is not None:
                 self._finish_request_stream(sender, pkt.id, reader)
@@ -404,23 +437,16 @@ class Transit:
             reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
 
     async def _serve_scoped(self, sender: str, pkt: Request, spec: ActionSpec, ctx: Context,
-                            reader: PacketStream | None) -> Any:
-        """A handler under the call's remaining budget (no budget while a request stream flows)
-        and cancellable by an abort of its request stream."""
+                            reader: PacketStream) -> Any:
+        """A handler with a request stream: cancellable by an abort of that stream (and under
+        no budget while the stream flows)."""
         key = (sender, pkt.id)
         scope = trio.CancelScope()
-        timeout = pkt.timeout
-        if reader is None and isinstance(timeout, (int, float)) and timeout > 0:
-            scope.deadline = trio.current_time() + timeout / 1000
         self.serving[key] = scope
         try:
             with scope:
                 return await self.broker._invoke(spec, ctx)
-            if reader is not None:
-                raise StreamError("the call's request stream was aborted by the caller")
-            raise RequestTimeoutError(
-                f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
-                data={"action": pkt.action, "nodeID": self.node_id})
+            raise StreamError("the call's request stream was aborted by the caller")
         finally:
             del self.serving[key]
 
@@ -577,8 +603,6 @@ async def yield_to_own_deadline() -> None:
     if deadline - trio.current_time() < 0.005:
         await trio.sleep_until(deadline)
 
-
-_INF = float("inf")
 
 
 def _now_ms() -> int:
