@@ -4,6 +4,8 @@ requests, no head-of-line blocking behind a slow handler, and a drain on gracefu
 from __future__ import annotations
 
 import contextvars
+import math
+from typing import Any
 
 import pytest
 import trio
@@ -180,3 +182,135 @@ async def test_budgets_cut_handlers_and_the_workers_go_on(transport: str) -> Non
                     assert await client.call("probe.quick") == "quick"
                 assert 4.5 < await client.call("probe.nap", 0.3) <= 5.0 + 1e-3
                 assert await client.call("probe.stubborn", 0.2) == "slept"
+
+
+class Edgy(nerve.Service):
+    name = "edgy"
+
+    @nerve.action
+    async def slow_download(self, ctx: nerve.Context) -> nerve.PacketStream:
+        async def chunks() -> Any:
+            for _ in range(10):
+                await trio.sleep(0.05)
+                yield b"x" * 10
+
+        return nerve.PacketStream.from_iterable(chunks())
+
+    @nerve.action
+    async def messy(self, ctx: nerve.Context) -> str:
+        """A nursery whose child fails while the budget cancels it."""
+
+        async def child() -> None:
+            try:
+                await trio.sleep(5)
+            finally:
+                raise ValueError("cleanup failed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+            await trio.sleep(5)
+        return "never"
+
+    @nerve.action
+    async def ping(self, ctx: nerve.Context) -> str:
+        return "pong"
+
+    @nerve.action
+    async def hang(self, ctx: nerve.Context) -> str:
+        await trio.sleep(5)
+        return "late"
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_budget_edges_leave_the_node_serving(transport: str) -> None:
+    """A call's timeout never bounds its response stream's transfer; a handler whose nursery
+    fails while its budget cancels it gets an answer to its caller and does not take the
+    worker (or the node) down; a REQ with an infinite or absurd budget is served as one
+    without a budget."""
+    from nerve.errors import NerveError, RequestTimeoutError
+
+    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
+    async with nerve.Broker("dp-server", services=[Edgy()], **kw) as server:
+        peer = {"peers": [server.address]} if transport == "tcp" else {}
+        async with nerve.Broker("dp-client", **kw, **peer) as client:
+            await client.wait_for_services("edgy")
+            stream = await client.call("edgy.slow_download", timeout=0.2)
+            got = b""
+            async for chunk in stream:  # 0.5 s of chunks, past the 0.2 s timeout
+                got += bytes(chunk)
+            assert got == b"x" * 100
+
+            with pytest.raises(NerveError) as info:
+                await _raw_call(client, "edgy.messy", None, budget=0.1)
+            assert isinstance(info.value, (RequestTimeoutError, NerveError))
+            assert info.value.node_id == "dp-server"
+
+            for budget_ms in (math.inf, 1e300):
+                ep = client.registry.select_action("edgy.ping")
+                call_id = client._next_id()
+                pending = client.transit.send_request(ep, call_id, None, {}, {}, 1, call_id, None, None)
+                # What a peer may put on the wire: rewrite the budget after it was computed.
+                assert client.transit.pending.pop(call_id) is pending
+                from nerve.packets import Request
+
+                payload = client.serializer.encode(Request(
+                    ver="5", sender="dp-client", id=call_id + "x", action="edgy.ping", params=None,
+                    meta={}, headers={}, timeout=budget_ms, level=1))
+                pending = client.transit.pending[call_id + "x"] = type(pending)(ep.node_id)
+                client.transport.send(ep.node_id, 2, payload)
+                with trio.fail_after(5):
+                    await pending.wait()
+                del client.transit.pending[call_id + "x"]
+                assert pending.error is None and pending.result == "pong", pending.error
+
+            with trio.fail_after(5):
+                for _ in range(10):
+                    assert await client.call("edgy.ping", timeout=1) == "pong"
+
+
+async def test_calls_in_flight_when_their_broker_stops_fail_rather_than_hang() -> None:
+    from nerve.errors import RequestRejectedError
+
+    outcome: list[BaseException] = []
+    async with nerve.Broker("dp-server", services=[Edgy()], graceful_stop_timeout=0.2):
+        client = nerve.Broker("dp-client")
+
+        async def caller() -> None:
+            try:
+                await client.call("edgy.hang", timeout=3)
+            except Exception as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            async with client:
+                await client.wait_for_services("edgy")
+                nursery.start_soon(caller)
+                await trio.sleep(0.1)
+            with trio.fail_after(1):
+                while not outcome:
+                    await trio.sleep(0.01)
+    assert isinstance(outcome[0], RequestRejectedError), outcome
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_timeout_just_before_an_outer_deadline_still_wins(transport: str) -> None:
+    """``timeout=`` 4 ms earlier than the caller's cancel scope: the call ends in
+    RequestTimeoutError (the earlier deadline wins), whether our timer or the callee's answer
+    to the same budget comes first."""
+    from nerve.errors import RequestTimeoutError
+
+    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
+    async with nerve.Broker("dp-server", services=[Edgy()], **kw) as server:
+        peer = {"peers": [server.address]} if transport == "tcp" else {}
+        async with nerve.Broker("dp-client", **kw, **peer) as client:
+            await client.wait_for_services("edgy")
+            outcomes = []
+            for _ in range(5):
+                with trio.move_on_after(0.204) as scope:
+                    try:
+                        await client.call("edgy.hang", timeout=0.2)
+                    except RequestTimeoutError:
+                        outcomes.append("timeout")
+                if scope.cancelled_caught:
+                    outcomes.append("outer scope")
+            assert outcomes == ["timeout"] * 5

@@ -74,3 +74,22 @@ def test_an_earlier_deadline_wakes_a_sleeping_runner() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_discarded_waits_leave_nothing_behind() -> None:
+    """A long timeout on many short calls: what settles first is dropped at once, so memory
+    follows the calls in flight, not the timeout's length."""
+
+    async def main() -> None:
+        queue = DeadlineQueue()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run)
+            for i in range(20_000):
+                key = queue.add(trio.current_time() + 3600, i, lambda: None)
+                await trio.sleep(0.001)  # one new millisecond bucket per call
+                queue.discard(key, i)
+            assert len(queue) == 0 and not queue._buckets
+            assert len(queue._heap) <= 1024 + 2, len(queue._heap)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

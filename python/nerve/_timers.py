@@ -39,13 +39,20 @@ class DeadlineQueue:
         return sum(len(b) for b in self._buckets.values())
 
     def add(self, deadline: float, token: Any, expire: Callable[[], None]) -> int:
-        """Call ``expire()`` at ``deadline`` (trio clock) unless ``token`` is discarded first.
-        ``token`` must be unique among the waits of that millisecond."""
+        """Call ``expire()`` at ``deadline`` (trio clock, finite) unless ``token`` is discarded
+        first. ``token`` must be unique among the waits of that millisecond."""
         key = math.ceil(deadline * 1000)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = {}
-            heapq.heappush(self._heap, key)
+            heap = self._heap
+            if len(heap) > 2 * len(self._buckets) + 1024:
+                # Keys of buckets emptied by discard: drop them rather than keep one per
+                # millisecond of the longest timeout.
+                heap[:] = list(self._buckets)
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, key)
             when = key / 1000
             if when < self._target:
                 self._target = when
@@ -60,12 +67,14 @@ class DeadlineQueue:
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket.pop(token, None)
+            if not bucket:
+                del self._buckets[key]
 
     async def run(self) -> None:
         buckets, heap = self._buckets, self._heap
         while True:
-            while heap and not buckets.get(heap[0]):
-                buckets.pop(heapq.heappop(heap), None)
+            while heap and heap[0] not in buckets:
+                heapq.heappop(heap)
             if not heap:
                 self._target = _INF
                 self._idle = trio.Event()

@@ -43,6 +43,7 @@ __all__ = ["Broker"]
 log = logging.getLogger("nerve.broker")
 
 _local_counter = itertools.count(1)
+_INF = float("inf")
 
 
 class Broker:
@@ -214,6 +215,9 @@ class Broker:
         if nursery is not None:
             nursery.cancel_scope.cancel()
             await cm.__aexit__(None, None, None)
+        # Calls still waiting (in tasks outside the broker) would wait forever: no RES and no
+        # timer is coming any more.
+        self.transit.fail_all_pending(f"node '{self.node_id}' stopped")
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``fn(*args)`` in the broker's nursery (for example a stream's producer).
@@ -344,7 +348,7 @@ class Broker:
             merge_into = meta
         if timeout is None:
             timeout = self.request_timeout
-        elif timeout <= 0:
+        elif not 0 < timeout < _INF:  # 0, negative, inf or nan: no timeout
             timeout = None
         if retries is None:
             retries = self.retries
@@ -380,7 +384,11 @@ class Broker:
                     transit = self.transit
                     pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
                                                    request_id or call_id, parent_id, caller, timeout=timeout)
-                    expiry = None if timeout is None else transit.expire_at(pending, timeout, action)
+                    if timeout is None:
+                        due, expiry = _INF, None
+                    else:
+                        due = trio.current_time() + timeout
+                        expiry = transit.expire_at(pending, due, action)
                     try:
                         if pending.settled:
                             await trio.lowlevel.checkpoint()
@@ -392,7 +400,7 @@ class Broker:
                         if expiry is not None:
                             transit.timers.discard(expiry, pending)
                     if isinstance(pending.error, RequestTimeoutError):
-                        await yield_to_own_deadline()
+                        await yield_to_own_deadline(due)
                 else:
                     ctx = Context(self, id=call_id, request_id=request_id, parent_id=parent_id, level=level,
                                   caller=caller, params=params, meta=call_meta, headers=call_headers,

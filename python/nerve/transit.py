@@ -66,6 +66,8 @@ log = logging.getLogger("nerve.transit")
 
 _REQ = int(PacketType.REQ)
 _INF = float("inf")
+#: REQ budgets at or beyond this (or not finite) mean no budget: 100 days, in ms
+_MAX_BUDGET_MS = 100 * 86400 * 1000
 _RES = int(PacketType.RES)
 
 
@@ -218,7 +220,8 @@ class Transit:
                                     stream=stream is not None)
         node_id = ep.node_id
         if stream is None:
-            expiry = None if timeout is None else self.expire_at(pending, timeout, ep.name)
+            due = _INF if timeout is None else trio.current_time() + timeout
+            expiry = None if timeout is None else self.expire_at(pending, due, ep.name)
             try:
                 await pending.wait()
             finally:
@@ -226,7 +229,7 @@ class Transit:
                 if expiry is not None:
                     self.timers.discard(expiry, pending)
             if isinstance(pending.error, RequestTimeoutError):
-                await yield_to_own_deadline()
+                await yield_to_own_deadline(due)
             return pending
         key = (node_id, ctx.id, False)
         try:
@@ -254,8 +257,8 @@ class Transit:
                 stream._abort_now(StreamError("the call ended before its request stream did"))
         return pending
 
-    def expire_at(self, pending: Pending, timeout: float, action: str) -> int:
-        """Settle ``pending`` with RequestTimeoutError ``timeout`` seconds from now unless it is
+    def expire_at(self, pending: Pending, due: float, action: str) -> int:
+        """Settle ``pending`` with RequestTimeoutError at ``due`` (trio clock) unless it is
         settled first; returns the key for ``timers.discard(key, pending)``."""
 
         def expire() -> None:
@@ -266,7 +269,7 @@ class Transit:
                     data={"action": action, "nodeID": node_id}, node_id=node_id)
                 pending.settle()
 
-        return self.timers.add(trio.current_time() + timeout, pending, expire)
+        return self.timers.add(due, pending, expire)
 
     # --- incoming -----------------------------------------------------------------------
 
@@ -380,7 +383,7 @@ class Transit:
             self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
             return
         timeout = pkt.timeout
-        if isinstance(timeout, (int, float)) and timeout > 0:
+        if isinstance(timeout, (int, float)) and 0 < timeout < _MAX_BUDGET_MS:
             # The handler runs under the caller's remaining budget (the worker's cancel scope
             # carries it, so trio.current_effective_deadline() and nested calls see it). Rounded
             # up to the millisecond: requests that arrive together mostly share one deadline,
@@ -410,10 +413,19 @@ class Transit:
                 result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
         except trio.Cancelled:
             if trio.current_time() >= deadline:
-                self._respond_error(sender, pkt.id, ctx.meta, RequestTimeoutError(
-                    f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
-                    data={"action": pkt.action, "nodeID": self.node_id}))
+                self._respond_timeout(sender, pkt, ctx)
             raise
+        except BaseExceptionGroup as group:
+            # A nursery in the handler, cancelled: the Cancelled part goes on to the scope
+            # that was cancelled (the worker's, for a budget); the rest is the caller's answer.
+            cancelled, rest = group.split(trio.Cancelled)
+            if rest is not None:
+                self._respond_error(sender, pkt.id, ctx.meta, rest)
+            elif trio.current_time() >= deadline:
+                self._respond_timeout(sender, pkt, ctx)
+            if cancelled is None:  # pragma: no cover - a group without Cancelled is an Exception
+                raise
+            raise cancelled from None
         except Exception as exc:
             if reader is not None:
                 self._finish_request_stream(sender, pkt.id, reader)
@@ -426,11 +438,28 @@ class Transit:
         if isinstance(result, PacketStream):
             if reader is not None:
                 result._on_closed.append(lambda: self._finish_request_stream(sender, pkt.id, reader))
-            await self._send_response_stream(sender, pkt.id, ctx.meta, result)
+            if deadline == _INF:
+                await self._send_response_stream(sender, pkt.id, ctx.meta, result)
+            else:  # out of the budget's reach: a call's timeout never bounds its transfer
+                self.broker._handlers.start_soon(self._send_response_stream, sender, pkt.id, ctx.meta, result)
             return
         if reader is not None:
             self._finish_request_stream(sender, pkt.id, reader)
         self._respond(sender, pkt.id, ctx.meta, result)
+
+    def _respond_timeout(self, sender: str, pkt: Request, ctx: Context) -> None:
+        self._respond_error(sender, pkt.id, ctx.meta, RequestTimeoutError(
+            f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
+            data={"action": pkt.action, "nodeID": self.node_id}))
+
+    def fail_all_pending(self, reason: str) -> None:
+        """Settle every waiting call with RequestRejectedError (the broker is stopping)."""
+        for pending in list(self.pending.values()):
+            if not pending.settled:
+                pending.error = RequestRejectedError(
+                    f"Request is rejected: {reason}.", data={"nodeID": pending.node_id},
+                    node_id=pending.node_id)
+                pending.settle()
 
     def _finish_request_stream(self, sender: str, call_id: str, reader: PacketStream) -> None:
         """The handler is done with its request stream: stop the producer if it is not over."""
@@ -598,13 +627,17 @@ def _budget_ms(timeout: float | None) -> int:
     return max(1, math.ceil(remaining * 1000))
 
 
-async def yield_to_own_deadline() -> None:
-    """The callee timed out on the budget we gave it: if that budget was our own cancel
-    scope's, let that scope fire (the caller sees its cancellation, not a remote timeout)."""
+async def yield_to_own_deadline(due: float = _INF) -> None:
+    """The call ended in RequestTimeoutError, ours or the callee's (which ran under the budget
+    we sent). If ``due`` (the call's own ``timeout=``) has passed, that timeout won: return.
+    Otherwise, if the budget was our own cancel scope's, let that scope fire (the caller sees
+    its cancellation, not a remote timeout)."""
+    now = trio.current_time()
+    if now >= due:
+        return
     deadline = effective_deadline()
-    if deadline - trio.current_time() < 0.005:
+    if deadline - now < 0.005:
         await trio.sleep_until(deadline)
-
 
 
 def _now_ms() -> int:
