@@ -153,6 +153,12 @@ SCENARIOS: list[Scenario] = [
              {"full": dict(scenario="rpc", inflight=64, duration=3.0, count=1_000_000, warmup=5000),
               "quick": dict(scenario="rpc", inflight=64, duration=0.4, count=50_000, warmup=500)},
              RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
+    Scenario("rpc_64_timeout", "rpc", "RPC, 64 in flight, one connection, timeout=30 s on every call",
+             {"full": dict(scenario="rpc", inflight=64, duration=3.0, count=1_000_000, warmup=5000,
+                           timeout=30.0),
+              "quick": dict(scenario="rpc", inflight=64, duration=0.4, count=50_000, warmup=500,
+                            timeout=30.0)},
+             ["raw-trio", "moljs-tcp-json"], [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
     Scenario("events", "events", "fire-and-forget events (all counted at the receiver)",
              {"full": dict(scenario="events", count=100_000, warmup=1000),
               "quick": dict(scenario="events", count=5_000, warmup=200)},
@@ -977,7 +983,11 @@ FAMILY_TITLES = {
 def _options_text(sc: dict[str, Any]) -> str:
     o = sc["options"]
     if o["scenario"] == "rpc":
-        return f"{o['inflight']} in flight, {o['duration']:g} s per run after {o['warmup']} warm-up calls."
+        timeout = (f" Every call has timeout={o['timeout']:g} s: nerve's option (its budget travels "
+                   "to the callee, whose handler runs under it), moleculer.js's option, and for "
+                   "the raw echo a trio.fail_after around each call.") if o.get("timeout") else ""
+        return (f"{o['inflight']} in flight, {o['duration']:g} s per run after {o['warmup']} warm-up "
+                f"calls.{timeout}")
     if o["scenario"] == "events":
         return f"{o['count']} events per run, throughput until the receiver has counted them all."
     if o["scenario"] in ("upload", "download"):

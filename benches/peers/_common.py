@@ -133,6 +133,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10_000, help="rpc: max calls; events: events sent")
     p.add_argument("--duration", type=float, default=3.0, help="rpc: measuring time cap (s)")
     p.add_argument("--warmup", type=int, default=500, help="rpc: calls before measuring")
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="rpc: a timeout on every call, in seconds (0: none)")
     p.add_argument("--size", type=int, default=64 * MIB, help="transfers: bytes")
     p.add_argument("--chunk", type=int, default=256 * 1024, help="transfers: bytes per message")
     p.add_argument("--rate", type=float, default=0.0, help="slow: consumer cap in bytes/s")

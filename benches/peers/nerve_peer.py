@@ -8,6 +8,7 @@ transport (one connection between the two nodes), plus the in-process call cost.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -88,8 +89,9 @@ async def server(args: Any) -> None:
 
 
 async def rpc(broker: nerve.Broker, args: Any) -> dict[str, Any]:
-    call = broker.call
     params = PARAMS
+    # With --timeout, the call option as users pass it (a partial adds no coroutine frame).
+    call = functools.partial(broker.call, timeout=args.timeout) if args.timeout else broker.call
     echoed = await call("echo.echo", params)
     if echoed != params:
         raise SystemExit(f"echo returned {echoed!r}")

@@ -223,6 +223,17 @@ class Client:
 
 async def rpc(cl: Client, args: Any) -> dict[str, Any]:
     params = PARAMS
+    if args.timeout:
+        # No deadline travels in this protocol: a timeout is the caller's own cancel scope,
+        # as a trio user would write it.
+        timeout = args.timeout
+        plain = cl.call
+
+        async def call(params: Any) -> Any:
+            with trio.fail_after(timeout):
+                return await plain(params)
+
+        cl.call = call  # type: ignore[method-assign]
     if await cl.call(params) != params:
         raise SystemExit("echo mismatch")
     warm = 0

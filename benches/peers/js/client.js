@@ -25,13 +25,15 @@ function percentiles(lat) {
 }
 
 async function rpc() {
-	const echoed = await broker.call("echo.echo", PARAMS);
+	// A timeout on every call (--timeout, seconds): moleculer.js's own call option.
+	const callOpts = opts.timeout ? { timeout: opts.timeout * 1000 } : undefined;
+	const echoed = await broker.call("echo.echo", PARAMS, callOpts);
 	if (JSON.stringify(echoed) !== JSON.stringify(PARAMS)) throw new Error("echo mismatch");
 	let warm = 0;
 	const warmWorker = async () => {
 		while (warm < opts.warmup) {
 			warm++;
-			await broker.call("echo.echo", PARAMS);
+			await broker.call("echo.echo", PARAMS, callOpts);
 		}
 	};
 	await Promise.all(Array.from({ length: opts.inflight }, warmWorker));
@@ -42,7 +44,7 @@ async function rpc() {
 		while (issued < opts.count && Date.now() < stopAt) {
 			issued++;
 			const t0 = now();
-			await broker.call("echo.echo", PARAMS);
+			await broker.call("echo.echo", PARAMS, callOpts);
 			lat.push(Number(now() - t0));
 		}
 	};

@@ -8,7 +8,7 @@ const PARAMS = { id: 1, name: "bench", tags: ["a", "b", "c"], values: [1, 2, 3, 
 function parseArgs(argv) {
 	const opts = {
 		mode: argv[0], host: "127.0.0.1", port: 0, transport: "tcp", serializer: "JSON",
-		namespace: "", scenario: "rpc", inflight: 1, count: 10000, duration: 3, warmup: 500,
+		namespace: "", scenario: "rpc", inflight: 1, count: 10000, duration: 3, warmup: 500, timeout: 0,
 		size: 64 * 1024 * 1024, chunk: 256 * 1024, rate: 0, deadline: 120, nats: "nats://127.0.0.1:4222"
 	};
 	for (let i = 1; i < argv.length; i += 2) {
