@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextvars
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -57,44 +59,48 @@ class Probe(nerve.Service):
         return "slept"
 
 
+
+@asynccontextmanager
+async def _pair(transport: str, service: nerve.Service,
+                prefix: str) -> AsyncIterator[tuple[nerve.Broker, nerve.Broker]]:
+    """(server, client): a broker with ``service`` and one that sees it (in memory or TCP)."""
+    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
+    async with nerve.Broker(f"{prefix}-server", services=[service], **kw) as server:
+        peer = {"peers": [server.address]} if transport == "tcp" else {}
+        async with nerve.Broker(f"{prefix}-client", **kw, **peer) as client:
+            await client.wait_for_services(service.name)
+            yield server, client
+
 @pytest.mark.parametrize("transport", ["local", "tcp"])
 async def test_context_variables_do_not_leak_between_requests(transport: str) -> None:
     probe = Probe()
-    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
-    async with nerve.Broker("dp-server", services=[probe], **kw) as server:
-        peer = {"peers": [server.address]} if transport == "tcp" else {}
-        async with nerve.Broker("dp-client", **kw, **peer) as client:
-            await client.wait_for_services("probe")
-            results: list[str] = []
+    async with _pair(transport, probe, "dp") as (server, client):
+        results: list[str] = []
 
-            async def one(i: int) -> None:
-                results.append(await client.call("probe.tag", i))
+        async def one(i: int) -> None:
+            results.append(await client.call("probe.tag", i))
 
-            async with trio.open_nursery() as nursery:
-                for i in range(50):
-                    nursery.start_soon(one, i)
-            assert sorted(results, key=int) == [str(i) for i in range(50)]
-            assert probe.seen_before_set == ["unset"] * 50
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(one, i)
+        assert sorted(results, key=int) == [str(i) for i in range(50)]
+        assert probe.seen_before_set == ["unset"] * 50
 
 
 @pytest.mark.parametrize("transport", ["local", "tcp"])
 async def test_a_blocked_handler_does_not_hold_up_the_others(transport: str) -> None:
     probe = Probe()
-    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
-    async with nerve.Broker("hol-server", services=[probe], **kw) as server:
-        peer = {"peers": [server.address]} if transport == "tcp" else {}
-        async with nerve.Broker("hol-client", **kw, **peer) as client:
-            await client.wait_for_services("probe")
-            async with trio.open_nursery() as nursery:
-                for _ in range(10):
-                    nursery.start_soon(client.call, "probe.slow")
-                await trio.sleep(0.05)
-                with trio.fail_after(2):
-                    for _ in range(100):
-                        assert await client.call("probe.quick") == "quick"
-                assert server._handlers.active == 10  # the slow ones, still parked
-                probe.release.set()
-            assert server._handlers.active == 0
+    async with _pair(transport, probe, "hol") as (server, client):
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(client.call, "probe.slow")
+            await trio.sleep(0.05)
+            with trio.fail_after(2):
+                for _ in range(100):
+                    assert await client.call("probe.quick") == "quick"
+            assert server._handlers.active == 10  # the slow ones, still parked
+            probe.release.set()
+        assert server._handlers.active == 0
 
 
 async def test_graceful_stop_drains_running_handlers() -> None:
@@ -145,43 +151,39 @@ async def test_budgets_cut_handlers_and_the_workers_go_on(transport: str) -> Non
     from nerve.errors import RequestTimeoutError
 
     probe = Probe()
-    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
-    async with nerve.Broker("dp-server", services=[probe], **kw) as server:
-        peer = {"peers": [server.address]} if transport == "tcp" else {}
-        async with nerve.Broker("dp-client", **kw, **peer) as client:
-            await client.wait_for_services("probe")
-            outcomes: dict[str, list[object]] = {"cut": [], "ok": [], "stubborn": []}
+    async with _pair(transport, probe, "dp") as (server, client):
+        outcomes: dict[str, list[object]] = {"cut": [], "ok": [], "stubborn": []}
 
-            async def cut() -> None:
-                try:
-                    await _raw_call(client, "probe.nap", 5.0, budget=0.1)
-                except RequestTimeoutError as exc:
-                    outcomes["cut"].append(exc.node_id)
+        async def cut() -> None:
+            try:
+                await _raw_call(client, "probe.nap", 5.0, budget=0.1)
+            except RequestTimeoutError as exc:
+                outcomes["cut"].append(exc.node_id)
 
-            async def ok() -> None:
-                outcomes["ok"].append(await _raw_call(client, "probe.nap", 0.01, budget=2.0))
+        async def ok() -> None:
+            outcomes["ok"].append(await _raw_call(client, "probe.nap", 0.01, budget=2.0))
 
-            async def stubborn() -> None:
-                outcomes["stubborn"].append(await _raw_call(client, "probe.stubborn", 5.0, budget=0.1))
+        async def stubborn() -> None:
+            outcomes["stubborn"].append(await _raw_call(client, "probe.stubborn", 5.0, budget=0.1))
 
-            t0 = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                for _ in range(20):
-                    nursery.start_soon(cut)
-                    nursery.start_soon(ok)
-                nursery.start_soon(stubborn)
-            assert trio.current_time() - t0 < 2.0
-            assert outcomes["cut"] == ["dp-server"] * 20
-            assert outcomes["stubborn"] == ["swallowed"]
-            budgets = outcomes["ok"]
-            assert len(budgets) == 20 and all(1.5 < b <= 2.0 + 1e-3 for b in budgets)  # type: ignore[operator]
-            # The workers that were cut (and the one whose scope fired) serve on, under no
-            # leftover deadline: each call sees only the budget of this fail_after (5 s).
-            with trio.fail_after(5):
-                for _ in range(30):
-                    assert await client.call("probe.quick") == "quick"
-                assert 4.5 < await client.call("probe.nap", 0.3) <= 5.0 + 1e-3
-                assert await client.call("probe.stubborn", 0.2) == "slept"
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(cut)
+                nursery.start_soon(ok)
+            nursery.start_soon(stubborn)
+        assert trio.current_time() - t0 < 2.0
+        assert outcomes["cut"] == ["dp-server"] * 20
+        assert outcomes["stubborn"] == ["swallowed"]
+        budgets = outcomes["ok"]
+        assert len(budgets) == 20 and all(1.5 < b <= 2.0 + 1e-3 for b in budgets)  # type: ignore[operator]
+        # The workers that were cut (and the one whose scope fired) serve on, under no
+        # leftover deadline: each call sees only the budget of this fail_after (5 s).
+        with trio.fail_after(5):
+            for _ in range(30):
+                assert await client.call("probe.quick") == "quick"
+            assert 4.5 < await client.call("probe.nap", 0.3) <= 5.0 + 1e-3
+            assert await client.call("probe.stubborn", 0.2) == "slept"
 
 
 class Edgy(nerve.Service):
@@ -229,43 +231,39 @@ async def test_budget_edges_leave_the_node_serving(transport: str) -> None:
     without a budget."""
     from nerve.errors import NerveError, RequestTimeoutError
 
-    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
-    async with nerve.Broker("dp-server", services=[Edgy()], **kw) as server:
-        peer = {"peers": [server.address]} if transport == "tcp" else {}
-        async with nerve.Broker("dp-client", **kw, **peer) as client:
-            await client.wait_for_services("edgy")
-            stream = await client.call("edgy.slow_download", timeout=0.2)
-            got = b""
-            async for chunk in stream:  # 0.5 s of chunks, past the 0.2 s timeout
-                got += bytes(chunk)
-            assert got == b"x" * 100
+    async with _pair(transport, Edgy(), "dp") as (server, client):
+        stream = await client.call("edgy.slow_download", timeout=0.2)
+        got = b""
+        async for chunk in stream:  # 0.5 s of chunks, past the 0.2 s timeout
+            got += bytes(chunk)
+        assert got == b"x" * 100
 
-            with pytest.raises(NerveError) as info:
-                await _raw_call(client, "edgy.messy", None, budget=0.1)
-            assert isinstance(info.value, (RequestTimeoutError, NerveError))
-            assert info.value.node_id == "dp-server"
+        with pytest.raises(NerveError) as info:
+            await _raw_call(client, "edgy.messy", None, budget=0.1)
+        assert isinstance(info.value, (RequestTimeoutError, NerveError))
+        assert info.value.node_id == "dp-server"
 
-            for budget_ms in (math.inf, 1e300):
-                ep = client.registry.select_action("edgy.ping")
-                call_id = client._next_id()
-                pending = client.transit.send_request(ep, call_id, None, {}, {}, 1, call_id, None, None)
-                # What a peer may put on the wire: rewrite the budget after it was computed.
-                assert client.transit.pending.pop(call_id) is pending
-                from nerve.packets import Request
+        for budget_ms in (math.inf, 1e300):
+            ep = client.registry.select_action("edgy.ping")
+            call_id = client._next_id()
+            pending = client.transit.send_request(ep, call_id, None, {}, {}, 1, call_id, None, None)
+            # What a peer may put on the wire: rewrite the budget after it was computed.
+            assert client.transit.pending.pop(call_id) is pending
+            from nerve.packets import Request
 
-                payload = client.serializer.encode(Request(
-                    ver="5", sender="dp-client", id=call_id + "x", action="edgy.ping", params=None,
-                    meta={}, headers={}, timeout=budget_ms, level=1))
-                pending = client.transit.pending[call_id + "x"] = type(pending)(ep.node_id)
-                client.transport.send(ep.node_id, 2, payload)
-                with trio.fail_after(5):
-                    await pending.wait()
-                del client.transit.pending[call_id + "x"]
-                assert pending.error is None and pending.result == "pong", pending.error
-
+            payload = client.serializer.encode(Request(
+                ver="5", sender="dp-client", id=call_id + "x", action="edgy.ping", params=None,
+                meta={}, headers={}, timeout=budget_ms, level=1))
+            pending = client.transit.pending[call_id + "x"] = type(pending)(ep.node_id)
+            client.transport.send(ep.node_id, 2, payload)
             with trio.fail_after(5):
-                for _ in range(10):
-                    assert await client.call("edgy.ping", timeout=1) == "pong"
+                await pending.wait()
+            del client.transit.pending[call_id + "x"]
+            assert pending.error is None and pending.result == "pong", pending.error
+
+        with trio.fail_after(5):
+            for _ in range(10):
+                assert await client.call("edgy.ping", timeout=1) == "pong"
 
 
 async def test_calls_in_flight_when_their_broker_stops_fail_rather_than_hang() -> None:
@@ -299,18 +297,14 @@ async def test_timeout_just_before_an_outer_deadline_still_wins(transport: str) 
     to the same budget comes first."""
     from nerve.errors import RequestTimeoutError
 
-    kw = {"transport": "tcp://127.0.0.1:0"} if transport == "tcp" else {}
-    async with nerve.Broker("dp-server", services=[Edgy()], **kw) as server:
-        peer = {"peers": [server.address]} if transport == "tcp" else {}
-        async with nerve.Broker("dp-client", **kw, **peer) as client:
-            await client.wait_for_services("edgy")
-            outcomes = []
-            for _ in range(5):
-                with trio.move_on_after(0.204) as scope:
-                    try:
-                        await client.call("edgy.hang", timeout=0.2)
-                    except RequestTimeoutError:
-                        outcomes.append("timeout")
-                if scope.cancelled_caught:
-                    outcomes.append("outer scope")
-            assert outcomes == ["timeout"] * 5
+    async with _pair(transport, Edgy(), "dp") as (server, client):
+        outcomes = []
+        for _ in range(5):
+            with trio.move_on_after(0.204) as scope:
+                try:
+                    await client.call("edgy.hang", timeout=0.2)
+                except RequestTimeoutError:
+                    outcomes.append("timeout")
+            if scope.cancelled_caught:
+                outcomes.append("outer scope")
+        assert outcomes == ["timeout"] * 5
