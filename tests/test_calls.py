@@ -350,9 +350,10 @@ async def test_a_request_for_a_removed_action_answers_service_not_found() -> Non
         await client.wait_for_services("math")
         ep = client.registry.select_action("math.whoami")
         await server.remove_service("math")
-        ctx = nerve.Context(client, id="manual-1", action="math.whoami", node_id=client.node_id)
+        pending = client.transit.send_request(ep, "manual-1", {}, {}, {}, 1, "manual-1", None, None)
         with trio.fail_after(5):
-            pending = await client.transit.request(ep, ctx, timeout=None, stream=None)
+            await pending.wait()
+        del client.transit.pending["manual-1"]
         assert isinstance(pending.error, ServiceNotFoundError)
         assert pending.error.node_id == "calls-rr-server"
 

@@ -423,6 +423,7 @@ class Broker:
                         finally:
                             if merge_into is not None:
                                 merge_into.update(ctx.meta)
+                    assert stream is not None
                     pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
                 if pending.meta and merge_into is not None:
                     merge_into.update(pending.meta)

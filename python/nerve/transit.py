@@ -209,28 +209,18 @@ class Transit:
         return pending
 
     async def request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None,
-                      stream: PacketStream | None) -> Pending:
-        """Send a REQ to ``ep``'s node and wait for its RES (settled in the returned Pending).
+                      stream: PacketStream) -> Pending:
+        """Send a REQ with a request stream to ``ep``'s node, stream it, and wait for the RES
+        (settled in the returned Pending). Calls without a stream take the flattened path in
+        ``Broker.call``.
 
-        ``timeout`` bounds the wait for the response; with a request stream it starts when
-        the stream ends, so a long upload is never cut by it (the stream's idle timeout is).
+        ``timeout`` bounds the wait for the response and starts when the stream ends, so a
+        long upload is never cut by it (the stream's idle timeout is).
         """
         pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
                                     ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
-                                    stream=stream is not None)
+                                    stream=True)
         node_id = ep.node_id
-        if stream is None:
-            due = _INF if timeout is None else trio.current_time() + timeout
-            expiry = None if timeout is None else self.expire_at(pending, due, ep.name)
-            try:
-                await pending.wait()
-            finally:
-                del self.pending[ctx.id]
-                if expiry is not None:
-                    self.timers.discard(expiry, pending)
-            if isinstance(pending.error, RequestTimeoutError):
-                await yield_to_own_deadline(due)
-            return pending
         key = (node_id, ctx.id, False)
         try:
             with trio.CancelScope() as scope:
