@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nerve  # noqa: E402
 import trio  # noqa: E402
+from _trio_rpc import measure_rpc  # noqa: E402
 from _common import (  # noqa: E402
     PARAMS,
     Pacer,
@@ -28,7 +29,6 @@ from _common import (  # noqa: E402
     idle_and_wait,
     mark,
     parser,
-    percentiles_us,
     ready,
     result,
 )
@@ -89,47 +89,9 @@ async def server(args: Any) -> None:
 
 
 async def rpc(broker: nerve.Broker, args: Any) -> dict[str, Any]:
-    params = PARAMS
     # With --timeout, the call option as users pass it (a partial adds no coroutine frame).
-    call = functools.partial(broker.call, timeout=args.timeout) if args.timeout else broker.call
-    echoed = await call("echo.echo", params)
-    if echoed != params:
-        raise SystemExit(f"echo returned {echoed!r}")
-    warm = 0
-
-    async def warm_worker() -> None:
-        nonlocal warm
-        while warm < args.warmup:
-            warm += 1
-            await call("echo.echo", params)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.inflight):
-            nursery.start_soon(warm_worker)
-
-    latencies: list[int] = []
-    issued = 0
-    stop_at = time.perf_counter() + args.duration
-    clock = time.perf_counter_ns
-
-    async def worker() -> None:
-        nonlocal issued
-        record = latencies.append
-        while issued < args.count and time.perf_counter() < stop_at:
-            issued += 1
-            t0 = clock()
-            await call("echo.echo", params)
-            record(clock() - t0)
-
-    cpu0 = mark("start")
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.inflight):
-            nursery.start_soon(worker)
-    elapsed = time.perf_counter() - start
-    cpu = mark("end") - cpu0
-    return {"client_cpu_s": cpu, "calls": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
-            **percentiles_us(latencies)}
+    extra = {"timeout": args.timeout} if args.timeout else {}
+    return await measure_rpc(functools.partial(broker.call, "echo.echo", **extra), args)
 
 
 async def events(broker: nerve.Broker, args: Any) -> dict[str, Any]:

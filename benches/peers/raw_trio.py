@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec  # noqa: E402
 import trio  # noqa: E402
+from _trio_rpc import measure_rpc  # noqa: E402
 from _common import (  # noqa: E402
     PARAMS,
     Pacer,
@@ -31,7 +32,6 @@ from _common import (  # noqa: E402
     idle_and_wait,
     mark,
     parser,
-    percentiles_us,
     ready,
     result,
 )
@@ -222,54 +222,17 @@ class Client:
 
 
 async def rpc(cl: Client, args: Any) -> dict[str, Any]:
-    params = PARAMS
-    if args.timeout:
-        # No deadline travels in this protocol: a timeout is the caller's own cancel scope,
-        # as a trio user would write it.
-        timeout = args.timeout
-        plain = cl.call
+    if not args.timeout:
+        return await measure_rpc(cl.call, args)
+    # No deadline travels in this protocol: a timeout is the caller's own cancel scope, as a
+    # trio user would write it.
+    timeout = args.timeout
 
-        async def call(params: Any) -> Any:
-            with trio.fail_after(timeout):
-                return await plain(params)
+    async def call(params: Any) -> Any:
+        with trio.fail_after(timeout):
+            return await cl.call(params)
 
-        cl.call = call  # type: ignore[method-assign]
-    if await cl.call(params) != params:
-        raise SystemExit("echo mismatch")
-    warm = 0
-
-    async def warm_worker() -> None:
-        nonlocal warm
-        while warm < args.warmup:
-            warm += 1
-            await cl.call(params)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.inflight):
-            nursery.start_soon(warm_worker)
-    latencies: list[int] = []
-    issued = 0
-    stop_at = time.perf_counter() + args.duration
-    clock = time.perf_counter_ns
-
-    async def worker() -> None:
-        nonlocal issued
-        record = latencies.append
-        while issued < args.count and time.perf_counter() < stop_at:
-            issued += 1
-            t0 = clock()
-            await cl.call(params)
-            record(clock() - t0)
-
-    cpu0 = mark("start")
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.inflight):
-            nursery.start_soon(worker)
-    elapsed = time.perf_counter() - start
-    cpu = mark("end") - cpu0
-    return {"client_cpu_s": cpu, "calls": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
-            **percentiles_us(latencies)}
+    return await measure_rpc(call, args)
 
 
 async def events(cl: Client, args: Any) -> dict[str, Any]:
