@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -189,8 +190,18 @@ class QueueProbe:
             await trio.sleep(0.005)
 
     def report(self) -> dict[str, Any]:
+        tcp_stats = None
+        statistics = getattr(self.broker.transport, "statistics", None)
+        if callable(statistics):
+            try:
+                snap = statistics()
+                is_record = dataclasses.is_dataclass(snap) and not isinstance(snap, type)
+                tcp_stats = dataclasses.asdict(snap) if is_record else dict(snap)  # type: ignore[arg-type]
+            except Exception:
+                tcp_stats = None
         return {"write_queue_peak": self.peak if self.available else None,
-                "connections_seen": self.connections_seen if self.available else None}
+                "connections_seen": self.connections_seen if self.available else None,
+                "tcp_stats": tcp_stats}
 
 
 class AppendTrace:
@@ -264,6 +275,7 @@ def run_server(args: argparse.Namespace) -> None:
                 async for chunk in ctx.stream:
                     h.update(chunk)
                     n += len(chunk)
+                    del chunk  # hold no chunk while waiting for the next
             except BaseException as exc:
                 stats[f"upload_error:{type(exc).__name__}"] += 1
                 raise
@@ -302,7 +314,7 @@ def run_server(args: argparse.Namespace) -> None:
                         break
                 nursery.cancel_scope.cancel()
             print(json.dumps({"server": dict(stats), **probe.report(), "trace": trace.report(),
-                              "vm": read_status()}), flush=True)
+                              "nerve": _provenance(), "vm": read_status()}), flush=True)
 
     trio.run(main)
 
@@ -360,6 +372,7 @@ def run_client(args: argparse.Namespace) -> None:
                         async for chunk in stream:
                             h.update(chunk)
                             n += len(chunk)
+                            del chunk  # hold no chunk while waiting for the next
                         rec.update(got_size=n, digest=h.hexdigest(), server_ok=True)
                     rec["ok"] = rec["digest"] == want and rec["got_size"] == size and rec["server_ok"]
                     if not rec["ok"]:
@@ -460,7 +473,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     me = [sys.executable, str(HERE)]
     server = client = None
     sampler: Sampler | None = None
-    hard = time.monotonic() + args.deadline + 90
+    hard = time.monotonic() + args.deadline + args.grace
     try:
         extra = ["--trace"] if args.trace else []
         server = subprocess.Popen(me + ["--role", "server"] + extra, stdout=subprocess.PIPE, stderr=server_err,
@@ -512,7 +525,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     sampled_peak = sampler.peak if sampler is not None else {}
     result = {
         "config": {"streams": args.streams, "size": [lo, hi], "mode": args.mode, "deadline_s": args.deadline},
-        "nerve_commit": _git_rev(),
+        "nerve": s_out.get("nerve"),
         "per_kind": per_kind,
         "completed": sum(v["completed"] for v in per_kind.values()),
         "failed": sum(v["failed"] for v in per_kind.values()),
@@ -529,6 +542,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         },
         "write_queue_peak": {"server": s_out.get("write_queue_peak"), "client": c_out.get("write_queue_peak")},
         "connections_seen": {"server": s_out.get("connections_seen"), "client": c_out.get("connections_seen")},
+        "tcp_stats": {"server": s_out.get("tcp_stats"), "client": c_out.get("tcp_stats")},
         "drops": drops,
         "server_stats": s_out["server"],
         "trace": {"server": s_out.get("trace"), "client": c_out.get("trace")},
@@ -543,12 +557,24 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _git_rev() -> str | None:
+def _provenance() -> dict[str, Any]:
+    """Which nerve this process imported: its directory, the git commit there and whether
+    that tree has uncommitted changes under the package (a run on a dirty tree says so)."""
+    import nerve
+
+    pkg = Path(nerve.__file__).resolve().parent
+    out: dict[str, Any] = {"path": str(pkg), "commit": None, "dirty": None}
     try:
-        return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+        git = ["git", "-C", str(pkg)]
+        out["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, timeout=5).stdout.strip() or None
+        if out["commit"]:
+            status = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True,
+                                    text=True, timeout=5).stdout
+            out["dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return out
 
 
 def _mib(kb: int | None) -> str:
@@ -559,8 +585,10 @@ def print_table(r: dict[str, Any]) -> None:
     c = r["config"]
     lo, hi = c["size"]
     size = f"{lo / MIB:g} MiB" if lo == hi else f"{lo / KIB:g} KiB-{hi / KIB:g} KiB"
+    nv = r["nerve"] or {}
+    which = f"{nv.get('path')} @ {nv.get('commit')}" + (" + uncommitted changes" if nv.get("dirty") else "")
     print(f"\nstream-burst soak: {c['streams']} concurrent per direction, {size} each, mode {c['mode']}, "
-          f"one TCP connection on loopback (nerve {r['nerve_commit']})\n")
+          f"one TCP connection on loopback\nnerve: {which}\n")
     print(f"{'direction':<10} {'calls':>6} {'completed':>10} {'failed':>7} {'last done s':>12} {'MB/s':>8}")
     for k, v in r["per_kind"].items():
         print(f"{k:<10} {v['calls']:>6} {v['completed']:>10} {v['failed']:>7} {v['end_s']:>12.2f} {v['mb_s']:>8.1f}")
@@ -596,7 +624,7 @@ def print_table(r: dict[str, Any]) -> None:
             print(f"trace ({name}): {t}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", choices=["orchestrate", "server", "client"], default="orchestrate")
     p.add_argument("--streams", type=int, default=1000, help="concurrent calls per direction")
@@ -607,9 +635,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", action="store_true", help="include every call's record in --json")
     p.add_argument("--trace", action="store_true",
                    help="count chunks queued above the write queue's high-water mark (wraps a transport method)")
+    p.add_argument("--grace", type=float, default=90.0,
+                   help="seconds beyond --deadline before the processes are killed")
     p.add_argument("--peer", help=argparse.SUPPRESS)
     p.add_argument("--no-sync", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.role == "server":
         run_server(args)
         return 0
