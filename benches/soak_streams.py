@@ -410,8 +410,7 @@ def run_client(args: argparse.Namespace) -> None:
                    "first_error_s": first_error[0] if first_error else None, "unfinished": unfinished,
                    "records": sorted(records, key=lambda r: (r["kind"], r["i"])), "t0_epoch": t0_epoch,
                    **probe.report(), "trace": trace.report(), "vm_end": read_status()}
-        out["vm_stopped"] = read_status()
-        print(json.dumps(out), flush=True)
+            print(json.dumps(out), flush=True)  # before the broker stops (which may take a while)
 
     trio.run(main)
 
@@ -474,6 +473,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     server = client = None
     sampler: Sampler | None = None
     hard = time.monotonic() + args.deadline + args.grace
+    notes: list[str] = []
     try:
         extra = ["--trace"] if args.trace else []
         server = subprocess.Popen(me + ["--role", "server"] + extra, stdout=subprocess.PIPE, stderr=server_err,
@@ -494,7 +494,10 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         server_after = read_status(server.pid)
         sampler.stop_flag.set()
         sampler.join()
-        client.wait(timeout=max(1.0, hard - time.monotonic()))
+        try:
+            client.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            notes.append("the client did not exit within 15 s of reporting (killed)")
         server.send_signal(signal.SIGTERM)
         s_out = _readline(server, 30, "server (stats)")
         server.wait(timeout=30)
@@ -546,6 +549,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         "drops": drops,
         "server_stats": s_out["server"],
         "trace": {"server": s_out.get("trace"), "client": c_out.get("trace")},
+        "notes": notes,
         "rss_series": sampler.series if sampler is not None else [],
         "logs_tail": {k: v[-4000:] for k, v in logs.items()},
     }
@@ -619,6 +623,8 @@ def print_table(r: dict[str, Any]) -> None:
     if not any(r["drops"].values()):
         print("no connection dropped as 'not reading'")
     print(f"server handler stats: {r['server_stats']}")
+    for note in r["notes"]:
+        print(f"note: {note}")
     for name, t in r["trace"].items():
         if t:
             print(f"trace ({name}): {t}")
