@@ -122,7 +122,10 @@ async def test_a_wrong_proof_is_refused_before_any_frame_is_processed() -> None:
         forged = Hello(node_id="intruder", window=1 << 20, max_chunk=1 << 16, proof=b"x" * 32)
         sock.sendall(encode_frame(FrameType.HELLO, _hello_encoder.encode(forged))
                      + encode_frame(FrameType.DISCOVER, b"\x80"))
-        rest = await trio.to_thread.run_sync(sock.recv, 65536)
+        try:
+            rest = await trio.to_thread.run_sync(sock.recv, 65536)
+        except ConnectionResetError:  # closed with our DISCOVER unread: never looked at
+            rest = b""
         assert rest == b""  # closed, nothing answered
         sock.close()
         assert "intruder" not in a.registry.nodes

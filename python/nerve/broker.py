@@ -54,13 +54,20 @@ class Broker:
     ``peers=["tcp://host:port", ...]`` are seeds. Use as ``async with Broker(...) as b:``.
 
     Limits (safe defaults): ``max_pending_requests`` handlers and event handlers running at
-    once (beyond it, remote calls get ``QueueIsFullError``, 429, retryable);
+    once (beyond it, remote calls get ``QueueIsFullError``, 429, retryable); per peer,
+    ``max_peer_requests`` requests served at once (default: a fair share of
+    ``max_pending_requests`` among the connected peers, so one peer cannot starve the others)
+    and ``max_peer_streams`` request streams (64; told to peers, whose calls beyond it wait
+    for a slot; so one peer holds at most ``max_peer_streams`` x ``stream_window`` bytes);
     ``stream_window`` / ``max_chunk`` per stream; ``max_frame_size`` on TCP;
     ``stream_idle_timeout`` between chunks; ``heartbeat_timeout`` for silent peers;
     ``max_write_queue`` (TCP, 64 MiB): bytes queued for a peer that does not read them before
     its connection is dropped.
     ``secret`` (TCP): nodes prove they share it (HMAC-SHA256 challenge-response in the
-    handshake) before any frame of theirs is processed.
+    handshake) before any frame of theirs is processed. Before that, a peer may hold one
+    handshake frame of at most ``max_hello_size`` (64 KiB), with at most ``max_handshakes``
+    (64) handshakes in progress. ``max_redials`` (10): failed dials in a row of an address
+    learned from a peer before it is forgotten (seeds are dialled for ever).
     """
 
     def __init__(
@@ -89,7 +96,12 @@ class Broker:
         stream_idle_timeout: float | None = 60.0,
         max_frame_size: int | None = None,
         max_pending_requests: int = 10_000,
+        max_peer_requests: int | None = None,
+        max_peer_streams: int = 64,
         max_write_queue: int | None = None,
+        max_hello_size: int | None = None,
+        max_handshakes: int | None = None,
+        max_redials: int | None = None,
         secret: str | bytes | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
@@ -99,6 +111,9 @@ class Broker:
             raise BrokerOptionsError("need 0 < max_chunk <= stream_window")
         if retries < 0 or max_call_level < 1:
             raise BrokerOptionsError("retries must be >= 0 and max_call_level >= 1")
+        if max_pending_requests < 1 or max_peer_streams < 1 or (
+                max_peer_requests is not None and max_peer_requests < 1):
+            raise BrokerOptionsError("max_pending_requests, max_peer_requests and max_peer_streams must be >= 1")
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{next(_local_counter)}"
         self.namespace = namespace
         self.protocol_version = protocol_version
@@ -114,6 +129,8 @@ class Broker:
         self.stream_window = stream_window
         self.max_chunk = max_chunk
         self.max_pending_requests = max_pending_requests
+        self.max_peer_requests = max_peer_requests
+        self.max_peer_streams = max_peer_streams
         self.stream_idle_timeout = stream_idle_timeout
         self.metadata = dict(metadata or {})
         self.serializer = get_serializer(serializer)
@@ -125,8 +142,13 @@ class Broker:
             options["secret"] = secret
         if max_write_queue is not None:
             options["max_write_queue"] = max_write_queue
+        tcp_only = {"max_hello_size": max_hello_size, "max_handshakes": max_handshakes,
+                    "max_redials": max_redials}
+        options.update({k: v for k, v in tcp_only.items() if v is not None})
         if transport is None and (options["peers"] or secret is not None):
             raise BrokerOptionsError("peers= and secret= need a tcp:// transport")
+        if isinstance(transport, str) and transport.startswith("tcp://"):
+            options["max_streams"] = max_peer_streams
         self.transport = make_transport(transport, **options)
         self.transit = Transit(self, self.transport, self.serializer, protocol_version=protocol_version)
         self.services: dict[str, Service] = {}

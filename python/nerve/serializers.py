@@ -1,7 +1,8 @@
 """Packet payloads to bytes and back: msgpack (nerve's default) and JSON (Moleculer's).
 
 Decoding validates as it goes; a payload that does not fit the model raises
-:class:`nerve.errors.PacketError` naming the field. Under JSON, binary values of ``params``
+:class:`nerve.errors.PacketError` naming the field, and so does any other failure of the
+decoder on a peer's bytes (invalid UTF-8, nesting too deep): never anything else. Under JSON, binary values of ``params``
 and ``data`` travel in Node's ``{"type": "Buffer", "data": [...]}`` form, as Moleculer does.
 """
 
@@ -24,6 +25,10 @@ _MISSING = re.compile(r"missing required field `([^`]*)`")
 def _packet_error(kind: PacketType, exc: Exception) -> PacketError:
     if isinstance(exc, RecursionError):
         return PacketError(f"invalid {kind.name} packet: nested too deeply", field=None)
+    if isinstance(exc, UnicodeDecodeError):
+        return PacketError(f"invalid {kind.name} packet: a string is not UTF-8 ({exc.reason})", field=None)
+    if not isinstance(exc, msgspec.DecodeError):
+        return PacketError(f"invalid {kind.name} packet: {exc!r}", field=None)
     text = str(exc)
     match = _PATH.search(text)
     path = match.group(1) if match else None
@@ -79,7 +84,7 @@ class _MsgspecSerializer(Serializer):
             raise PacketError(f"unknown packet type {kind!r}", field=None) from None
         try:
             return decoder.decode(payload)  # type: ignore[no-any-return]
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except Exception as exc:  # DecodeError, and UnicodeDecodeError (a ValueError) among others
             raise _packet_error(PacketType(kind), exc) from exc
 
     def encode_value(self, value: Any) -> bytes:
@@ -88,8 +93,8 @@ class _MsgspecSerializer(Serializer):
     def decode_value(self, payload: bytes | bytearray | memoryview) -> Any:
         try:
             return self._any.decode(payload)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise PacketError(f"invalid payload: {exc}") from exc
+        except Exception as exc:  # whatever a peer's bytes make the decoder raise
+            raise PacketError(f"invalid payload: {exc!r}") from exc
 
 
 class MsgPackSerializer(_MsgspecSerializer):

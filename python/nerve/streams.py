@@ -48,7 +48,12 @@ class _Link:
     def fail(self, exc: BaseException) -> None:
         raise NotImplementedError
 
-    async def wait_writable(self) -> None:
+    def has_room(self, n: int) -> bool:
+        """True if a chunk of ``n`` bytes may be queued now."""
+        return True
+
+    async def reserve(self, n: int) -> None:
+        """Wait until a chunk of ``n`` bytes may be queued (the caller queues it at once)."""
         await trio.lowlevel.checkpoint()
 
 
@@ -152,18 +157,39 @@ class PacketStream:
             await trio.lowlevel.checkpoint()
             return
         at = 0
+        link = self._link
         while at < total:
             self._raise_if_stopped()
             n = self._tx.next_chunk_len(total - at)
             if n == 0:
                 await self._wait_credit()
                 continue
+            if not link.has_room(n):
+                # Admitted to the connection's queue before queueing, never after: any number
+                # of producers keeps the queue under its high-water mark.
+                await self._wait_room(n)
+                continue
             chunk = view if (at == 0 and n == total) else view[at:at + n]
             seq = self._tx.on_sent(n)
-            self._link.data(seq, chunk)
+            link.data(seq, chunk)
             self.bytes_sent += n
             at += n
-            await self._link.wait_writable()
+            await trio.lowlevel.checkpoint()
+
+    async def _wait_room(self, n: int) -> None:
+        """Wait for room for ``n`` bytes in the connection's queue, bounded by the idle
+        timeout (a peer that reads nothing holds a producer no longer than that)."""
+        assert self._link is not None
+        if self.idle_timeout is None:
+            await self._link.reserve(n)
+            return
+        with trio.move_on_after(self.idle_timeout):
+            await self._link.reserve(n)
+            return
+        exc = StreamIdleTimeoutError(f"the connection took nothing for {self.idle_timeout:g}s "
+                                     "(the peer does not read)")
+        self._abort_now(exc)
+        raise exc
 
     async def _wait_credit(self) -> None:
         assert self._tx is not None
@@ -350,6 +376,14 @@ class PacketStream:
             self._rx_error = exc
         self._rx_wakeup.set()
 
+    def _discard(self, exc: BaseException) -> None:
+        """The producer is gone: fail the stream and free what it buffered (the reader's next
+        read raises ``exc``; chunks not read yet are dropped)."""
+        self._deliver_error(exc)
+        self._rx_stopped = True
+        if self._rx.buffered_bytes:
+            self._rx = StreamReceiver(self.window, self.max_chunk, self._max_reorder, 0)
+
     def _stop_reading(self, exc: BaseException) -> None:
         if not self._rx_stopped:
             self._rx_stopped = True
@@ -399,8 +433,12 @@ class PacketStream:
         return out
 
     async def _wait_data(self) -> None:
+        """Wait for the next chunk (the caller found none ready). Chunks parked behind a
+        missing seq do not count: a gap waits here, bounded by the idle timeout and the
+        reorder limit, never in a busy loop."""
         self._rx_wakeup = trio.Event()
-        if self._rx.buffered_bytes or self._rx_error is not None or self._rx.finished:
+        if self._rx_error is not None or self._rx.finished:
+            await trio.lowlevel.checkpoint()
             return
         if self.idle_timeout is None:
             await self._rx_wakeup.wait()

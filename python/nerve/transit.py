@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import time
+from collections import deque
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -126,8 +127,53 @@ class _RemoteLink(_Link):
         except NerveError:
             pass
 
-    async def wait_writable(self) -> None:
-        await self.transit.transport.wait_writable(self.node_id)
+    def has_room(self, n: int) -> bool:
+        return self.transit.transport.has_room(self.node_id, n)
+
+    async def reserve(self, n: int) -> None:
+        await self.transit.transport.reserve(self.node_id, n)
+
+
+class _StreamSlots:
+    """The request streams we may have open at once towards one node (the number it said
+    it serves per peer): calls beyond it wait here, in order, instead of being refused."""
+
+    __slots__ = ("limit", "used", "waiters", "error")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.waiters: deque[Any] = deque()
+        self.error: BaseException | None = None
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.error is not None:
+            raise self.error
+        if self.used < self.limit and not self.waiters:
+            self.used += 1
+            return
+        task = trio.lowlevel.current_task()
+        self.waiters.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)  # woken holding a slot (or failed)
+        if self.error is not None:
+            raise self.error
+
+    def release(self) -> None:
+        if self.waiters and self.error is None:
+            trio.lowlevel.reschedule(self.waiters.popleft())  # the slot passes on
+        else:
+            self.used -= 1
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        while self.waiters:
+            trio.lowlevel.reschedule(self.waiters.popleft())
 
 
 class Transit:
@@ -144,6 +190,12 @@ class Transit:
         self.readers: dict[tuple[str, str, bool], PacketStream] = {}
         self.writers: dict[tuple[str, str, bool], PacketStream] = {}
         self.serving: dict[tuple[str, str], trio.CancelScope] = {}
+        #: requests (and, of them, request streams) being served per peer
+        self.peer_requests: dict[str, int] = {}
+        self.peer_streams: dict[str, int] = {}
+        #: nodes connected now (as the transport reports them)
+        self.peers: set[str] = set()
+        self._slots: dict[str, _StreamSlots] = {}
         #: call timeouts (the broker runs ``timers.run``)
         self.timers = DeadlineQueue()
         self.instance_id = os.urandom(8).hex()
@@ -217,10 +269,16 @@ class Transit:
         ``timeout`` bounds the wait for the response and starts when the stream ends, so a
         long upload is never cut by it (the stream's idle timeout is).
         """
-        pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
-                                    ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
-                                    stream=True)
         node_id = ep.node_id
+        slots = await self._stream_slot(node_id)
+        try:
+            pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
+                                        ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
+                                        stream=True)
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            raise
         key = (node_id, ctx.id, False)
         try:
             with trio.CancelScope() as scope:
@@ -245,7 +303,26 @@ class Transit:
             if not stream._tx_done and not isinstance(pending.result, PacketStream):
                 self.writers.pop(key, None)
                 stream._abort_now(StreamError("the call ended before its request stream did"))
+            if slots is not None:
+                # The node counted this stream until it answered; we hold the slot until the
+                # answer is in and our stream is over too.
+                if stream._tx_done:
+                    slots.release()
+                else:
+                    stream._on_closed.append(slots.release)
         return pending
+
+    async def _stream_slot(self, node_id: str) -> _StreamSlots | None:
+        """Wait for one of the request-stream slots ``node_id`` gives us (None: no limit)."""
+        slots = self._slots.get(node_id)
+        if slots is None:
+            limit = self.transport.peer_max_streams(node_id)
+            if limit <= 0:
+                await trio.lowlevel.checkpoint()
+                return None
+            slots = self._slots[node_id] = _StreamSlots(limit)
+        await slots.acquire()
+        return slots
 
     def expire_at(self, pending: Pending, due: float, action: str) -> int:
         """Settle ``pending`` with RequestTimeoutError at ``due`` (trio clock) unless it is
@@ -264,14 +341,24 @@ class Transit:
     # --- incoming -----------------------------------------------------------------------
 
     def on_connected(self, node_id: str) -> None:
+        self.peers.add(node_id)
         try:
             self.send_packet(node_id, self.info_packet())
         except NerveError as exc:
             log.debug("cannot greet %s: %r", node_id, exc)
 
     def on_disconnected(self, node_id: str, *, graceful: bool) -> None:
+        """Everything ``node_id`` held is let go: its calls fail, its streams fail and drop what
+        they buffered, the handlers reading its request streams are cancelled."""
+        self.peers.discard(node_id)
         was = self.broker.registry.node_gone(node_id)
         reason = "disconnected" if graceful else "was lost"
+        slots = self._slots.pop(node_id, None)
+        if slots is not None:
+            slots.fail(BrokerDisconnectedError(f"node '{node_id}' {reason}", data={"nodeID": node_id}))
+        for serving_key, scope in list(self.serving.items()):
+            if serving_key[0] == node_id:
+                scope.cancel()
         for pending in list(self.pending.values()):
             if pending.node_id == node_id and not pending.settled:
                 pending.error = RequestRejectedError(
@@ -281,8 +368,8 @@ class Transit:
         for key, reader in list(self.readers.items()):
             if key[0] == node_id:
                 self.readers.pop(key, None)
-                reader._deliver_error(StreamError(f"the stream's producer node '{node_id}' {reason}",
-                                                  data={"nodeID": node_id}))
+                reader._discard(StreamError(f"the stream's producer node '{node_id}' {reason}",
+                                            data={"nodeID": node_id}))
         for key, writer in list(self.writers.items()):
             if key[0] == node_id:
                 self.writers.pop(key, None)
@@ -353,7 +440,10 @@ class Transit:
                                 reason="unexpected_stream_packet")
         broker = self.broker
         spec = broker._local_action(pkt.action)
-        if spec is None or broker._stopping or broker._handlers.active >= broker.max_pending_requests:
+        mine = self.peer_requests.get(sender, 0)
+        if (spec is None or broker._stopping or broker._handlers.active >= broker.max_pending_requests
+                or mine >= self.peer_request_limit()
+                or (pkt.stream and self.peer_streams.get(sender, 0) >= broker.max_peer_streams)):
             if spec is None:
                 exc: NerveError = ServiceNotFoundError(
                     f"Service '{pkt.action}' is not found on '{self.node_id}' node.",
@@ -361,6 +451,16 @@ class Transit:
             elif broker._stopping:
                 exc = RequestRejectedError(f"node '{self.node_id}' is stopping",
                                            data={"action": pkt.action, "nodeID": self.node_id})
+            elif mine >= self.peer_request_limit():
+                exc = QueueIsFullError(
+                    f"Queue is full: {mine} requests of '{sender}' are being served on "
+                    f"'{self.node_id}' (its share of max_pending_requests={broker.max_pending_requests}).",
+                    data={"action": pkt.action, "nodeID": self.node_id, "size": mine})
+            elif broker._handlers.active < broker.max_pending_requests:
+                exc = QueueIsFullError(
+                    f"Queue is full: {broker.max_peer_streams} request streams of '{sender}' are being "
+                    f"served on '{self.node_id}' (max_peer_streams).",
+                    data={"action": pkt.action, "nodeID": self.node_id, "size": broker.max_peer_streams})
             else:
                 exc = QueueIsFullError(
                     f"Queue is full: {broker._handlers.active} requests are being served on "
@@ -368,7 +468,9 @@ class Transit:
                     data={"action": pkt.action, "nodeID": self.node_id, "size": broker._handlers.active})
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
+        self.peer_requests[sender] = mine + 1
         if pkt.stream:
+            self.peer_streams[sender] = self.peer_streams.get(sender, 0) + 1
             reader = self._make_reader(sender, pkt.id, response=False)
             self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
             return
@@ -383,59 +485,91 @@ class Transit:
         else:
             self.broker._handlers.start_soon(self._serve, sender, pkt, spec, None)
 
+    def peer_request_limit(self) -> int:
+        """Requests one peer may have served at once: ``max_peer_requests``, or by default a
+        fair share of ``max_pending_requests`` among the connected peers (all of it for one)."""
+        broker = self.broker
+        if broker.max_peer_requests is not None:
+            return broker.max_peer_requests
+        return max(1, broker.max_pending_requests // max(1, len(self.peers), len(self.peer_requests)))
+
+    def _served(self, sender: str, stream: bool) -> None:
+        """A request of ``sender`` is answered (or dropped): it no longer counts."""
+        left = self.peer_requests.get(sender, 0) - 1
+        if left > 0:
+            self.peer_requests[sender] = left
+        else:
+            self.peer_requests.pop(sender, None)
+        if stream:
+            left = self.peer_streams.get(sender, 0) - 1
+            if left > 0:
+                self.peer_streams[sender] = left
+            else:
+                self.peer_streams.pop(sender, None)
+
     async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None,
                      deadline: float = _INF) -> None:
         """Run a handler for a REQ and answer it. ``deadline``: the one the handler pool runs
-        it under (the REQ's budget), to tell the caller when the handler is cut by it."""
-        ctx = Context(
-            self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
-            parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
-            node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
-            stream=reader, action=pkt.action, service=spec.service.full_name,
-        )
+        it under (the REQ's budget), to tell the caller when the handler is cut by it.
+
+        The request counts for its peer (``peer_requests``, ``peer_streams``) until its answer
+        is sent: the caller frees its stream slot when the answer arrives."""
+        counted = True
         try:
-            if reader is None:
-                if spec.wants_params:
-                    result = await spec.handler(ctx, spec.convert_params(ctx.params))
+            ctx = Context(
+                self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
+                parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
+                node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
+                stream=reader, action=pkt.action, service=spec.service.full_name,
+            )
+            try:
+                if reader is None:
+                    if spec.wants_params:
+                        result = await spec.handler(ctx, spec.convert_params(ctx.params))
+                    else:
+                        result = await spec.handler(ctx)
                 else:
-                    result = await spec.handler(ctx)
-            else:
-                result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
-        except trio.Cancelled:
-            if trio.current_time() >= deadline:
-                self._respond_timeout(sender, pkt, ctx)
-            raise
-        except BaseExceptionGroup as group:
-            # A nursery in the handler, cancelled: the Cancelled part goes on to the scope
-            # that was cancelled (the worker's, for a budget); the rest is the caller's answer.
-            cancelled, rest = group.split(trio.Cancelled)
-            if rest is not None:
-                self._respond_error(sender, pkt.id, ctx.meta, rest)
-            elif trio.current_time() >= deadline:
-                self._respond_timeout(sender, pkt, ctx)
-            if cancelled is None:  # pragma: no cover - a group without Cancelled is an Exception
+                    result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
+            except trio.Cancelled:
+                if trio.current_time() >= deadline:
+                    self._respond_timeout(sender, pkt, ctx)
                 raise
-            raise cancelled from None
-        except Exception as exc:
+            except BaseExceptionGroup as group:
+                # A nursery in the handler, cancelled: the Cancelled part goes on to the scope
+                # that was cancelled (the worker's, for a budget); the rest is the caller's answer.
+                cancelled, rest = group.split(trio.Cancelled)
+                if rest is not None:
+                    self._respond_error(sender, pkt.id, ctx.meta, rest)
+                elif trio.current_time() >= deadline:
+                    self._respond_timeout(sender, pkt, ctx)
+                if cancelled is None:  # pragma: no cover - a group without Cancelled is an Exception
+                    raise
+                raise cancelled from None
+            except Exception as exc:
+                if reader is not None:
+                    self._finish_request_stream(sender, pkt.id, reader)
+                self._respond_error(sender, pkt.id, ctx.meta, exc)
+                return
+            if isinstance(result, PacketStream) and not self.transport.native_streams:
+                self._respond_error(sender, pkt.id, ctx.meta, StreamError(
+                    f"'{pkt.action}' answered with a stream, which this transport does not carry"))
+                return
+            if isinstance(result, PacketStream):
+                if reader is not None:
+                    result._on_closed.append(lambda: self._finish_request_stream(sender, pkt.id, reader))
+                counted = False
+                self._served(sender, reader is not None)  # before the RES: the stream may take long
+                if deadline == _INF:
+                    await self._send_response_stream(sender, pkt.id, ctx.meta, result)
+                else:  # out of the budget's reach: a call's timeout never bounds its transfer
+                    self.broker._handlers.start_soon(self._send_response_stream, sender, pkt.id, ctx.meta, result)
+                return
             if reader is not None:
                 self._finish_request_stream(sender, pkt.id, reader)
-            self._respond_error(sender, pkt.id, ctx.meta, exc)
-            return
-        if isinstance(result, PacketStream) and not self.transport.native_streams:
-            self._respond_error(sender, pkt.id, ctx.meta, StreamError(
-                f"'{pkt.action}' answered with a stream, which this transport does not carry"))
-            return
-        if isinstance(result, PacketStream):
-            if reader is not None:
-                result._on_closed.append(lambda: self._finish_request_stream(sender, pkt.id, reader))
-            if deadline == _INF:
-                await self._send_response_stream(sender, pkt.id, ctx.meta, result)
-            else:  # out of the budget's reach: a call's timeout never bounds its transfer
-                self.broker._handlers.start_soon(self._send_response_stream, sender, pkt.id, ctx.meta, result)
-            return
-        if reader is not None:
-            self._finish_request_stream(sender, pkt.id, reader)
-        self._respond(sender, pkt.id, ctx.meta, result)
+            self._respond(sender, pkt.id, ctx.meta, result)
+        finally:
+            if counted:
+                self._served(sender, reader is not None)
 
     def _respond_timeout(self, sender: str, pkt: Request, ctx: Context) -> None:
         self._respond_error(sender, pkt.id, ctx.meta, RequestTimeoutError(

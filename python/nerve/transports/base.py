@@ -47,6 +47,19 @@ class Transport:
         """Return once the outgoing queue to ``node_id`` is below its high-water mark."""
         await trio.lowlevel.checkpoint()
 
+    def has_room(self, node_id: str, n: int) -> bool:
+        """True if a stream chunk of ``n`` bytes may be queued for ``node_id`` now."""
+        return True
+
+    async def reserve(self, node_id: str, n: int) -> None:
+        """Wait until a stream chunk of ``n`` bytes may be queued for ``node_id`` (FIFO among
+        producers); the caller queues it right after, without a checkpoint in between."""
+        await trio.lowlevel.checkpoint()
+
+    def peer_max_streams(self, node_id: str) -> int:
+        """Request streams ``node_id`` serves at once for us (0: no limit known)."""
+        return 0
+
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
         """(stream window, max chunk) the reading node ``node_id`` accepts."""
         raise NotImplementedError

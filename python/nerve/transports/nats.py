@@ -128,9 +128,12 @@ class NatsClient:
                 parts = line.split(b" ")
                 if len(parts) not in (4, 5):
                     raise ProtocolError(f"bad NATS MSG line {line[:80]!r}", reason="nats")
-                size = int(parts[-1])
+                try:
+                    size = int(parts[-1])
+                except ValueError:
+                    raise ProtocolError(f"bad NATS MSG line {line[:80]!r}", reason="nats") from None
                 payload = await self._read_exactly(size + 2)
-                yield parts[1].decode(), payload[:-2]
+                yield parts[1].decode(errors="replace"), payload[:-2]
             elif line == b"PING":
                 self._send(b"PONG\r\n")
             elif line.startswith(b"-ERR"):
@@ -243,6 +246,8 @@ class NatsTransport(Transport):
                 transit.on_frame(sender, kind, payload)
             except NerveError as exc:
                 log.warning("dropping a %s from %s: %s", parts[1], sender, exc)
+            except Exception:  # a packet reached something unexpected: drop it, keep the node
+                log.exception("dropping a %s from %s: error while handling it", parts[1], sender)
 
     async def _heartbeats(self) -> None:
         assert self.transit is not None

@@ -11,6 +11,16 @@ frame (one call in flight) is written at once too, saving the writer task's hop.
 A HELLO handshake names the nodes and settles duplicate connections; PEERS frames spread
 addresses so a node given one seed learns all; HEARTBEATs and a watchdog turn a silent peer
 into a lost one.
+
+Hostile peers. Each connection is a boundary: whatever a peer's bytes cause (a malformed
+frame or packet, an invalid id or address, a bug they reach) ends that connection, logged
+once and counted in :meth:`TcpTransport.statistics`, never the node or another connection.
+Before a peer is accepted (and authenticated, with ``secret=``) its handshake frames are read
+exactly, each no larger than ``max_hello_size``, with at most ``max_handshakes`` in progress,
+so an unauthenticated peer holds at most that much memory and no frame of it is processed.
+Stream producers are admitted to a connection's write queue by room under its high-water mark
+(FIFO, so many streams share it fairly) instead of queueing first; addresses learned from
+peers are dialled at most ``max_redials`` times in a row before they are forgotten.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import logging
 import math
 import os
 import random
+from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -30,9 +42,11 @@ import trio
 from nerve.errors import BrokerDisconnectedError, BrokerOptionsError, FrameError, ProtocolError
 from nerve.frames import (
     DEFAULT_MAX_FRAME_SIZE,
+    HEADER_LEN,
     FrameDecoder,
     FrameEncoder,
     FrameType,
+    encode_frame,
 )
 from nerve.packets import Heartbeat, PacketType
 from nerve.transports.base import Transport
@@ -40,7 +54,7 @@ from nerve.transports.base import Transport
 if TYPE_CHECKING:
     from nerve.transit import Transit
 
-__all__ = ["TcpTransport", "parse_address"]
+__all__ = ["TcpTransport", "TcpStatistics", "parse_address", "valid_node_id"]
 
 log = logging.getLogger("nerve.tcp")
 
@@ -58,6 +72,20 @@ _EAGER_FRAMES = 8
 #: Queued bytes that are written eagerly whatever the frame count.
 _EAGER_BYTES = 64 * 1024
 _HANDSHAKE_TIMEOUT = 5.0
+#: Largest handshake frame (HELLO / HELLO_ACK) accepted before a peer is authenticated.
+DEFAULT_MAX_HELLO_SIZE = 64 * 1024
+#: Inbound handshakes in progress at once; connections beyond are closed at once.
+DEFAULT_MAX_HANDSHAKES = 64
+#: Failed dials in a row of an address learned from a peer before it is forgotten.
+DEFAULT_MAX_REDIALS = 10
+#: Addresses learned from peers being dialled at once (more wait for the next PEERS).
+_MAX_LEARNED_DIALS = 64
+#: Entries of one PEERS frame looked at.
+_MAX_PEERS_ENTRIES = 1024
+#: Largest stream window taken from a peer's HELLO.
+_MAX_WINDOW = 1 << 30
+#: Longest node id accepted from a peer.
+MAX_NODE_ID_LEN = 256
 
 
 class Hello(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -74,6 +102,8 @@ class Hello(msgspec.Struct, kw_only=True, omit_defaults=True):
     auth: bool = False
     nonce: bytes = b""
     proof: bytes = b""
+    #: request streams the sender serves at once per peer (0: not said, no limit known)
+    max_streams: int = msgspec.field(default=0, name="maxStreams")
 
 
 class Peers(msgspec.Struct):
@@ -88,66 +118,134 @@ _peers_decoder = msgspec.msgpack.Decoder(Peers)
 
 
 def parse_address(url: str) -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port)."""
-    parts = urlsplit(url)
-    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
+    """``tcp://host:port`` -> (host, port); ``BrokerOptionsError`` for anything else
+    (a port outside 0..65535, a broken IPv6 literal, a path or query...)."""
+    host: str | None = None
+    port: int | None = None
+    try:
+        parts = urlsplit(url)
+        if (parts.scheme == "tcp" and not parts.path and not parts.query and not parts.fragment
+                and url.isprintable() and not any(c.isspace() for c in url)):
+            host, port = parts.hostname, parts.port
+    except (ValueError, TypeError, AttributeError):
+        pass
+    if not host or port is None:
         raise BrokerOptionsError(f"expected 'tcp://host:port', got {url!r}")
-    return parts.hostname, parts.port
+    return host, port
+
+
+def peer_address(url: Any) -> str | None:
+    """``url`` if it is a dialable ``tcp://host:port`` (port 1..65535), else None: for
+    addresses that peers tell us (HELLO, PEERS), which are never trusted."""
+    if not isinstance(url, str) or len(url) > 300:
+        return None
+    try:
+        _, port = parse_address(url)
+    except BrokerOptionsError:
+        return None
+    return url if 0 < port < 65536 else None
+
+
+def valid_node_id(node_id: Any) -> bool:
+    """A node id a peer may use: a non-empty printable string of at most 256 characters."""
+    return isinstance(node_id, str) and 0 < len(node_id) <= MAX_NODE_ID_LEN and node_id.isprintable()
+
+
+@dataclass(frozen=True)
+class TcpStatistics:
+    """A snapshot of a TCP transport (``TcpTransport.statistics()``)."""
+
+    #: established connections now
+    connections: int
+    #: inbound handshakes in progress now
+    handshakes: int
+    #: connections established since start
+    connections_opened: int
+    #: handshakes that failed or were refused (bad frames, wrong secret, timeouts, limits)
+    handshakes_failed: int
+    #: inbound connections closed at once because ``max_handshakes`` were in progress
+    handshakes_over_limit: int
+    #: connections ended because the peer broke the protocol (or caused an error)
+    protocol_errors: int
+    #: connections dropped because the peer did not read (queue over max_write_queue, or a
+    #: write stalled for the heartbeat timeout)
+    not_reading: int
+    #: connections dropped because the peer went silent (heartbeat timeout)
+    silent: int
+    #: addresses learned from peers given up after max_redials failed dials
+    addresses_forgotten: int
+    #: bytes queued for all peers now
+    bytes_queued: int
+    #: stream producers waiting for room in a write queue now
+    producers_waiting: int
 
 
 class Connection:
-    """One established connection to a peer node."""
+    """One established connection to a peer node.
 
-    def __init__(self, transport: TcpTransport, stream: trio.SocketStream, hello: Hello,
-                 decoder: FrameDecoder) -> None:
+    Write path: frames are appended to ``encoder`` (never blocking) and written by the writer
+    task or eagerly by the task that queued them (see the module docstring). Bulk producers
+    (streams) call :meth:`reserve` before they queue a chunk: it returns at once while the
+    queue has room under the transport's ``high_water`` mark, and otherwise parks the
+    producer in a FIFO that the writer empties as the queue drains.
+    """
+
+    def __init__(self, transport: TcpTransport, stream: trio.abc.Stream, hello: Hello,
+                 decoder: FrameDecoder, fd: int | None = None) -> None:
         self.transport = transport
         self.stream = stream
         self.node_id = hello.node_id
-        self.address = hello.address
-        self.window = hello.window
-        self.max_chunk = hello.max_chunk
+        self.address = peer_address(hello.address)
+        # Never trust the peer's numbers to be usable by our encoder.
+        chunk_cap = max(1024, transport.max_frame_size - 512)
+        self.max_chunk = max(1, min(hello.max_chunk, chunk_cap))
+        self.window = max(self.max_chunk, min(hello.window, _MAX_WINDOW))
+        self.max_streams = max(0, hello.max_streams)
         self.encoder = FrameEncoder(transport.max_frame_size)
         self.decoder = decoder
         self.graceful = False
         self.closed = False
         self.last_recv = trio.current_time()
         self._wakeup = trio.Event()
-        self._drained = trio.Event()
-        self._drained.set()
+        self._waiters: deque[list[Any]] = deque()  # [task, bytes] of parked producers
         self._flushed = trio.Event()
         self._flushed.set()
         self.cancel_scope: trio.CancelScope | None = None
         #: frames queued at which the queueing task writes them itself (see _queued)
         self.eager_frames = _EAGER_FRAMES
         self._sending = False  # the writer task is inside send_all
+        self._send_started = 0.0  # when it entered it
         self._unsent: Any = b""  # what an eager write could not send; the writer sends it first
-        self._fd = stream.socket.fileno()
+        if fd is None and isinstance(stream, trio.SocketStream):
+            fd = stream.socket.fileno()
+        self._fd = fd  # None: no eager writes (a TLS stream)
+
+    def _closed_error(self) -> BrokerDisconnectedError:
+        return BrokerDisconnectedError(f"connection to '{self.node_id}' is closed",
+                                       data={"nodeID": self.node_id})
 
     def send(self, kind: int, payload: Any) -> None:
         if self.closed:
-            raise BrokerDisconnectedError(f"connection to '{self.node_id}' is closed",
-                                          data={"nodeID": self.node_id})
+            raise self._closed_error()
         self.encoder.append(kind, payload)
         self._queued()
 
     def send_stream_data(self, flags: int, stream_id: str, seq: int, chunk: Any) -> None:
         if self.closed:
-            raise BrokerDisconnectedError(f"connection to '{self.node_id}' is closed",
-                                          data={"nodeID": self.node_id})
+            raise self._closed_error()
         self.encoder.append_stream_data(flags, stream_id, seq, chunk)
         self._queued()
 
     def send_stream_credit(self, flags: int, stream_id: str, consumed: int) -> None:
         if self.closed:
-            raise BrokerDisconnectedError(f"connection to '{self.node_id}' is closed",
-                                          data={"nodeID": self.node_id})
+            raise self._closed_error()
         self.encoder.append_stream_credit(flags, stream_id, consumed)
         self._queued()
 
     def _queued(self) -> None:
         encoder = self.encoder
         if (encoder.frames >= self.eager_frames or len(encoder) >= _EAGER_BYTES) \
-                and not self._sending and not self._unsent:
+                and not self._sending and not self._unsent and self._fd is not None:
             # Write now, from this task, rather than at the end of the scheduler batch: the
             # peer works on these frames while we produce the rest of the wave.
             data = encoder.take()
@@ -156,18 +254,14 @@ class Connection:
             except OSError:  # full (BlockingIOError) or broken: the writer sends or fails
                 sent = 0
             if sent == len(data):
-                self._drained.set()
+                self._admit()
                 return
             self._unsent = memoryview(data)[sent:]
         self._wakeup.set()
         if self._flushed.is_set():
             self._flushed = trio.Event()
-        queued = len(self.encoder)
-        if queued > self.transport.high_water:
-            if self._drained.is_set():
-                self._drained = trio.Event()
-            if queued > self.transport.max_write_queue:
-                self._overloaded()
+        if len(self.encoder) > self.transport.max_write_queue:
+            self._overloaded()
 
     def _overloaded(self) -> None:
         """The peer does not read what we owe it: drop the connection rather than the memory
@@ -175,14 +269,81 @@ class Connection:
         if not self.closed and self.cancel_scope is not None:
             log.warning("disconnecting %s: %d bytes queued for it (max_write_queue %d); it is not reading",
                         self.node_id, len(self.encoder), self.transport.max_write_queue)
-            self.closed = True
+            self.transport._count("not_reading")
+            self.close()
+
+    def close(self) -> None:
+        """End the connection (its task unwinds and reports the peer gone)."""
+        self.closed = True
+        self._wake_all()
+        if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
+    # --- admission of bulk producers ----------------------------------------------------
+
+    def _fits(self, n: int) -> bool:
+        queued = len(self.encoder)
+        return queued == 0 or queued + n <= self.transport.high_water
+
+    def has_room(self, n: int) -> bool:
+        """True if ``n`` more bytes may be queued now without waiting."""
+        return not self._waiters and self._fits(n) and not self.closed
+
+    async def reserve(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit in the write queue (under the high-water mark, or
+        the queue is empty), in FIFO order with other producers. The caller queues its bytes
+        right after, without a checkpoint in between. Raises BrokerDisconnectedError once the
+        connection is closed."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.closed:
+            raise self._closed_error()
+        if not self._waiters and self._fits(n):
+            return
+        while True:
+            entry = [trio.lowlevel.current_task(), n]
+            self._waiters.append(entry)
+
+            def abort(_: Any, entry: list[Any] = entry) -> trio.lowlevel.Abort:
+                try:
+                    self._waiters.remove(entry)
+                except ValueError:  # pragma: no cover - already woken
+                    pass
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            if self.closed:
+                raise self._closed_error()
+            if self._fits(n):
+                return
+
+    def _admit(self) -> None:
+        """The queue shrank: wake the parked producers whose bytes now fit, in order."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        queued = len(self.encoder)
+        budget = self.transport.high_water - queued
+        first = queued == 0
+        while waiters:
+            n = waiters[0][1]
+            if n > budget and not first:
+                break
+            task = waiters.popleft()[0]
+            budget -= n
+            first = False
+            trio.lowlevel.reschedule(task)
+
+    def _wake_all(self) -> None:
+        while self._waiters:
+            trio.lowlevel.reschedule(self._waiters.popleft()[0])
+
     async def wait_writable(self) -> None:
-        if len(self.encoder) > self.transport.high_water:
-            await self._drained.wait()
-        else:
-            await trio.lowlevel.checkpoint()
+        """Wait while the queue is over the high-water mark (non-stream producers, after
+        they queued)."""
+        await self.reserve(0)
+        await trio.lowlevel.checkpoint()
+
+    # --- tasks --------------------------------------------------------------------------
 
     async def writer(self) -> None:
         encoder = self.encoder
@@ -191,7 +352,7 @@ class Connection:
                 data, self._unsent = self._unsent, b""
             elif len(encoder):
                 data = encoder.take()
-                self._drained.set()  # only once the queue is empty, not while _unsent goes out
+                self._admit()  # only once the queue is empty, not while _unsent goes out
             else:
                 self._flushed.set()
                 self._wakeup = trio.Event()
@@ -199,6 +360,7 @@ class Connection:
                 continue
             # Left set if send_all fails or is cancelled midway: nothing may follow its bytes.
             self._sending = True
+            self._send_started = trio.current_time()
             await self.stream.send_all(data)
             self._sending = False
 
@@ -239,16 +401,29 @@ class Connection:
 
 
 class TcpTransport(Transport):
+    """The native TCP transport. Limits (constructor arguments, safe defaults):
+    ``max_frame_size``; ``high_water`` (bytes queued for a peer above which stream producers
+    wait) and ``max_write_queue`` (above which the peer is dropped as not reading);
+    ``max_hello_size`` and ``max_handshakes`` (what unauthenticated peers may hold);
+    ``max_redials`` (failed dials of an address learned from a peer before it is forgotten;
+    seeds given by the user are dialled for ever)."""
+
     native_streams = True
 
     def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (),
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, high_water: int = 4 * 1024 * 1024,
                  max_write_queue: int = 64 * 1024 * 1024,
                  reconnect_min: float = 0.05, reconnect_max: float = 5.0,
-                 secret: str | bytes | None = None) -> None:
+                 secret: str | bytes | None = None,
+                 max_hello_size: int = DEFAULT_MAX_HELLO_SIZE,
+                 max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+                 max_redials: int = DEFAULT_MAX_REDIALS,
+                 max_streams: int = 0) -> None:
         self.host, self.port = parse_address(url)
         for p in peers:
             parse_address(p)
+        if max_hello_size < 256 or max_handshakes < 1 or max_redials < 1:
+            raise BrokerOptionsError("need max_hello_size >= 256, max_handshakes >= 1, max_redials >= 1")
         self.seeds = list(peers)
         self.max_frame_size = max_frame_size
         self.high_water = high_water
@@ -256,13 +431,33 @@ class TcpTransport(Transport):
         self.secret = secret.encode() if isinstance(secret, str) else secret
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        self.max_hello_size = max_hello_size
+        self.max_handshakes = max_handshakes
+        self.max_redials = max_redials
+        #: request streams this node serves at once per peer, told to peers in HELLO
+        self.max_streams = max_streams
         self.transit: Transit | None = None
         self.address: str | None = None
         self.connections: dict[str, Connection] = {}
         self._dialing: dict[str, str] = {}  # address -> node id we expect (or "")
-        self._known: dict[str, str] = {}  # node id -> address
+        self._dial_loops: set[str] = set()  # addresses with a dial loop (dialling or waiting)
+        self._learned_loops = 0  # of which learned from peers
+        self._known: dict[str, str] = {}  # node id -> address (of nodes we were connected to)
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._handshakes = 0
+        self._counts = {"connections_opened": 0, "handshakes_failed": 0, "handshakes_over_limit": 0,
+                        "protocol_errors": 0, "not_reading": 0, "silent": 0, "addresses_forgotten": 0}
+
+    def _count(self, what: str) -> None:
+        self._counts[what] += 1
+
+    def statistics(self) -> TcpStatistics:
+        conns = [c for c in self.connections.values() if not c.closed]
+        return TcpStatistics(
+            connections=len(conns), handshakes=self._handshakes,
+            bytes_queued=sum(len(c.encoder) for c in conns),
+            producers_waiting=sum(len(c._waiters) for c in conns), **self._counts)
 
     # --- Transport API ------------------------------------------------------------------
 
@@ -286,6 +481,17 @@ class TcpTransport(Transport):
     def send_stream_credit(self, node_id: str, flags: int, stream_id: str, consumed: int) -> None:
         self._conn(node_id).send_stream_credit(flags, stream_id, consumed)
 
+    def has_room(self, node_id: str, n: int) -> bool:
+        conn = self.connections.get(node_id)
+        return conn is None or conn.has_room(n)
+
+    async def reserve(self, node_id: str, n: int) -> None:
+        conn = self.connections.get(node_id)
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return  # the send that follows raises BrokerDisconnectedError
+        await conn.reserve(n)
+
     async def wait_writable(self, node_id: str) -> None:
         conn = self.connections.get(node_id)
         if conn is None:
@@ -296,6 +502,10 @@ class TcpTransport(Transport):
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
         conn = self._conn(node_id)
         return conn.window, conn.max_chunk
+
+    def peer_max_streams(self, node_id: str) -> int:
+        conn = self.connections.get(node_id)
+        return conn.max_streams if conn is not None else 0
 
     def peer_address(self, node_id: str) -> str | None:
         conn = self.connections.get(node_id)
@@ -311,8 +521,7 @@ class TcpTransport(Transport):
                 await conn.flush()
         for conn in list(self.connections.values()):
             conn.graceful = True
-            if conn.cancel_scope is not None:
-                conn.cancel_scope.cancel()
+            conn.close()
         await trio.lowlevel.checkpoint()
 
     # --- serving ------------------------------------------------------------------------
@@ -328,7 +537,7 @@ class TcpTransport(Transport):
             nursery.start_soon(self._heartbeats)
             for seed in self.seeds:
                 if seed != self.address:
-                    nursery.start_soon(self._dial_loop, seed, "")
+                    self._start_dial_loop(seed, "", learned=False)
             task_status.started()
             await trio.sleep_forever()
 
@@ -339,56 +548,81 @@ class TcpTransport(Transport):
         return _hello_encoder.encode(Hello(
             node_id=self.transit.node_id, namespace=self.transit.namespace, ver=self.transit.ver,
             address=self.address, window=broker.stream_window, max_chunk=broker.max_chunk,
-            accept=accept, reason=reason, auth=self.secret is not None, nonce=nonce, proof=proof))
+            accept=accept, reason=reason, auth=self.secret is not None, nonce=nonce, proof=proof,
+            max_streams=self.max_streams))
 
     def _proof(self, role: bytes, first: bytes, second: bytes, me: str, peer: str) -> bytes:
         """HMAC-SHA256 over both nonces and both node ids, bound to the role."""
         assert self.secret is not None
-        message = b"nerve-auth\0" + role + b"\0" + first + second + me.encode() + b"\0" + peer.encode()
+        message = (b"nerve-auth\0" + role + b"\0" + first + second + me.encode("utf-8", "surrogatepass")
+                   + b"\0" + peer.encode("utf-8", "surrogatepass"))
         return hmac.new(self.secret, message, hashlib.sha256).digest()
 
-    async def _read_handshake(self, stream: trio.SocketStream, decoder: FrameDecoder,
-                              expected: int) -> tuple[Hello, list[Any]]:
-        """Read frames until the handshake frame; returns it and any frames that followed."""
+    async def _read_handshake(self, stream: trio.abc.Stream, expected: int) -> Hello:
+        """Read exactly one handshake frame of type ``expected`` (nothing beyond it: what
+        follows is the connection's) and decode it. Raises ProtocolError for anything else."""
+        limit = self.max_hello_size
         with trio.fail_after(_HANDSHAKE_TIMEOUT):
-            while True:
-                data = await stream.receive_some(_RECV_SIZE)
-                if not data:
-                    raise ProtocolError("connection closed during the handshake", reason="handshake_eof")
-                frames = decoder.feed(data)
-                if frames:
-                    kind, payload = frames[0][0], frames[0][1]
-                    if kind != expected:
-                        raise ProtocolError(f"expected {FrameType(expected).name} first, got frame type {kind}",
-                                            reason="handshake")
-                    try:
-                        hello = _hello_decoder.decode(payload)
-                    except msgspec.DecodeError as exc:
-                        raise ProtocolError(f"bad handshake: {exc}", reason="handshake") from None
-                    return hello, frames[1:]
+            header = await _receive_exactly(stream, HEADER_LEN)
+            decoder = FrameDecoder(limit)
+            frames = decoder.feed(header)  # checks the header: checksum, length <= limit, type
+            if header[5] != expected:
+                raise ProtocolError(f"expected {FrameType(expected).name} first, got frame type {header[5]}",
+                                    reason="handshake")
+            if not frames:
+                length = int.from_bytes(header[1:5], "big")
+                frames = decoder.feed(await _receive_exactly(stream, length - HEADER_LEN))
+        try:
+            hello = _hello_decoder.decode(frames[0][1])
+        except Exception as exc:  # DecodeError, invalid UTF-8, nesting...
+            raise ProtocolError(f"bad handshake frame: {exc}", reason="handshake") from None
+        if not valid_node_id(hello.node_id):
+            raise ProtocolError(f"bad node id in handshake: {hello.node_id[:80]!r}", reason="handshake")
+        return hello
 
     def _check_peer(self, hello: Hello) -> str | None:
         """Why a peer's HELLO is unacceptable, or None."""
         assert self.transit is not None
         if hello.namespace != self.transit.namespace:
-            return f"namespace mismatch: {hello.namespace!r} != {self.transit.namespace!r}"
+            return f"namespace mismatch: {hello.namespace[:80]!r} != {self.transit.namespace!r}"
         if hello.ver != self.transit.ver:
-            return f"protocol version mismatch: {hello.ver!r} != {self.transit.ver!r}"
+            return f"protocol version mismatch: {hello.ver[:16]!r} != {self.transit.ver!r}"
         if hello.node_id == self.transit.node_id:
             return f"node id conflict: {hello.node_id!r} is my own id"
         if hello.window <= 0 or hello.max_chunk <= 0 or hello.max_chunk > hello.window:
             return "bad stream window / chunk size"
+        if hello.address is not None and peer_address(hello.address) is None:
+            return f"bad address {hello.address[:80]!r}"
         return None
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
-        assert self.transit is not None
-        decoder = FrameDecoder(self.max_frame_size, split_streams=True)
-        try:
-            hello, rest = await self._read_handshake(stream, decoder, _HELLO)
-        except (ProtocolError, FrameError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.warning("inbound connection refused: %s", exc)
+        """An accepted connection: the boundary of everything its peer sends."""
+        if self._handshakes >= self.max_handshakes:
+            self._count("handshakes_over_limit")
+            log.debug("closing an inbound connection: %d handshakes in progress", self._handshakes)
             await trio.aclose_forcefully(stream)
             return
+        self._handshakes += 1
+        try:
+            conn = await self._accept(stream)
+        except Exception as exc:  # whatever the peer's bytes caused: its connection ends
+            self._count("handshakes_failed")
+            log.warning("inbound connection from %s refused: %s", _remote(stream), _describe(exc))
+            conn = None
+        finally:
+            self._handshakes -= 1
+        if conn is None:
+            await trio.aclose_forcefully(stream)
+            return
+        await self._run(conn)
+        if not conn.graceful and conn.address:
+            # It dialled us and was lost: try to get it back (for a while: it may be gone).
+            self._start_dial_loop(conn.address, conn.node_id, learned=conn.address not in self.seeds)
+
+    async def _accept(self, stream: trio.SocketStream) -> Connection | None:
+        """The acceptor's side of the handshake: the connection, or None when refused."""
+        assert self.transit is not None
+        hello = await self._read_handshake(stream, _HELLO)
         reason = self._check_peer(hello)
         if reason is None:
             if hello.node_id in self.connections:
@@ -405,92 +639,124 @@ class TcpTransport(Transport):
                 reason = "authentication required"
             else:
                 proof = self._proof(b"acceptor", hello.nonce, nonce, self.transit.node_id, hello.node_id)
-        try:
-            await stream.send_all(_frame(_HELLO_ACK, self._hello(accept=reason is None, reason=reason,
-                                                                 nonce=nonce, proof=proof)))
-            if reason is None and self.secret is not None:
-                # No frame of the dialer is processed before its proof checks out.
-                auth, rest = await self._read_handshake(stream, decoder, _HELLO)
-                expected = self._proof(b"dialer", nonce, hello.nonce, hello.node_id, self.transit.node_id)
-                if not hmac.compare_digest(auth.proof, expected):
-                    reason = "authentication failed"
-        except (ProtocolError, FrameError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.warning("inbound handshake with %s failed: %s", hello.node_id, exc)
-            await trio.aclose_forcefully(stream)
-            return
+        await stream.send_all(encode_frame(_HELLO_ACK, self._hello(accept=reason is None, reason=reason,
+                                                                   nonce=nonce, proof=proof)))
+        if reason is None and self.secret is not None:
+            # No frame of the dialer is processed before its proof checks out.
+            auth = await self._read_handshake(stream, _HELLO)
+            expected = self._proof(b"dialer", nonce, hello.nonce, hello.node_id, self.transit.node_id)
+            if not hmac.compare_digest(auth.proof, expected):
+                reason = "authentication failed"
         if reason is not None:
             if reason != "duplicate connection":
+                self._count("handshakes_failed")
                 log.warning("refused %s: %s", hello.node_id, reason)
-            await trio.aclose_forcefully(stream)
-            return
-        await self._run(Connection(self, stream, hello, decoder), rest)
+            return None
+        return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True))
 
-    async def _dial_loop(self, address: str, node_id: str) -> None:
-        """Connect to ``address`` (retrying with backoff) and run the connection."""
+    def _start_dial_loop(self, address: str, node_id: str, *, learned: bool) -> None:
+        if self._closing or self._nursery is None or address in self._dial_loops:
+            return
+        if learned:
+            if self._learned_loops >= _MAX_LEARNED_DIALS:
+                return
+            self._learned_loops += 1
+        self._dial_loops.add(address)
+        self._nursery.start_soon(self._dial_loop, address, node_id, learned)
+
+    async def _dial_loop(self, address: str, node_id: str, learned: bool) -> None:
+        """Connect to ``address`` (retrying with backoff) and run the connection. An address
+        learned from a peer is given up after ``max_redials`` failures in a row."""
         delay = self.reconnect_min
-        while not self._closing:
-            if node_id and node_id in self.connections:
-                return
-            if address in self._dialing:
-                return
-            self._dialing[address] = node_id
-            try:
-                outcome = await self._dial(address)
-            finally:
-                self._dialing.pop(address, None)
-            if outcome in ("done", "refused"):
-                return
-            await trio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self.reconnect_max)
+        failures = 0
+        try:
+            while not self._closing:
+                if node_id and node_id in self.connections:
+                    return
+                if address in self._dialing:
+                    return
+                self._dialing[address] = node_id
+                try:
+                    outcome = await self._dial(address)
+                finally:
+                    self._dialing.pop(address, None)
+                if outcome in ("closed", "refused"):
+                    return
+                if outcome == "lost":  # connected, then lost: dial it again
+                    failures = 0
+                    delay = self.reconnect_min
+                    continue
+                failures += 1
+                if learned and failures >= self.max_redials:
+                    log.info("giving up on %s (%s) after %d failed dials", address, node_id or "?", failures)
+                    self._count("addresses_forgotten")
+                    if node_id and self._known.get(node_id) == address:
+                        del self._known[node_id]
+                    return
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.reconnect_max)
+        finally:
+            self._dial_loops.discard(address)
+            if learned:
+                self._learned_loops -= 1
 
     async def _dial(self, address: str) -> str:
-        host, port = parse_address(address)
+        """One dial: "closed" (a connection ran and ended gracefully), "lost" (it ran and was
+        lost), "refused", or "retry"."""
+        try:
+            host, port = parse_address(address)
+        except BrokerOptionsError as exc:
+            log.warning("not dialling %r: %s", address, exc)
+            return "refused"
         try:
             with trio.fail_after(_HANDSHAKE_TIMEOUT):
                 stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
             log.debug("cannot connect to %s: %r", address, exc)
             return "retry"
-        decoder = FrameDecoder(self.max_frame_size, split_streams=True)
-        nonce = os.urandom(16)
         try:
-            await stream.send_all(_frame(_HELLO, self._hello(nonce=nonce)))
-            hello, rest = await self._read_handshake(stream, decoder, _HELLO_ACK)
-        except (ProtocolError, FrameError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-            log.debug("handshake with %s failed: %r", address, exc)
+            conn = await self._connect(stream, address)
+        except Exception as exc:  # whatever the peer's bytes caused: this dial failed
+            self._count("handshakes_failed")
+            log.debug("handshake with %s failed: %s", address, _describe(exc))
+            conn = "retry"
+        if isinstance(conn, str):
             await trio.aclose_forcefully(stream)
-            return "retry"
+            return conn
+        await self._run(conn)
+        return "closed" if conn.graceful or self._closing else "lost"
+
+    async def _connect(self, stream: trio.SocketStream, address: str) -> Connection | str:
+        """The dialer's side of the handshake: the connection, or "refused" / "retry"."""
+        assert self.transit is not None
+        nonce = os.urandom(16)
+        await stream.send_all(encode_frame(_HELLO, self._hello(nonce=nonce)))
+        hello = await self._read_handshake(stream, _HELLO_ACK)
         if not hello.accept:
-            await trio.aclose_forcefully(stream)
             if hello.reason != "duplicate connection":
-                log.warning("%s refused us: %s", address, hello.reason)
+                log.warning("%s refused us: %s", address, str(hello.reason)[:200])
             return "refused"
         reason = self._check_peer(hello)
         if reason is None and self.secret is None and hello.auth:
             reason = "the node requires a shared secret and we have none"
         if reason is None and self.secret is not None:
-            assert self.transit is not None
             me, peer = self.transit.node_id, hello.node_id
             expected = self._proof(b"acceptor", nonce, hello.nonce, peer, me)
             if not hmac.compare_digest(hello.proof, expected):
                 reason = "authentication failed (the node does not share our secret)"
             else:
-                try:
-                    await stream.send_all(_frame(_HELLO, self._hello(
-                        proof=self._proof(b"dialer", hello.nonce, nonce, me, peer))))
-                except (trio.BrokenResourceError, OSError):
-                    await trio.aclose_forcefully(stream)
-                    return "retry"
+                await stream.send_all(encode_frame(_HELLO, self._hello(
+                    proof=self._proof(b"dialer", hello.nonce, nonce, me, peer))))
         if reason is not None or hello.node_id in self.connections:
-            await trio.aclose_forcefully(stream)
             if reason:
+                self._count("handshakes_failed")
                 log.warning("refusing %s: %s", address, reason)
             return "refused"
-        await self._run(Connection(self, stream, hello, decoder), rest)
-        return "done"
+        return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True))
 
-    async def _run(self, conn: Connection, early: list[Any]) -> None:
-        """Register an established connection and serve it until it closes."""
+    async def _run(self, conn: Connection) -> None:
+        """Register an established connection and serve it until it closes. Whatever the
+        peer's frames cause ends this connection only."""
         assert self.transit is not None
         node = conn.node_id
         other = self.connections.get(node)
@@ -501,35 +767,40 @@ class TcpTransport(Transport):
             await trio.aclose_forcefully(conn.stream)
             return
         self.connections[node] = conn
+        self._count("connections_opened")
         if conn.address:
             self._known[node] = conn.address
         log.debug("connected to %s at %s", node, conn.address)
-        problem: BaseException | None = None
         try:
             with trio.CancelScope() as scope:
                 conn.cancel_scope = scope
+                if conn.closed:  # pragma: no cover - closed before it ran
+                    scope.cancel()
                 self.transit.on_connected(node)
                 self._share_peers()
-                if early:
-                    _replay(conn, early)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_until_done, conn.reader, nursery.cancel_scope)
                     nursery.start_soon(conn.writer)
-        except* (ProtocolError, FrameError) as group:
-            problem = group.exceptions[0]
-            log.warning("disconnecting %s: %s", node, problem)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
-            problem = group.exceptions[0]
-            log.debug("connection to %s broke: %r", node, problem)
+            log.debug("connection to %s broke: %r", node, group.exceptions[0])
+        except* ProtocolError as group:
+            self._count("protocol_errors")
+            log.warning("disconnecting %s: %s", node, group.exceptions[0])
+        except* Exception as group:
+            # Not a protocol error we name: a peer reached something we did not expect.
+            self._count("protocol_errors")
+            log.error("disconnecting %s: error while handling its frames", node,
+                      exc_info=group.exceptions[0])
         finally:
-            conn.closed = True
+            conn.close()
             if self.connections.get(node) is conn:
                 del self.connections[node]
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(conn.stream)
-            self.transit.on_disconnected(node, graceful=conn.graceful)
-        if not conn.graceful and not self._closing and conn.address and self._nursery is not None:
-            self._nursery.start_soon(self._dial_loop, conn.address, node)
+            try:
+                self.transit.on_disconnected(node, graceful=conn.graceful)
+            except Exception:  # pragma: no cover - a bug, but never the node's end
+                log.exception("error while forgetting node %s", node)
 
     # --- discovery and liveness ---------------------------------------------------------
 
@@ -544,18 +815,17 @@ class TcpTransport(Transport):
         assert self.transit is not None
         try:
             peers = _peers_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
+        except Exception as exc:  # DecodeError, invalid UTF-8, nesting...
             raise ProtocolError(f"bad PEERS frame from {conn.node_id}: {exc}", reason="bad_peers") from None
-        for node_id, address in peers.nodes.items():
-            if node_id == self.transit.node_id or node_id in self.connections:
+        for i, (node_id, address) in enumerate(peers.nodes.items()):
+            if i >= _MAX_PEERS_ENTRIES:
+                break
+            if not valid_node_id(node_id) or node_id == self.transit.node_id or node_id in self.connections:
                 continue
-            try:
-                parse_address(address)
-            except BrokerOptionsError:
+            address = peer_address(address)  # type: ignore[assignment]
+            if address is None or address == self.address:
                 continue
-            self._known.setdefault(node_id, address)
-            if address not in self._dialing and self._nursery is not None and not self._closing:
-                self._nursery.start_soon(self._dial_loop, address, node_id)
+            self._start_dial_loop(address, node_id, learned=True)
 
     async def _heartbeats(self) -> None:
         assert self.transit is not None
@@ -575,35 +845,48 @@ class TcpTransport(Transport):
                     continue
                 if now - conn.last_recv > timeout:
                     log.warning("node %s silent for %.1fs: marking it lost", conn.node_id, now - conn.last_recv)
-                    if conn.cancel_scope is not None:
-                        conn.cancel_scope.cancel()
+                    self._count("silent")
+                    conn.close()
+                    continue
+                if conn._sending and now - conn._send_started > timeout:
+                    log.warning("disconnecting %s: it has read nothing for %.1fs", conn.node_id,
+                                now - conn._send_started)
+                    self._count("not_reading")
+                    conn.close()
                     continue
                 conn.send(_HEARTBEAT, payload)
+
+
+async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
+    """Exactly ``n`` bytes (never more: what follows is not ours to read)."""
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.receive_some(n - len(buf))
+        if not data:
+            raise ProtocolError("connection closed during the handshake", reason="handshake_eof")
+        buf += data
+    return bytes(buf)
+
+
+def _remote(stream: trio.abc.Stream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        return f"{host}:{port}"
+    except (OSError, AttributeError, ValueError):
+        return "?"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "handshake timed out"
+    if isinstance(exc, (ProtocolError, FrameError, OSError, trio.BrokenResourceError)):
+        return str(exc) or repr(exc)
+    return repr(exc)
 
 
 async def _until_done(fn: Any, scope: trio.CancelScope) -> None:
     await fn()
     scope.cancel()
-
-
-def _replay(conn: Connection, frames: list[Any]) -> None:
-    """Frames that arrived in the same read as the handshake."""
-    transit = conn.transport.transit
-    assert transit is not None
-    for frame in frames:
-        kind = frame[0]
-        if kind == _STREAM_DATA or kind == _STREAM_CREDIT:
-            raise ProtocolError("stream frame before any call", reason="unexpected_stream_frame")
-        if kind == _PEERS:
-            conn.transport._on_peers(conn, frame[1])
-        else:
-            transit.on_frame(conn.node_id, kind, frame[1])
-
-
-def _frame(kind: int, payload: bytes) -> bytes:
-    from nerve.frames import encode_frame
-
-    return encode_frame(kind, payload)
 
 
 def _cpu() -> float:
