@@ -170,6 +170,9 @@ class QueueProbe:
         self.connections_seen = 0
         self._last: Any = None
         self.available = True
+        self.tcp_stats: dict[str, Any] | None = None  # the transport's statistics, last sample
+        self.producers_waiting_peak: int | None = None
+        self._ticks = 0
 
     async def run(self) -> None:
         import trio
@@ -187,21 +190,33 @@ class QueueProbe:
             except Exception:
                 self.available = False
                 return
+            self._ticks += 1
+            if self._ticks % 20 == 0 and conns:  # every 100 ms, while connected
+                self._sample_stats()
             await trio.sleep(0.005)
 
-    def report(self) -> dict[str, Any]:
-        tcp_stats = None
+    def _sample_stats(self) -> None:
         statistics = getattr(self.broker.transport, "statistics", None)
-        if callable(statistics):
-            try:
-                snap = statistics()
-                is_record = dataclasses.is_dataclass(snap) and not isinstance(snap, type)
-                tcp_stats = dataclasses.asdict(snap) if is_record else dict(snap)  # type: ignore[arg-type]
-            except Exception:
-                tcp_stats = None
+        if not callable(statistics):
+            return
+        try:
+            snap = statistics()
+            is_record = dataclasses.is_dataclass(snap) and not isinstance(snap, type)
+            self.tcp_stats = dataclasses.asdict(snap) if is_record else dict(snap)  # type: ignore[arg-type]
+        except Exception:
+            return
+        waiting = self.tcp_stats.get("producers_waiting") if self.tcp_stats else None
+        if isinstance(waiting, int):
+            self.producers_waiting_peak = max(self.producers_waiting_peak or 0, waiting)
+
+    def report(self) -> dict[str, Any]:
+        """Call before the calls are cancelled: the statistics are the last ones sampled while
+        connected (bytes queued and producers waiting for room, if the transport counts them)."""
+        if self._last is not None and self._last in self.broker.transport.connections.values():
+            self._sample_stats()
         return {"write_queue_peak": self.peak if self.available else None,
                 "connections_seen": self.connections_seen if self.available else None,
-                "tcp_stats": tcp_stats}
+                "tcp_stats": self.tcp_stats, "producers_waiting_peak": self.producers_waiting_peak}
 
 
 class AppendTrace:
@@ -390,8 +405,15 @@ def run_client(args: argparse.Namespace) -> None:
                 records.append(rec)
 
             unfinished = 0
+            stalled: dict[str, Any] = {}
+
+            async def just_before_the_deadline() -> None:
+                await trio.sleep(max(0.0, args.deadline - 0.1))
+                stalled.update(probe.report())  # the transport's state while calls are stuck
+
             async with trio.open_nursery() as outer:
                 outer.start_soon(probe.run)
+                outer.start_soon(just_before_the_deadline)
                 with trio.move_on_after(args.deadline) as scope:
                     async with trio.open_nursery() as nursery:
                         for call in calls:
@@ -409,7 +431,7 @@ def run_client(args: argparse.Namespace) -> None:
             out = {"wall_s": wall, "ends": ends, "errors": dict(errors), "examples": examples,
                    "first_error_s": first_error[0] if first_error else None, "unfinished": unfinished,
                    "records": sorted(records, key=lambda r: (r["kind"], r["i"])), "t0_epoch": t0_epoch,
-                   **probe.report(), "trace": trace.report(), "vm_end": read_status()}
+                   **(stalled or probe.report()), "trace": trace.report(), "vm_end": read_status()}
             print(json.dumps(out), flush=True)  # before the broker stops (which may take a while)
 
     trio.run(main)
@@ -546,6 +568,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         "write_queue_peak": {"server": s_out.get("write_queue_peak"), "client": c_out.get("write_queue_peak")},
         "connections_seen": {"server": s_out.get("connections_seen"), "client": c_out.get("connections_seen")},
         "tcp_stats": {"server": s_out.get("tcp_stats"), "client": c_out.get("tcp_stats")},
+        "producers_waiting_peak": {"server": s_out.get("producers_waiting_peak"),
+                                   "client": c_out.get("producers_waiting_peak")},
         "drops": drops,
         "server_stats": s_out["server"],
         "trace": {"server": s_out.get("trace"), "client": c_out.get("trace")},
@@ -622,6 +646,12 @@ def print_table(r: dict[str, Any]) -> None:
                   f"at {at} s")
     if not any(r["drops"].values()):
         print("no connection dropped as 'not reading'")
+    pw = r["producers_waiting_peak"]
+    if any(v is not None for v in pw.values()):
+        last = {k: (v or {}).get("producers_waiting") for k, v in r["tcp_stats"].items()}
+        in_queue = {k: (v or {}).get("bytes_queued") for k, v in r["tcp_stats"].items()}
+        print(f"producers waiting for room (transport statistics, every 100 ms): peak {pw}, "
+              f"last {last} with bytes queued {in_queue}")
     print(f"server handler stats: {r['server_stats']}")
     for note in r["notes"]:
         print(f"note: {note}")
