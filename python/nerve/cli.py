@@ -140,6 +140,62 @@ async def _download(args: argparse.Namespace) -> None:
     print(f"sha256 {digest}  {written} bytes -> {target}")
 
 
+async def _fuzz(args: argparse.Namespace) -> None:
+    """``nerve fuzz``: attack a node as a hostile peer (see nerve.fuzzing); exit 1 on findings."""
+    from nerve.testing import NodeProcess, fuzz_node
+
+    if (args.address is None) == (args.spawn is None):
+        raise SystemExit("nerve fuzz: give the node's tcp://host:port or --spawn CMD (not both)")
+    params = json.loads(args.params) if args.params else None
+    download_params = json.loads(args.download_params) if args.download_params else None
+    target: Any = NodeProcess(args.spawn) if args.spawn else args.address
+    try:
+        report = await fuzz_node(
+            target, secret=args.secret, duration=args.duration, seed=args.seed, pid=args.pid,
+            legit_action=args.legit_action, legit_params=params, actions=args.action or (),
+            upload_action=args.upload_action, download_action=args.download_action,
+            download_params=download_params, namespace=args.namespace, latency_bound=args.latency,
+            minimize_budget=args.minimize_budget,
+            **({"categories": args.category} if args.category else {}))
+    finally:
+        if isinstance(target, NodeProcess):
+            await target.stop()
+    print(report.summary(), flush=True)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_json(), indent=2, default=repr))
+        print(f"report written to {args.report}")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def _fuzz_parser(sub: Any) -> None:
+    f = sub.add_parser("fuzz", help="fuzz a live node as a hostile peer (needs hypothesis); exit 1 on findings")
+    f.add_argument("address", nargs="?", help="tcp://host:port of the node (or --spawn)")
+    f.add_argument("--spawn", help="command starting the node, which prints a JSON line with 'address' "
+                                    "(e.g. 'nerve run --service mod:Cls'); the fuzzer restarts it after "
+                                    "a crash and minimizes reproducers against fresh instances")
+    f.add_argument("--pid", type=int, help="the node's pid, to watch its process, RSS and descriptors")
+    f.add_argument("--secret", help="the cluster's shared secret")
+    f.add_argument("--namespace", default="")
+    f.add_argument("--duration", type=float, default=60.0, help="seconds of fuzzing (default 60)")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--report", help="write the JSON report here")
+    f.add_argument("--action", action="extend", nargs="+", metavar="NAME",
+                   help="actions hostile frames may call and whose params are fuzzed (the first is "
+                        "called by the legitimate client unless --legit-action)")
+    f.add_argument("--legit-action", help="the action the legitimate client calls (default: first "
+                                          "--action, else $node.health)")
+    f.add_argument("--params", help="JSON params of the legitimate call")
+    f.add_argument("--upload-action", help="an action reading a request stream")
+    f.add_argument("--download-action", help="an action answering with a response stream")
+    f.add_argument("--download-params", help="JSON params of the download action")
+    f.add_argument("--latency", type=float, default=2.0, help="latency bound of legitimate calls (s)")
+    f.add_argument("--minimize-budget", type=float, default=120.0, help="seconds for minimizing findings")
+    f.add_argument("--category", action="append",
+                   choices=["handshake", "session", "generated", "stateful", "burst", "service"],
+                   help="fuzz only these categories (repeatable; default all)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nerve", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -181,6 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("--timeout", type=float, default=None)
 
     client("nodes", "list the nodes of the cluster")
+    _fuzz_parser(sub)
     return p
 
 
@@ -192,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         from nerve.demo import run_demo
 
         return run_demo(size=args.size)
-    commands = {"run": _run_node, "call": _call, "upload": _upload, "download": _download, "nodes": _nodes}
+    commands = {"run": _run_node, "call": _call, "upload": _upload, "download": _download, "nodes": _nodes,
+                "fuzz": _fuzz}
     try:
         trio.run(commands[args.command], args)
     except NerveError as exc:

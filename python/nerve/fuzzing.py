@@ -22,11 +22,13 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import struct
 import tempfile
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,7 @@ import trio
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.errors import HypothesisException
+from hypothesis.errors import HypothesisDeprecationWarning, HypothesisException
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import nerve
@@ -446,11 +448,14 @@ class NodeProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def crash_signature(self) -> str:
-        """The last line of the stderr traceback (the exception), or the exit code."""
-        for line in reversed(self.stderr_tail(40).splitlines()):
-            line = line.strip()
-            if line and not line.startswith(("File ", "^", "~", "|", "+", "-")) and ":" in line:
-                return line[:200]
+        """The exception that ended the process (the innermost of an exception group), with
+        quoted values blanked so that one defect hit with different inputs reads the same;
+        else the exit code."""
+        for line in reversed(self.stderr_tail(60).splitlines()):
+            line = line.strip().lstrip("|+ ").strip()
+            match = _EXCEPTION_LINE.match(line)
+            if match and "ExceptionGroup" not in match.group(1) and "MultiError" not in match.group(1):
+                return _QUOTED.sub("'…'", line)[:200]
         code = self.process.returncode if self.process is not None else None
         return f"exit code {code}"
 
@@ -483,6 +488,10 @@ class NodeProcess:
     async def __aexit__(self, *exc: object) -> None:
         with trio.CancelScope(shield=True):
             await self.stop()
+
+
+_EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Fault|Warning))(?::|$)")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+\b")
 
 
 def _proc_alive(pid: int) -> bool:
@@ -970,7 +979,7 @@ def _wrong_values() -> st.SearchStrategy[Any]:
     return st.one_of(
         st.none(), st.booleans(), st.sampled_from([0, -1, 1, _INT_MIN, _INT_MAX, 2**53 + 1, 2**31]),
         st.integers(_INT_MIN, _INT_MAX), st.floats(), st.text(max_size=16), st.binary(max_size=16),
-        st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(-9, 9), max_size=2),
         st.binary(min_size=1, max_size=8).map(lambda b: BadStr(b + b"\xff\xc0")),
         st.sampled_from([BadStr(b"\xff"), BadStr(b"\xed\xa0\x80"), BadStr(b"a\x00b"), BadStr(b"\xc3")]),
         st.integers(16, 24).map(lambda n: "a" * (1 << n)),
@@ -1509,16 +1518,15 @@ class _Engine:
             self.add_finding(Finding(
                 kind="legit_call_failed", category=category,
                 summary=f"the legitimate client's call to {self.legit_action} failed while the node was up",
-                detail=str(last.get("error", "")), reproducer=self.suspects(),
+                detail=str(last.get("error", "")), reproducer=self.suspects() if self.recent else None,
                 signature=f"legit:{str(last.get('error', ''))[:60]}"))
 
-    def suspects(self) -> Reproducer | None:
-        """The recent cases, in order, one connection range each (a reproducer to minimize)."""
-        if not self.recent:
-            return None
+    def suspects(self, last: int = 0) -> Reproducer:
+        """The recent cases (the ``last`` ones, or all kept), in order, each on connections of
+        its own, each closed after its case (a reproducer to minimize)."""
         steps: list[Step] = []
         offset = 0
-        for _, _, case in self.recent:
+        for _, _, case in list(self.recent)[-last:]:
             width = max((s.conn for s in case), default=0) + 1
             steps.extend(Step(s.conn + offset, s.op, s.type, s.payload) for s in case)
             steps.extend(Step(c + offset, "close") for c in range(width))
@@ -1553,7 +1561,7 @@ class _Engine:
             self.stopped = True
             return
         if not known:
-            await self.minimize_finding(finding, self.suspects())
+            await self.minimize_finding(finding, self.suspects() if self.recent else None)
         await self.restart_target()
 
     def add_finding(self, finding: Finding) -> None:
@@ -1577,7 +1585,7 @@ class _Engine:
             self.report.restarts += 1
         self.address = self.target.address
         await self.run_steps(steps, canary=self.bound / 4)
-        with trio.move_on_after(0.3):
+        with trio.move_on_after(1.0 if symptom == "crash" else 0.1):
             while self.target.alive():
                 await trio.sleep(0.01)
         if symptom == "crash":
@@ -1598,7 +1606,9 @@ class _Engine:
         budget = min(self.minimize_left, 30.0)
         with trio.move_on_after(budget):
             candidates = [finding.reproducer]
-            if suspects is not None and len(suspects.steps) > len(finding.reproducer.steps):
+            if len(self.recent) >= 2:
+                candidates.append(self.suspects(2))
+            if suspects is not None and len(suspects.steps) > len(candidates[-1].steps):
                 candidates.append(suspects)
             for candidate in candidates:
                 if await self.reproduces(candidate.steps, finding.kind, finding.signature):
@@ -1639,6 +1649,16 @@ async def _shrink(reproducer: Reproducer, reproduces: Callable[[list[Step]], Any
                     break
                 n = min(n * 2, len(steps))
         for i in range(len(steps)):
+            # structure-aware first: drop the keys of a msgpack map payload one by one
+            obj = _loads(steps[i].payload) if steps[i].op in ("frame", "handshake") else None
+            if isinstance(obj, dict):
+                for key in list(obj):
+                    smaller = {k: v for k, v in obj.items() if k != key}
+                    s = steps[i]
+                    candidate = steps[:i] + [Step(s.conn, s.op, s.type, pack(smaller))] + steps[i + 1:]
+                    if await reproduces(candidate):
+                        steps = best = candidate
+                        obj = smaller
             while steps[i].op in ("frame", "raw") and len(steps[i].payload) > 1:
                 s = steps[i]
                 candidate = steps[:i] + [Step(s.conn, s.op, s.type, s.payload[:len(s.payload) // 2])] + steps[i + 1:]
@@ -1651,6 +1671,13 @@ async def _shrink(reproducer: Reproducer, reproduces: Callable[[list[Step]], Any
 
 
 # --- hypothesis batches -----------------------------------------------------------------
+
+
+def _quiet_hypothesis() -> None:
+    """The trio thread uses the global ``random`` (backoff jitter) while hypothesis draws in the
+    worker thread; hypothesis takes that for a strategy using ``random`` and warns."""
+    warnings.filterwarnings("ignore", message="Do not use the `random` module inside strategies",
+                            category=HypothesisDeprecationWarning)
 
 
 def _batch_settings(max_examples: int, **kw: Any) -> settings:
@@ -1747,6 +1774,7 @@ async def fuzz_node(
     seconds.
     """
     seed = random.randrange(2**31) if seed is None else seed
+    _quiet_hypothesis()
     secret_b = secret.encode() if isinstance(secret, str) else secret
     legit_action = legit_action or (list(actions)[0] if actions else "$node.health")
     report = FuzzReport(target=target if isinstance(target, str) else " ".join(target.argv), seed=seed)
@@ -2000,7 +2028,7 @@ def _near_valid(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
     wrong = st.one_of(
         st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=20),
-        st.binary(max_size=20), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+        st.binary(max_size=20), st.lists(st.integers(-9, 9), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(-9, 9), max_size=2),
         st.integers(10, 20).map(lambda n: "x" * (1 << n)), st.sampled_from([2**63, -(2**63), 2**64 - 1, 1e308, -0.0]),
         st.integers(10, 200).map(lambda d: _nest(d)),
     )
@@ -2149,6 +2177,7 @@ async def fuzz_service(
         assert report.ok, report.summary()
     """
     seed = random.randrange(2**31) if seed is None else seed
+    _quiet_hypothesis()
     report = FuzzReport(target=target if isinstance(target, str) else f"broker {target.node_id}", seed=seed)
     t0 = trio.current_time()
     secret_b = secret.encode() if isinstance(secret, str) else secret

@@ -1,5 +1,7 @@
 """Hypothesis strategies for fuzzing nerve and the services built on it: frames, byte streams
-and their splits, JSON values, Moleculer packets and payloads, and error wire forms.
+and their splits, JSON values, Moleculer packets and payloads, and error wire forms; and the
+live-node fuzzer (:func:`fuzz_node`, :func:`fuzz_service`, :func:`replay`, :func:`minimize`,
+implemented in :mod:`nerve.fuzzing`, also run by ``nerve fuzz``).
 Requires ``hypothesis`` (the ``testing`` extra: ``pip install 'nerve[testing]'``); nothing else imports it.
 """
 
@@ -42,6 +44,19 @@ __all__ = [
     "packet_payloads",
     "error_wire_forms",
     "KNOWN_ERROR_NAMES",
+    # the live-node fuzzer (nerve.fuzzing)
+    "fuzz_node",
+    "fuzz_service",
+    "replay",
+    "minimize",
+    "NodeProcess",
+    "FuzzReport",
+    "Finding",
+    "Reproducer",
+    "Step",
+    "CategoryStats",
+    "LegitStats",
+    "ODD_ADDRESSES",
 ]
 
 Frame = tuple[FrameType, bytes]
@@ -327,3 +342,21 @@ def error_wire_forms(*, known: bool | None = None) -> st.SearchStrategy[dict[str
         "nodeID": st.one_of(st.none(), _node_ids),
         "stack": st.one_of(st.none(), st.text(max_size=200)),
     })
+
+
+# --- the live-node fuzzer (imported last: nerve.fuzzing draws on the strategies above) -------
+
+from nerve.fuzzing import (  # noqa: E402
+    ODD_ADDRESSES,
+    CategoryStats,
+    Finding,
+    FuzzReport,
+    LegitStats,
+    NodeProcess,
+    Reproducer,
+    Step,
+    fuzz_node,
+    fuzz_service,
+    minimize,
+    replay,
+)
