@@ -207,7 +207,8 @@ class Step:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Step:
-        return cls(int(obj["conn"]), str(obj["op"]), int(obj.get("type", 0)),
+        op = str(obj["op"])
+        return cls(int(obj["conn"]), op, int(obj.get("type", FrameType.HELLO if op == "handshake" else 0)),
                    bytes.fromhex(obj.get("payload", "")))
 
     def size(self) -> int:
@@ -465,7 +466,7 @@ class NodeProcess:
             return
         if proc.poll() is None:
             proc.terminate()
-            with trio.move_on_after(5):
+            with trio.move_on_after(3):
                 await proc.wait()
             if proc.poll() is None:
                 proc.kill()
@@ -2109,13 +2110,27 @@ class _ServiceFuzzer:
         return None
 
     def run_batch(self, seed: int, examples: int, stop: Callable[[], bool]) -> list[Finding]:
-        """In a worker thread: ``examples`` params drawn and called; hypothesis shrinks each
-        failure; returns the new findings."""
+        """In a worker thread: about ``examples`` params drawn and called; returns the new
+        findings. Hypothesis stops at a failure and shrinks it, so the examples are run as
+        batches: each batch shrinks the first failure it meets that is not known yet."""
         found: list[Finding] = []
+        start = self.sent
+        batch_no = 0
+        while self.sent - start < examples and not stop():
+            before = self.sent
+            self._batch(seed * 7919 + batch_no, examples - (self.sent - start), stop, found)
+            batch_no += 1
+            if self.sent == before:
+                break
+        return found
+
+    def _batch(self, seed: int, examples: int, stop: Callable[[], bool], found: list[Finding]) -> None:
+        target: list[str] = []  # the signature this batch shrinks
 
         @hypothesis_seed(seed)
-        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-                  verbosity=Verbosity.quiet, phases=[Phase.generate, Phase.shrink], report_multiple_bugs=True)
+        @settings(max_examples=max(1, examples), deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
+                  phases=[Phase.generate, Phase.shrink])
         @given(self.strategy)
         def batch(params: Any) -> None:
             if stop():
@@ -2125,29 +2140,27 @@ class _ServiceFuzzer:
                 return
             kind, text = problem
             signature = f"{kind}:{text.split(':', 1)[0]}"
-            size = len(repr(params))
             known = self.failures.get(signature)
             if known is None:
                 finding = Finding(kind=kind, category="service", action=self.action, params=params,
-                                  summary=text.splitlines()[0][:300], detail=text, signature=f"svc:{self.action}:{signature}")
+                                  summary=text.splitlines()[0][:300], detail=text,
+                                  signature=f"svc:{self.action}:{signature}", minimized=True)
                 self.failures[signature] = finding
                 found.append(finding)
-            else:
-                if size < len(repr(known.params)):
-                    known.params = params
-                    known.summary = text.splitlines()[0][:300]
-                    known.minimized = True
-            raise _ServiceFailure(signature)
+                if not target:
+                    target.append(signature)
+            elif len(repr(params)) < len(repr(known.params)):
+                known.params = params
+                known.summary = text.splitlines()[0][:300]
+            if target and target[0] == signature:
+                raise _ServiceFailure(signature)
 
         try:
             batch()
-        except (_ServiceFailure, ExceptionGroup):
+        except _ServiceFailure:
             pass
-        except Exception as exc:  # noqa: BLE001 - hypothesis' own (flaky, unsatisfiable): keep what we have
-            log.debug("service fuzz of %s ended with %r", self.action, exc)
-        for finding in self.failures.values():
-            finding.minimized = True
-        return found
+        except Exception as exc:  # noqa: BLE001 - hypothesis' own (flaky...): keep what we have
+            log.debug("service fuzz of %s: batch ended with %r", self.action, exc)
 
 
 async def fuzz_service(

@@ -57,6 +57,9 @@ __all__ = [
     "CategoryStats",
     "LegitStats",
     "ODD_ADDRESSES",
+    "BadStr",
+    "Nested",
+    "pack",
 ]
 
 Frame = tuple[FrameType, bytes]
@@ -348,15 +351,18 @@ def error_wire_forms(*, known: bool | None = None) -> st.SearchStrategy[dict[str
 
 from nerve.fuzzing import (  # noqa: E402
     ODD_ADDRESSES,
+    BadStr,
     CategoryStats,
     Finding,
     FuzzReport,
     LegitStats,
+    Nested,
     NodeProcess,
     Reproducer,
     Step,
     fuzz_node,
     fuzz_service,
     minimize,
+    pack,
     replay,
 )
