@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -120,8 +121,11 @@ class Node:
         while not line and time.monotonic() < deadline and self.proc.poll() is None:
             line = self.proc.stdout.readline()
         if not line:
+            self.proc.kill()
+            self.proc.wait()
+            why = self.last_error()
             self.stop()
-            raise RuntimeError(f"node {node_id} did not start: {self.stderr()[-3000:]}")
+            raise RuntimeError(f"node {node_id} did not start: {why}")
         info = json.loads(line)
         self.address: str = info["address"]
         self.pid: int = info["pid"]
@@ -134,9 +138,22 @@ class Node:
     def stderr(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def last_error(self) -> str:
+        """The last exception line of the node's stderr."""
+        lines = [line.strip(" |+-") for line in self.stderr().splitlines()]
+        errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Group)\b.*:", line)]
+        return errors[-1] if errors else " / ".join(lines[-3:])
+
     def why_dead(self) -> str:
-        last = [line.strip(" |") for line in self.stderr().strip().splitlines()[-4:]]
-        return f"node {self.node_id} exited ({self.proc.returncode}): ... " + " / ".join(last)
+        return f"node {self.node_id} exited ({self.proc.returncode}): {self.last_error()}"
+
+    def state(self) -> str:
+        """'exited: <why>' or 'alive, at N% CPU' (measured over 0.5 s)."""
+        if not self.alive():
+            return self.why_dead()
+        before = self.cpu_seconds()
+        time.sleep(0.5)
+        return f"alive, at {(self.cpu_seconds() - before) / 0.5:.0%} CPU"
 
     def rss(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
@@ -181,6 +198,7 @@ class Hostile:
         self.decoder = FrameDecoder(1 << 30, split_streams=True)
         self.frames: list[Any] = []  # received, not yet taken
         self.ack: dict[str, Any] | None = None
+        self._sending = trio.StrictFIFOLock()  # tasks of a test may send at once (heartbeats)
 
     @classmethod
     async def connect(cls, address: str, node_id: str = "intruder") -> Hostile:
@@ -190,10 +208,23 @@ class Hostile:
     # sending
 
     async def send_raw(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        """Raises Closed if the node closed (or reset) the connection."""
+        async with self._sending:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise Closed() from None
+
+    async def try_send_raw(self, data: bytes) -> bool:
+        """send_raw; False if the node had closed the connection already."""
+        try:
+            await self.send_raw(data)
+        except Closed:
+            return False
+        return True
 
     async def send(self, kind: int, payload: bytes) -> None:
-        await self.stream.send_all(encode_frame(kind, payload))
+        await self.send_raw(encode_frame(kind, payload))
 
     async def send_packet(self, kind: int, fields: dict[str, Any]) -> None:
         body = {"ver": "5", "sender": self.node_id}
@@ -203,17 +234,20 @@ class Hostile:
     async def send_stream_data(self, flags: int, stream_id: str, seq: int, chunk: bytes) -> None:
         enc = FrameEncoder(1 << 30)
         enc.append_stream_data(flags, stream_id, seq, chunk)
-        await self.stream.send_all(enc.take())
+        await self.send_raw(enc.take())
 
     async def send_credit(self, flags: int, stream_id: str, consumed: int) -> None:
         enc = FrameEncoder(1 << 30)
         enc.append_stream_credit(flags, stream_id, consumed)
-        await self.stream.send_all(enc.take())
+        await self.send_raw(enc.take())
 
     # receiving
 
     async def _more(self) -> None:
-        data = await self.stream.receive_some(1 << 20)
+        try:
+            data = await self.stream.receive_some(1 << 20)
+        except trio.BrokenResourceError:  # reset: the node closed with our bytes unread
+            raise Closed() from None
         if not data:
             raise Closed()
         self.frames.extend(self.decoder.feed(data))

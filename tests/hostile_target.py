@@ -109,6 +109,7 @@ class Target(nerve.Service):
                 self.outcomes[tag] = "ok"
             except BaseException as exc:
                 self.outcomes[tag] = type(exc).__name__
+                self.outcomes[tag + ".message"] = str(exc)
                 if not isinstance(exc, Exception):
                     raise
 
