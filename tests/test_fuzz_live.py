@@ -10,6 +10,7 @@ descriptors back to baseline.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,15 @@ def test_nerve_fuzz_command_writes_a_report(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_readme_fuzzing_example_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Fuzzing your own nodes", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    script = tmp_path / "fuzz_example.py"
+    script.write_text(blocks[0])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no findings" in out.stdout and "calls to math.add, 0 failed" in out.stdout
