@@ -170,6 +170,7 @@ class QueueProbe:
         self.connections_seen = 0
         self._last: Any = None
         self.available = True
+        self.rx_buffered_peak: int | None = None  # bytes received by streams, not read yet
         self.tcp_stats: dict[str, Any] | None = None  # the transport's statistics, last sample
         self.producers_waiting_peak: int | None = None
         self._ticks = 0
@@ -190,6 +191,11 @@ class QueueProbe:
             except Exception:
                 self.available = False
                 return
+            try:
+                buffered = sum(r.statistics()["bytes_buffered"] for r in self.broker.transit.readers.values())
+                self.rx_buffered_peak = max(self.rx_buffered_peak or 0, buffered)
+            except Exception:
+                pass
             self._ticks += 1
             if self._ticks % 20 == 0 and conns:  # every 100 ms, while connected
                 self._sample_stats()
@@ -216,7 +222,8 @@ class QueueProbe:
             self._sample_stats()
         return {"write_queue_peak": self.peak if self.available else None,
                 "connections_seen": self.connections_seen if self.available else None,
-                "tcp_stats": self.tcp_stats, "producers_waiting_peak": self.producers_waiting_peak}
+                "tcp_stats": self.tcp_stats, "producers_waiting_peak": self.producers_waiting_peak,
+                "rx_buffered_peak": self.rx_buffered_peak}
 
 
 class AppendTrace:
@@ -568,6 +575,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         "write_queue_peak": {"server": s_out.get("write_queue_peak"), "client": c_out.get("write_queue_peak")},
         "connections_seen": {"server": s_out.get("connections_seen"), "client": c_out.get("connections_seen")},
         "tcp_stats": {"server": s_out.get("tcp_stats"), "client": c_out.get("tcp_stats")},
+        "rx_buffered_peak": {"server": s_out.get("rx_buffered_peak"), "client": c_out.get("rx_buffered_peak")},
         "producers_waiting_peak": {"server": s_out.get("producers_waiting_peak"),
                                    "client": c_out.get("producers_waiting_peak")},
         "drops": drops,
@@ -646,6 +654,10 @@ def print_table(r: dict[str, Any]) -> None:
                   f"at {at} s")
     if not any(r["drops"].values()):
         print("no connection dropped as 'not reading'")
+    rx = r["rx_buffered_peak"]
+    print(f"received and not yet read by the streams' consumers, peak (sampled every 5 ms): "
+          f"server {_mib(None if rx['server'] is None else rx['server'] // 1024)} MiB, "
+          f"client {_mib(None if rx['client'] is None else rx['client'] // 1024)} MiB")
     pw = r["producers_waiting_peak"]
     if any(v is not None for v in pw.values()):
         last = {k: (v or {}).get("producers_waiting") for k, v in r["tcp_stats"].items()}
