@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -493,9 +494,18 @@ def _readline(proc: subprocess.Popen[Any], timeout: float, what: str) -> dict[st
 
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the two processes and measure (both are killed, and their logs removed, whatever
+    happens)."""
+    tmp = Path(tempfile.mkdtemp(prefix="nerve-soak-"))
+    try:
+        return _orchestrate(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _orchestrate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     lo, hi = args.size
     size_arg = f"{lo}-{hi}"
-    tmp = Path(tempfile.mkdtemp(prefix="nerve-soak-"))
     server_err = open(tmp / "server.log", "w+b")
     client_err = open(tmp / "client.log", "w+b")
     me = [sys.executable, str(HERE)]
@@ -587,9 +597,6 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.records:
         result["records"] = records
-    for leftover in tmp.iterdir():
-        leftover.unlink()
-    tmp.rmdir()
     return result
 
 
