@@ -122,6 +122,7 @@ class PacketStream:
         self._on_closed: list[Callable[[], None]] = []
         self._pending_abort: BaseException | None = None
         self._pump_scope: trio.CancelScope | None = None
+        self._admitted = False  # room was waited for, for the next chunk
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -164,17 +165,41 @@ class PacketStream:
             if n == 0:
                 await self._wait_credit()
                 continue
-            if not link.has_room(n):
+            if self._admitted:
+                self._admitted = False  # _wait_ready waited for this chunk's room
+            elif not link.has_room(n):
                 # Admitted to the connection's queue before queueing, never after: any number
-                # of producers keeps the queue under its high-water mark.
+                # of producers keeps the queue under its high-water mark. Once admitted, queue
+                # at once (no checkpoint in between, or the room goes to another producer).
                 await self._wait_room(n)
-                continue
+                self._raise_if_stopped()
+                n = self._tx.next_chunk_len(total - at)  # never less than before: only grants
+                if n == 0:  # pragma: no cover - closed meanwhile (raised above) or a concurrent send
+                    continue
             chunk = view if (at == 0 and n == total) else view[at:at + n]
             seq = self._tx.on_sent(n)
             link.data(seq, chunk)
             self.bytes_sent += n
             at += n
             await trio.lowlevel.checkpoint()
+
+    async def _wait_ready(self) -> None:
+        """Wait until a full chunk could be sent now: credit, and room in the queue."""
+        if not self._bound.is_set():
+            await self._bound.wait()
+        assert self._tx is not None and self._link is not None
+        while True:
+            self._raise_if_stopped()
+            n = self._tx.next_chunk_len(self.max_chunk)
+            if n == 0:
+                if self._tx_done:
+                    return  # send() says why
+                await self._wait_credit()
+                continue
+            if not self._link.has_room(n):
+                await self._wait_room(n)
+                self._admitted = True  # the next send queues its first chunk without asking again
+            return
 
     async def _wait_room(self, n: int) -> None:
         """Wait for room for ``n`` bytes in the connection's queue, bounded by the idle
@@ -283,8 +308,17 @@ class PacketStream:
             if self._tx_error is not None:
                 return
             try:
-                async for chunk in source:
+                chunks = source.__aiter__()
+                while True:
+                    # Pull the next chunk only once it can go: a producer waiting for credit
+                    # or for room in the connection's queue holds no chunk of its own.
+                    await self._wait_ready()
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
                     await self.send(chunk)
+                    del chunk  # sent (copied or queued): not ours to hold while we wait
             except (StreamClosedError, StreamIdleTimeoutError):
                 return
             except trio.Cancelled:

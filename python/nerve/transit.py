@@ -283,6 +283,8 @@ class Transit:
         try:
             with trio.CancelScope() as scope:
                 window, max_chunk = self.transport.peer_stream_config(node_id)
+                if stream.idle_timeout is None:
+                    stream.idle_timeout = self.broker.stream_idle_timeout
                 stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
                 self.writers[key] = stream
                 stream._on_closed.append(lambda: self._forget_writer(key))
@@ -649,6 +651,8 @@ class Transit:
             stream._fail_producer(StreamError(f"node '{sender}' is gone"))
             return
         key = (sender, call_id, True)
+        if stream.idle_timeout is None:  # a peer that reads nothing holds it no longer than this
+            stream.idle_timeout = self.broker.stream_idle_timeout
         stream._bind(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
         self.writers[key] = stream
         stream._on_closed.append(lambda: self._forget_writer(key))

@@ -354,6 +354,7 @@ class Connection:
                 data = encoder.take()
                 self._admit()  # only once the queue is empty, not while _unsent goes out
             else:
+                self._admit()  # the queue went out whole (perhaps as _unsent): room for all
                 self._flushed.set()
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
@@ -855,6 +856,10 @@ class TcpTransport(Transport):
                     conn.close()
                     continue
                 conn.send(_HEARTBEAT, payload)
+                if conn._waiters and not conn._sending:
+                    # Producers admitted earlier may have left without queueing (their stream
+                    # ended): never leave the others parked by an idle writer.
+                    conn._admit()
 
 
 async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
