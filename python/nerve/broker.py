@@ -68,6 +68,10 @@ class Broker:
     handshake frame of at most ``max_hello_size`` (64 KiB), with at most ``max_handshakes``
     (64) handshakes in progress. ``max_redials`` (10): failed dials in a row of an address
     learned from a peer before it is forgotten (seeds are dialled for ever).
+    ``tls_cert`` / ``tls_key`` / ``tls_ca`` (TCP): connections run over TLS; a peer's chain
+    is verified against ``tls_ca`` and its certificate must name its node id (the dialer also
+    accepts the host it dialled). ``tls_mutual=True``: acceptors require a client
+    certificate too, naming the dialer's node id.
     """
 
     def __init__(
@@ -103,6 +107,10 @@ class Broker:
         max_handshakes: int | None = None,
         max_redials: int | None = None,
         secret: str | bytes | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_mutual: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
@@ -143,10 +151,11 @@ class Broker:
         if max_write_queue is not None:
             options["max_write_queue"] = max_write_queue
         tcp_only = {"max_hello_size": max_hello_size, "max_handshakes": max_handshakes,
-                    "max_redials": max_redials}
+                    "max_redials": max_redials, "tls_cert": tls_cert, "tls_key": tls_key,
+                    "tls_ca": tls_ca, "tls_mutual": tls_mutual or None}
         options.update({k: v for k, v in tcp_only.items() if v is not None})
-        if transport is None and (options["peers"] or secret is not None):
-            raise BrokerOptionsError("peers= and secret= need a tcp:// transport")
+        if transport is None and (options["peers"] or secret is not None or tls_cert or tls_ca):
+            raise BrokerOptionsError("peers=, secret= and tls_* need a tcp:// transport")
         if isinstance(transport, str) and transport.startswith("tcp://"):
             options["max_streams"] = max_peer_streams
         self.transport = make_transport(transport, **options)

@@ -21,8 +21,24 @@ from nerve.errors import NerveError
 __all__ = ["main"]
 
 
-def _client(peer: str, **kw: Any) -> nerve.Broker:
-    return nerve.Broker(f"cli-{os.getpid()}", transport="tcp://127.0.0.1:0", peers=[peer], **kw)
+def _tls(args: argparse.Namespace) -> dict[str, Any]:
+    """Broker options from the --tls-* flags."""
+    return {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
+            "tls_mutual": args.tls_mutual}
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate of this node (names its node id)")
+    p.add_argument("--tls-key", help="PEM private key (if not in --tls-cert)")
+    p.add_argument("--tls-ca", help="PEM CA bundle that peers' certificates must chain to")
+    p.add_argument("--tls-mutual", action="store_true", help="require client certificates (mutual TLS)")
+
+
+def _client(peer: str, args: argparse.Namespace | None = None, **kw: Any) -> nerve.Broker:
+    node_id = getattr(args, "node_id", None) or f"cli-{os.getpid()}"
+    if args is not None and getattr(args, "tls_cert", None) is not None:
+        kw.update(_tls(args))
+    return nerve.Broker(node_id, transport="tcp://127.0.0.1:0", peers=[peer], **kw)
 
 
 async def _ready(broker: nerve.Broker, action: str, timeout: float) -> None:
@@ -40,7 +56,7 @@ def _load_service(spec: str) -> nerve.Service:
 
 async def _run_node(args: argparse.Namespace) -> None:
     services = [_load_service(s) for s in args.service]
-    async with nerve.Broker(args.node_id, transport=args.listen, peers=args.peer,
+    async with nerve.Broker(args.node_id, transport=args.listen, peers=args.peer, **_tls(args),
                             services=services) as broker:
         print(json.dumps({"nodeID": broker.node_id, "address": broker.address}), flush=True)
         with trio.open_signal_receiver(2, 15) as signals:
@@ -51,14 +67,14 @@ async def _run_node(args: argparse.Namespace) -> None:
 async def _call(args: argparse.Namespace) -> None:
     params = json.loads(args.params) if args.params else None
     meta = json.loads(args.meta) if args.meta else {}
-    async with _client(args.peer) as broker:
+    async with _client(args.peer, args) as broker:
         await _ready(broker, args.action, args.wait)
         result = await broker.call(args.action, params, meta=meta, timeout=args.timeout)
         print(json.dumps({"result": result, "meta": meta}, default=repr, indent=2))
 
 
 async def _nodes(args: argparse.Namespace) -> None:
-    async with _client(args.peer) as broker:
+    async with _client(args.peer, args) as broker:
         with trio.move_on_after(args.wait):
             while len(broker.registry.available_nodes()) < 2:
                 await trio.sleep(0.05)
@@ -104,7 +120,7 @@ async def _upload(args: argparse.Namespace) -> None:
     meta = {"filename": path.name, "size": size, **(json.loads(args.meta) if args.meta else {})}
     params = json.loads(args.params) if args.params else {}
     digest = await trio.to_thread.run_sync(sha256_file, path)
-    async with _client(args.peer) as broker:
+    async with _client(args.peer, args) as broker:
         await _ready(broker, args.action, args.wait)
         upload = nerve.PacketStream.from_file(path, window=broker.stream_window, max_chunk=broker.max_chunk,
                                               idle_timeout=broker.stream_idle_timeout)
@@ -123,7 +139,7 @@ async def _download(args: argparse.Namespace) -> None:
     params = json.loads(args.params) if args.params else {}
     meta: dict[str, Any] = json.loads(args.meta) if args.meta else {}
     target = Path(args.file)
-    async with _client(args.peer) as broker:
+    async with _client(args.peer, args) as broker:
         await _ready(broker, args.action, args.wait)
         stream = await broker.call(args.action, params, meta=meta, timeout=args.timeout)
         if not isinstance(stream, nerve.PacketStream):
@@ -209,10 +225,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--peer", action="append", default=[])
     r.add_argument("--node-id", default=None)
     r.add_argument("--service", action="append", default=[])
+    _add_tls_flags(r)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--peer", required=True, help="tcp://host:port of a running node")
+        c.add_argument("--node-id", default=None, help="this client's node id (default cli-<pid>)")
+        _add_tls_flags(c)
         c.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service")
         return c
 

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import ssl
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -419,8 +420,14 @@ class TcpTransport(Transport):
                  max_hello_size: int = DEFAULT_MAX_HELLO_SIZE,
                  max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
                  max_redials: int = DEFAULT_MAX_REDIALS,
-                 max_streams: int = 0) -> None:
+                 max_streams: int = 0,
+                 tls_cert: str | os.PathLike[str] | None = None,
+                 tls_key: str | os.PathLike[str] | None = None,
+                 tls_ca: str | os.PathLike[str] | None = None,
+                 tls_mutual: bool = False) -> None:
         self.host, self.port = parse_address(url)
+        self._tls_server, self._tls_client = _tls_contexts(tls_cert, tls_key, tls_ca, tls_mutual)
+        self.tls_mutual = tls_mutual
         for p in peers:
             parse_address(p)
         if max_hello_size < 256 or max_handshakes < 1 or max_redials < 1:
@@ -598,7 +605,7 @@ class TcpTransport(Transport):
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
         """An accepted connection: the boundary of everything its peer sends."""
-        if self._handshakes >= self.max_handshakes:
+        if self._handshakes >= self.max_handshakes:  # TLS handshakes count too
             self._count("handshakes_over_limit")
             log.debug("closing an inbound connection: %d handshakes in progress", self._handshakes)
             await trio.aclose_forcefully(stream)
@@ -620,11 +627,19 @@ class TcpTransport(Transport):
             # It dialled us and was lost: try to get it back (for a while: it may be gone).
             self._start_dial_loop(conn.address, conn.node_id, learned=conn.address not in self.seeds)
 
-    async def _accept(self, stream: trio.SocketStream) -> Connection | None:
+    async def _accept(self, raw: trio.SocketStream) -> Connection | None:
         """The acceptor's side of the handshake: the connection, or None when refused."""
         assert self.transit is not None
+        stream: trio.abc.Stream = raw
+        if self._tls_server is not None:
+            tls = trio.SSLStream(raw, self._tls_server, server_side=True)
+            with trio.fail_after(_HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+            stream = tls
         hello = await self._read_handshake(stream, _HELLO)
         reason = self._check_peer(hello)
+        if reason is None and self.tls_mutual and not _cert_names_node(stream, hello.node_id):
+            reason = f"its certificate does not name node {hello.node_id!r}"
         if reason is None:
             if hello.node_id in self.connections:
                 reason = "duplicate connection"
@@ -653,7 +668,8 @@ class TcpTransport(Transport):
                 self._count("handshakes_failed")
                 log.warning("refused %s: %s", hello.node_id, reason)
             return None
-        return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True))
+        return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True),
+                          fd=None if stream is not raw else raw.socket.fileno())
 
     def _start_dial_loop(self, address: str, node_id: str, *, learned: bool) -> None:
         if self._closing or self._nursery is None or address in self._dial_loops:
@@ -711,23 +727,29 @@ class TcpTransport(Transport):
             return "refused"
         try:
             with trio.fail_after(_HANDSHAKE_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
+                raw = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
             log.debug("cannot connect to %s: %r", address, exc)
             return "retry"
+        stream: trio.abc.Stream = raw
         try:
-            conn = await self._connect(stream, address)
+            if self._tls_client is not None:
+                tls = trio.SSLStream(raw, self._tls_client, server_hostname=host)
+                with trio.fail_after(_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+                stream = tls
+            conn = await self._connect(stream, address, host)
         except Exception as exc:  # whatever the peer's bytes caused: this dial failed
             self._count("handshakes_failed")
             log.debug("handshake with %s failed: %s", address, _describe(exc))
             conn = "retry"
         if isinstance(conn, str):
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(raw)
             return conn
         await self._run(conn)
         return "closed" if conn.graceful or self._closing else "lost"
 
-    async def _connect(self, stream: trio.SocketStream, address: str) -> Connection | str:
+    async def _connect(self, stream: trio.abc.Stream, address: str, host: str) -> Connection | str:
         """The dialer's side of the handshake: the connection, or "refused" / "retry"."""
         assert self.transit is not None
         nonce = os.urandom(16)
@@ -738,6 +760,12 @@ class TcpTransport(Transport):
                 log.warning("%s refused us: %s", address, str(hello.reason)[:200])
             return "refused"
         reason = self._check_peer(hello)
+        if reason is None and self._tls_client is not None and not (
+                _cert_names_node(stream, hello.node_id) or (not self.tls_mutual and _cert_names_node(stream, host))):
+            # Its chain is checked against our CA; the certificate must also name the node
+            # (or, without mutual TLS, the host we dialled).
+            reason = f"its certificate names neither node {hello.node_id!r} nor {host!r}" if not self.tls_mutual \
+                else f"its certificate does not name node {hello.node_id!r}"
         if reason is None and self.secret is None and hello.auth:
             reason = "the node requires a shared secret and we have none"
         if reason is None and self.secret is not None:
@@ -753,7 +781,8 @@ class TcpTransport(Transport):
                 self._count("handshakes_failed")
                 log.warning("refusing %s: %s", address, reason)
             return "refused"
-        return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True))
+        fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True), fd=fd)
 
     async def _run(self, conn: Connection) -> None:
         """Register an established connection and serve it until it closes. Whatever the
@@ -873,8 +902,50 @@ async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
     return bytes(buf)
 
 
+def _tls_contexts(cert: Any, key: Any, ca: Any, mutual: bool) -> tuple[ssl.SSLContext | None,
+                                                                         ssl.SSLContext | None]:
+    """(acceptor, dialer) TLS contexts, or (None, None) without TLS. Peers' chains are
+    verified against ``ca``; identities are checked by node id (see _cert_names_node), so the
+    dialer does not match the certificate against the address's host name by itself."""
+    if cert is None and key is None and ca is None:
+        if mutual:
+            raise BrokerOptionsError("tls_mutual needs tls_cert, tls_key and tls_ca")
+        return None, None
+    if cert is None or ca is None:
+        raise BrokerOptionsError("TLS needs tls_cert (with tls_key unless the file holds it) and tls_ca")
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=os.fspath(ca))
+        server.load_cert_chain(os.fspath(cert), os.fspath(key) if key is not None else None)
+        server.verify_mode = ssl.CERT_REQUIRED if mutual else ssl.CERT_NONE
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca))
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_REQUIRED
+        client.load_cert_chain(os.fspath(cert), os.fspath(key) if key is not None else None)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise BrokerOptionsError(f"cannot load the TLS certificate, key or CA: {exc}") from None
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return server, client
+
+
+def _cert_names_node(stream: trio.abc.Stream, name: str) -> bool:
+    """True if the peer's (verified) certificate names ``name``: its subject's common name or
+    a DNS / IP subject alternative name."""
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    cert = stream.getpeercert()
+    if not cert:
+        return False
+    names = {value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")}
+    for rdn in cert.get("subject", ()):
+        names.update(value for key, value in rdn if key == "commonName")
+    return name in names
+
+
 def _remote(stream: trio.abc.Stream) -> str:
     try:
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
         host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
         return f"{host}:{port}"
     except (OSError, AttributeError, ValueError):
