@@ -518,6 +518,18 @@ def _rss(pid: int) -> int | None:
         return None
 
 
+def _peak_rss(pid: int) -> int | None:
+    """The process's peak RSS so far (VmHWM), in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -1901,7 +1913,8 @@ async def _leak_check(engine: _Engine, rss_tolerance: int, fd_tolerance: int, se
             if rss_ok and fds_ok:
                 break
             await trio.sleep(0.25)
-    engine.report.resources = {"pid": pid, "baseline": dict(base), "after": {"rss": rss_min, "fds": fds_min},
+    engine.report.resources = {"pid": pid, "baseline": dict(base), "peak": {"rss": _peak_rss(pid)},
+                               "after": {"rss": rss_min, "fds": fds_min},
                                "tolerance": {"rss": rss_tolerance, "fds": fd_tolerance}}
     if rss_min is not None and base["rss"] is not None and rss_min > base["rss"] + rss_tolerance:
         engine.add_finding(Finding(kind="leak", category="final", signature="leak:rss",
