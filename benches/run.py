@@ -45,7 +45,7 @@ NATS_URL = ("127.0.0.1", 4222)
 NATS_START = ("start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
               "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log")
 MOLECULERPY_VERSION = "0.14.22"
-FAMILIES = ("rpc", "events", "transfer", "slow", "inproc")
+FAMILIES = ("rpc", "events", "transfer", "tls", "slow", "inproc")
 SLOW_BUDGET_EXTRA = 16 * MIB  # target: peak RSS <= idle RSS + window + 16 MiB
 
 
@@ -123,6 +123,7 @@ RPC_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-json", "moljs-nats-json
              "moleculerpy-nats-json"]
 TRANSFER_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", "moljs-nats-msgpack"]
 SLOW_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack"]
+TLS_PEERS = ["grpc-aio"]
 
 
 @dataclass
@@ -135,6 +136,8 @@ class Scenario:
     metrics: list[Metric]
     server: bool = True
     full_runs: int | None = None  # default number of runs in full mode (else --runs default)
+    tls: bool = False  # server and client get --tls-dir (certificates made at run time)
+    base: str | None = None  # the plaintext scenario this one repeats (TLS cost = this / base)
 
     def opts(self, mode: str) -> dict[str, Any]:
         return dict(self.client[mode])
@@ -170,6 +173,22 @@ SCENARIOS: list[Scenario] = [
              {"full": dict(scenario="download", size=GIB),
               "quick": dict(scenario="download", size=32 * MIB)},
              TRANSFER_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB]),
+    # TLS: the same clients over TLS (server authentication, not mutual; a throwaway CA made
+    # with trustme at run time). Quick mode keeps RPC to 0.3 s and transfers to 16 MiB.
+    Scenario("rpc_1_tls", "tls", "RPC over TLS, 1 in flight, one connection",
+             {"full": dict(scenario="rpc", inflight=1, duration=3.0, count=1_000_000, warmup=2000),
+              "quick": dict(scenario="rpc", inflight=1, duration=0.3, count=20_000, warmup=200)},
+             TLS_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP], tls=True, base="rpc_1"),
+    Scenario("rpc_64_tls", "tls", "RPC over TLS, 64 in flight, one connection",
+             {"full": dict(scenario="rpc", inflight=64, duration=3.0, count=1_000_000, warmup=5000),
+              "quick": dict(scenario="rpc", inflight=64, duration=0.3, count=50_000, warmup=500)},
+             TLS_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP], tls=True, base="rpc_64"),
+    Scenario("upload_tls", "tls", "upload over TLS (client → server stream)",
+             {"full": dict(scenario="upload", size=GIB), "quick": dict(scenario="upload", size=16 * MIB)},
+             TLS_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB], tls=True, base="upload"),
+    Scenario("download_tls", "tls", "download over TLS (server → client stream)",
+             {"full": dict(scenario="download", size=GIB), "quick": dict(scenario="download", size=16 * MIB)},
+             TLS_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB], tls=True, base="download"),
     Scenario("slow_1g", "slow", "slow consumer (reads at 1/4 of the producer's speed), download",
              {"full": dict(scenario="slow", size=GIB), "quick": dict(scenario="slow", size=16 * MIB)},
              SLOW_PEERS, [SRV_GROWTH, CLI_GROWTH, SRV_PEAK, CLI_PEAK, MB_S], full_runs=3),
@@ -341,6 +360,28 @@ class Env:
     moleculerpy_python: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    tls_dir: str | None = None  # certificates for the TLS scenarios (made by make_tls_dir)
+    tls_skipped: str = ""  # why the TLS scenarios cannot run
+
+
+def make_tls_dir() -> tuple[str | None, str]:
+    """A temporary directory with a throwaway CA (``ca.pem``) and two certificates signed by it:
+    ``server.crt/.key`` naming node ``bench-server``, 127.0.0.1 and localhost (nerve's client
+    checks the node id or the dialled host, grpc the host), ``client.crt/.key`` naming
+    ``bench-client``. Returns (directory, "") or (None, why not). The caller removes it."""
+    try:
+        import trustme
+    except ImportError:
+        return None, "trustme is not installed (a dev dependency: pip install -e '.[dev]')"
+    d = Path(tempfile.mkdtemp(prefix="nerve-bench-tls-"))
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    for side, names in (("server", ("bench-server", "127.0.0.1", "localhost")), ("client", ("bench-client",))):
+        cert = ca.issue_cert(*names)
+        for i, pem in enumerate(cert.cert_chain_pems):
+            pem.write_to_path(str(d / f"{side}.crt"), append=i > 0)
+        cert.private_key_pem.write_to_path(str(d / f"{side}.key"))
+    return str(d), ""
 
 
 def _cmd_output(cmd: list[str], timeout: float = 20.0) -> str:
@@ -474,7 +515,7 @@ def client_deadline(opts: dict[str, Any]) -> float:
 def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> dict[str, Any]:
     """One server + one client; returns the client's result with RSS figures added."""
     opts = dict(opts)
-    if scenario.family in ("transfer", "slow"):
+    if opts["scenario"] in ("upload", "download", "slow"):
         opts.setdefault("chunk", peer.chunk)
     deadline = client_deadline(opts)
     opts["deadline"] = round(deadline, 1)
@@ -490,6 +531,9 @@ def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> 
         common = ["--port", str(port)]
         if peer.runtime in ("node", "moleculerpy"):
             common += ["--namespace", namespace]
+        if scenario.tls:
+            assert env.tls_dir is not None
+            common += ["--tls-dir", env.tls_dir]
         if scenario.server:
             srv_opts = ["--deadline", str(round(deadline + 60))]
             server = Proc(command(peer, env, "server", common + srv_opts), proc_env)
@@ -602,6 +646,8 @@ class Harness:
             wanted &= keep
         self.wanted = wanted
         self.env = probe_env(wanted)
+        if any(s.tls for s in self.scenarios):
+            self.env.tls_dir, self.env.tls_skipped = make_tls_dir()
         self.results: dict[str, dict[str, Any]] = {}
         self.nerve_failed: list[str] = []
         self.started = dt.datetime.now().astimezone()
@@ -628,8 +674,12 @@ class Harness:
         self.log(f"nerve benchmarks, {self.mode} mode, on {socket.gethostname()} "
                  f"({os.cpu_count()} cores); peers skipped: "
                  + (", ".join(f"{k} ({v})" for k, v in self.env.skipped.items() if k in self.wanted) or "none"))
-        for sc in self.scenarios:
-            self.run_scenario(sc)
+        try:
+            for sc in self.scenarios:
+                self.run_scenario(sc)
+        finally:
+            if self.env.tls_dir:
+                shutil.rmtree(self.env.tls_dir, ignore_errors=True)
         self.finished = dt.datetime.now().astimezone()
         self.write_outputs()
         if self.nerve_failed:
@@ -664,9 +714,18 @@ class Harness:
         base = sc.opts(self.mode)
         entry: dict[str, Any] = {"family": sc.family, "title": sc.title, "options": base,
                                  "metrics": [m.__dict__ for m in sc.metrics], "peers": {}}
-        if sc.family in ("transfer", "slow"):
+        if "size" in base:
             entry["title"] = f"{sc.title}, {_size_label(base['size'])}"
+        if sc.tls:
+            entry["tls"] = True
+            entry["base"] = sc.base
         self.results[sc.name] = entry
+        if sc.tls and not self.env.tls_dir:
+            entry["skipped"] = self.env.tls_skipped
+            for p in self.peers_for(sc):
+                entry["peers"][p] = {"status": "skipped", "reason": self.env.tls_skipped, "runs": []}
+            self.log(f"\n== {sc.name}: skipped: {self.env.tls_skipped}")
+            return
         peers = [p for p in self.peers_for(sc) if p not in self.env.skipped]
         for p in self.peers_for(sc):
             if p in self.env.skipped:
@@ -934,6 +993,8 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
         for n in names:
             sc = scenarios[n]
             lines.append(f"- `{n}`: {sc['title']}. " + _options_text(sc))
+        if fam == "tls":
+            lines.extend(_tls_cost_lines(scenarios, names))
         if fam in charts:
             rel = os.path.relpath(charts[fam], base)
             lines.append("")
@@ -947,11 +1008,14 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
             for f in rec.get("failures", []):
                 problems.append(f"- `{n}` / {PEERS[p].label}, run {f['run']}: {_gist(f['error'])}")
     skipped = {p: info["skipped"] for p, info in doc["peers"].items() if "skipped" in info}
-    if skipped or problems:
+    if skipped or problems or any(sc.get("skipped") for sc in scenarios.values()):
         lines.append("## Skipped and failed")
         lines.append("")
         for p, why in skipped.items():
             lines.append(f"- {PEERS[p].label}: skipped: {why}")
+        for n, sc in scenarios.items():
+            if sc.get("skipped"):
+                lines.append(f"- `{n}`: skipped: {sc['skipped']}")
         lines.extend(problems)
         lines.append("")
     lines.append("## Peers")
@@ -975,12 +1039,51 @@ FAMILY_TITLES = {
     "rpc": "RPC over loopback TCP",
     "events": "Fire-and-forget events",
     "transfer": "Streams: upload and download",
+    "tls": "TLS: RPC and streams over TLS",
     "slow": "Slow consumer: memory",
     "inproc": "In-process call cost",
 }
 
 
+def _tls_cost_lines(scenarios: dict[str, Any], names: list[str]) -> list[str]:
+    """Each peer's TLS figure ÷ its own plaintext figure (same run), where both were measured."""
+    rows = []
+    for n in names:
+        sc = scenarios[n]
+        plain = scenarios.get(sc.get("base") or "")
+        if plain is None:
+            continue
+        for met in sc["metrics"]:
+            cells = []
+            for p in sc["peers"]:
+                a = sc["peers"][p].get("summary", {}).get(met["key"], {}).get("median")
+                b = plain["peers"].get(p, {}).get("summary", {}).get(met["key"], {}).get("median")
+                cells.append((p, None if a is None or not b else a / b))
+            if any(r is not None for _, r in cells):
+                rows.append((n, sc["base"], met, cells))
+    if not rows:
+        return []
+    peers = list(dict.fromkeys(p for *_, cells in rows for p, _ in cells))
+    out = ["", "TLS cost: each peer's median over TLS ÷ its own plaintext median in this run "
+           "(below 1 for throughput, above 1 for latency and CPU, means TLS costs that much).", "",
+           "| scenario | metric | " + " | ".join(PEERS[p].label for p in peers) + " |",
+           "|---|---|" + "---|" * len(peers)]
+    for n, base, met, cells in rows:
+        got = dict(cells)
+        out.append(f"| {n} ÷ {base} | {met['label']} | "
+                   + " | ".join("—" if got.get(p) is None else f"{got[p]:.2f}×" for p in peers) + " |")
+    return out
+
+
 def _options_text(sc: dict[str, Any]) -> str:
+    text = _plain_options_text(sc)
+    if sc.get("tls"):
+        text += (" Over TLS (server authentication; TLS 1.2+; a throwaway CA and certificates made with "
+                 f"trustme at run time); the plaintext figures are `{sc.get('base')}`.")
+    return text
+
+
+def _plain_options_text(sc: dict[str, Any]) -> str:
     o = sc["options"]
     if o["scenario"] == "rpc":
         timeout = (f" Every call has timeout={o['timeout']:g} s: nerve's option (its budget travels "

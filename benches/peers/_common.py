@@ -138,6 +138,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64 * MIB, help="transfers: bytes")
     p.add_argument("--chunk", type=int, default=256 * 1024, help="transfers: bytes per message")
     p.add_argument("--rate", type=float, default=0.0, help="slow: consumer cap in bytes/s")
+    p.add_argument("--tls-dir", default="",
+                   help="TLS: directory with ca.pem, server.crt/.key, client.crt/.key (none: plaintext)")
     p.add_argument("--deadline", type=float, default=120.0,
                    help="the process stops by itself after this many seconds")
     return p

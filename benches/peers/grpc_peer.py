@@ -3,7 +3,8 @@ bodies encoded and decoded with msgspec on both sides, one channel (one HTTP/2 c
 
 Methods of ``/bench.Bench``: ``Echo`` (unary), ``Events`` (client streaming: one message per
 event, the count comes back), ``Upload`` (client streaming of 1 MiB messages),
-``Download`` (server streaming of 1 MiB messages).
+``Download`` (server streaming of 1 MiB messages). With ``--tls-dir``: TLS
+(``ssl_server_credentials`` / ``ssl_channel_credentials``, the client checks the server).
 
     python benches/peers/grpc_peer.py server --port P
     python benches/peers/grpc_peer.py client --port P --scenario rpc --inflight 64 ...
@@ -79,7 +80,12 @@ async def server(args: Any) -> None:
         "Download": grpc.unary_stream_rpc_method_handler(download),
     }
     srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = srv.add_insecure_port(f"{args.host}:{args.port}")
+    if args.tls_dir:
+        d = Path(args.tls_dir)
+        creds = grpc.ssl_server_credentials([((d / "server.key").read_bytes(), (d / "server.crt").read_bytes())])
+        port = srv.add_secure_port(f"{args.host}:{args.port}", creds)
+    else:
+        port = srv.add_insecure_port(f"{args.host}:{args.port}")
     await srv.start()
     ready(port=port)
     try:
@@ -198,7 +204,13 @@ async def transfer(channel: grpc.aio.Channel, args: Any) -> dict[str, Any]:
 
 
 async def client(args: Any) -> None:
-    async with grpc.aio.insecure_channel(f"{args.host}:{args.port}", options=OPTIONS) as channel:
+    target = f"{args.host}:{args.port}"
+    if args.tls_dir:  # server authentication only, like nerve's non-mutual TLS
+        creds = grpc.ssl_channel_credentials(root_certificates=(Path(args.tls_dir) / "ca.pem").read_bytes())
+        channel_cm = grpc.aio.secure_channel(target, creds, options=OPTIONS)
+    else:
+        channel_cm = grpc.aio.insecure_channel(target, options=OPTIONS)
+    async with channel_cm as channel:
         await asyncio.wait_for(channel.channel_ready(), 15)
         if args.scenario == "rpc":
             coro = rpc(channel, args)

@@ -80,10 +80,20 @@ class Storage(nerve.Service):
         return nerve.PacketStream.from_iterable(_chunks(int(p["size"]), int(p["chunk"])))
 
 
+def tls_options(args: Any, side: str) -> dict[str, Any]:
+    """The Broker's TLS options with --tls-dir (certificates made by the harness: the server's
+    names node ``bench-server``, 127.0.0.1 and localhost), else none. Not mutual."""
+    if not args.tls_dir:
+        return {}
+    d = Path(args.tls_dir)
+    return {"tls_cert": d / f"{side}.crt", "tls_key": d / f"{side}.key", "tls_ca": d / "ca.pem"}
+
+
 async def server(args: Any) -> None:
     with trio.move_on_after(args.deadline):
         async with nerve.Broker("bench-server", transport=f"tcp://{args.host}:{args.port}",
-                                services=[Echo(), Counter(), Storage()]) as broker:
+                                services=[Echo(), Counter(), Storage()],
+                                **tls_options(args, "server")) as broker:
             ready(address=broker.address)
             await trio.sleep_forever()
 
@@ -190,7 +200,8 @@ async def client(args: Any) -> None:
     # its remaining budget as the REQ timeout, which no peer here pays for.
     arm_deadline(args.deadline)
     async with nerve.Broker("bench-client", transport=f"tcp://{args.host}:0",
-                            peers=[f"tcp://{args.host}:{args.port}"]) as broker:
+                            peers=[f"tcp://{args.host}:{args.port}"],
+                            **tls_options(args, "client")) as broker:
         await broker.wait_for_services("echo", "counter", "storage", timeout=15)
         if args.scenario == "rpc":
             out = await rpc(broker, args)
