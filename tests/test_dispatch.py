@@ -292,15 +292,16 @@ async def test_calls_in_flight_when_their_broker_stops_fail_rather_than_hang() -
 
 @pytest.mark.parametrize("transport", ["local", "tcp"])
 async def test_timeout_just_before_an_outer_deadline_still_wins(transport: str) -> None:
-    """``timeout=`` 4 ms earlier than the caller's cancel scope: the call ends in
+    """``timeout=`` 20 ms earlier than the caller's cancel scope: the call ends in
     RequestTimeoutError (the earlier deadline wins), whether our timer or the callee's answer
-    to the same budget comes first."""
+    to the same budget comes first. (At 4 ms the order was up to the scheduler on a loaded
+    2-core machine.)"""
     from nerve.errors import RequestTimeoutError
 
     async with _pair(transport, Edgy(), "dp") as (server, client):
         outcomes = []
         for _ in range(5):
-            with trio.move_on_after(0.204) as scope:
+            with trio.move_on_after(0.22) as scope:
                 try:
                     await client.call("edgy.hang", timeout=0.2)
                 except RequestTimeoutError:

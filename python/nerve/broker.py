@@ -156,9 +156,9 @@ class Broker:
         options.update({k: v for k, v in tcp_only.items() if v is not None})
         if transport is None and (options["peers"] or secret is not None or tls_cert or tls_ca):
             raise BrokerOptionsError("peers=, secret= and tls_* need a tcp:// transport")
-        if isinstance(transport, str) and transport.startswith("tcp://"):
-            options["max_streams"] = max_peer_streams
         self.transport = make_transport(transport, **options)
+        if not self.transport.max_streams:
+            self.transport.max_streams = max_peer_streams  # told to peers (TCP's HELLO)
         self.transit = Transit(self, self.transport, self.serializer, protocol_version=protocol_version)
         self.services: dict[str, Service] = {}
         self._specs: dict[str, tuple[list[ActionSpec], list[EventSpec]]] = {}

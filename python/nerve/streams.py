@@ -52,9 +52,14 @@ class _Link:
         """True if a chunk of ``n`` bytes may be queued now."""
         return True
 
-    async def reserve(self, n: int) -> None:
-        """Wait until a chunk of ``n`` bytes may be queued (the caller queues it at once)."""
+    async def reserve(self, n: int) -> Any:
+        """Wait for room for a chunk of ``n`` bytes and hold it; returns a token for
+        :meth:`release` (called once the chunk is queued, or will not be)."""
         await trio.lowlevel.checkpoint()
+        return None
+
+    def release(self, token: Any, n: int) -> None:
+        """Give back room held by :meth:`reserve`."""
 
 
 class _LoopbackLink(_Link):
@@ -122,7 +127,7 @@ class PacketStream:
         self._on_closed: list[Callable[[], None]] = []
         self._pending_abort: BaseException | None = None
         self._pump_scope: trio.CancelScope | None = None
-        self._admitted = False  # room was waited for, for the next chunk
+        self._room: tuple[Any, int] | None = None  # (token, bytes) of queue room held
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -159,36 +164,44 @@ class PacketStream:
             return
         at = 0
         link = self._link
-        while at < total:
-            self._raise_if_stopped()
-            n = self._tx.next_chunk_len(total - at)
-            if n == 0:
-                await self._wait_credit()
-                continue
-            if self._admitted:
-                self._admitted = False  # _wait_ready waited for this chunk's room
-            elif not link.has_room(n):
-                # Admitted to the connection's queue before queueing, never after: any number
-                # of producers keeps the queue under its high-water mark. Once admitted, queue
-                # at once (no checkpoint in between, or the room goes to another producer).
-                await self._wait_room(n)
+        try:
+            while at < total:
                 self._raise_if_stopped()
-                n = self._tx.next_chunk_len(total - at)  # never less than before: only grants
-                if n == 0:  # pragma: no cover - closed meanwhile (raised above) or a concurrent send
+                n = self._tx.next_chunk_len(total - at)
+                if n == 0:
+                    await self._wait_credit()
                     continue
-            chunk = view if (at == 0 and n == total) else view[at:at + n]
-            seq = self._tx.on_sent(n)
-            link.data(seq, chunk)
-            self.bytes_sent += n
-            at += n
-            await trio.lowlevel.checkpoint()
+                room = self._room
+                if room is None and not link.has_room(n):
+                    # Admitted to the connection's queue before queueing, never after: any
+                    # number of producers keeps the queue under its high-water mark.
+                    room = self._room = (await self._wait_room(n), n)
+                    continue  # check again: the stream may have ended meanwhile
+                chunk = view if (at == 0 and n == total) else view[at:at + n]
+                seq = self._tx.on_sent(n)
+                link.data(seq, chunk)
+                if room is not None:
+                    self._room = None
+                    link.release(*room)
+                self.bytes_sent += n
+                at += n
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            self._give_back_room()
+            raise
+
+    def _give_back_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and self._link is not None:
+            self._link.release(*room)
 
     async def _wait_ready(self) -> None:
-        """Wait until a full chunk could be sent now: credit, and room in the queue."""
+        """Wait until a full chunk could be sent now: credit, and room in the queue, which it
+        holds for the next ``send`` (``_room``)."""
         if not self._bound.is_set():
             await self._bound.wait()
         assert self._tx is not None and self._link is not None
-        while True:
+        while self._room is None:
             self._raise_if_stopped()
             n = self._tx.next_chunk_len(self.max_chunk)
             if n == 0:
@@ -197,20 +210,18 @@ class PacketStream:
                 await self._wait_credit()
                 continue
             if not self._link.has_room(n):
-                await self._wait_room(n)
-                self._admitted = True  # the next send queues its first chunk without asking again
+                self._room = (await self._wait_room(n), n)
             return
 
-    async def _wait_room(self, n: int) -> None:
-        """Wait for room for ``n`` bytes in the connection's queue, bounded by the idle
-        timeout (a peer that reads nothing holds a producer no longer than that)."""
+    async def _wait_room(self, n: int) -> Any:
+        """Wait for room for ``n`` bytes in the connection's queue and hold it (returns the
+        link's token), bounded by the idle timeout (a peer that reads nothing holds a
+        producer no longer than that)."""
         assert self._link is not None
         if self.idle_timeout is None:
-            await self._link.reserve(n)
-            return
+            return await self._link.reserve(n)
         with trio.move_on_after(self.idle_timeout):
-            await self._link.reserve(n)
-            return
+            return await self._link.reserve(n)
         exc = StreamIdleTimeoutError(f"the connection took nothing for {self.idle_timeout:g}s "
                                      "(the peer does not read)")
         self._abort_now(exc)
@@ -305,32 +316,35 @@ class PacketStream:
             return
         self._source = None
         with trio.CancelScope() as self._pump_scope:
-            if self._tx_error is not None:
-                return
             try:
-                chunks = source.__aiter__()
-                while True:
-                    # Pull the next chunk only once it can go: a producer waiting for credit
-                    # or for room in the connection's queue holds no chunk of its own.
-                    await self._wait_ready()
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    await self.send(chunk)
-                    del chunk  # sent (copied or queued): not ours to hold while we wait
-            except (StreamClosedError, StreamIdleTimeoutError):
-                return
-            except trio.Cancelled:
-                if self._tx_error is None:
-                    self._abort_now(StreamError("the stream's producer was cancelled"))
-                raise
-            except BaseException as exc:
-                self._abort_now(exc)
-                if isinstance(exc, Exception):
+                if self._tx_error is not None:
                     return
-                raise
-            await self.close()
+                try:
+                    chunks = source.__aiter__()
+                    while True:
+                        # Pull the next chunk only once it can go: a producer waiting for credit
+                        # or for room in the connection's queue holds no chunk of its own.
+                        await self._wait_ready()
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        await self.send(chunk)
+                        del chunk  # sent (copied or queued): not ours to hold while we wait
+                except (StreamClosedError, StreamIdleTimeoutError):
+                    return
+                except trio.Cancelled:
+                    if self._tx_error is None:
+                        self._abort_now(StreamError("the stream's producer was cancelled"))
+                    raise
+                except BaseException as exc:
+                    self._abort_now(exc)
+                    if isinstance(exc, Exception):
+                        return
+                    raise
+                await self.close()
+            finally:
+                self._give_back_room()  # whatever way the pump ends
 
     # --- binding (used by the broker/transit) -------------------------------------------
 

@@ -14,6 +14,7 @@ import platform
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -130,8 +131,11 @@ class _RemoteLink(_Link):
     def has_room(self, n: int) -> bool:
         return self.transit.transport.has_room(self.node_id, n)
 
-    async def reserve(self, n: int) -> None:
-        await self.transit.transport.reserve(self.node_id, n)
+    async def reserve(self, n: int) -> Any:
+        return await self.transit.transport.reserve(self.node_id, n)
+
+    def release(self, token: Any, n: int) -> None:
+        self.transit.transport.release(token, n)
 
 
 class _StreamSlots:
@@ -176,6 +180,38 @@ class _StreamSlots:
             trio.lowlevel.reschedule(self.waiters.popleft())
 
 
+class _Countdown:
+    """Calls ``fn`` once every one of ``parts`` parts is done (each part is a callable that
+    counts once however often it is called)."""
+
+    __slots__ = ("left", "fn")
+
+    def __init__(self, parts: int, fn: Callable[[], None]) -> None:
+        self.left = parts
+        self.fn = fn
+
+    def part(self) -> Callable[[], None]:
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.left -= 1
+                if self.left == 0:
+                    self.fn()
+
+        return finish
+
+
+def _when_closed(stream: PacketStream, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the producer side of ``stream`` is over (now, if it already is)."""
+    if stream._tx_done:
+        fn()
+    else:
+        stream._on_closed.append(fn)
+
+
 class Transit:
     def __init__(self, broker: Broker, transport: Transport, serializer: Serializer, *,
                  protocol_version: str = "5") -> None:
@@ -196,6 +232,8 @@ class Transit:
         #: nodes connected now (as the transport reports them)
         self.peers: set[str] = set()
         self._slots: dict[str, _StreamSlots] = {}
+        #: what to call when a reader leaves ``readers`` (its stream is over for us)
+        self._reader_done: dict[tuple[str, str, bool], Callable[[], None]] = {}
         #: call timeouts (the broker runs ``timers.run``)
         self.timers = DeadlineQueue()
         self.instance_id = os.urandom(8).hex()
@@ -306,12 +344,15 @@ class Transit:
                 self.writers.pop(key, None)
                 stream._abort_now(StreamError("the call ended before its request stream did"))
             if slots is not None:
-                # The node counted this stream until it answered; we hold the slot until the
-                # answer is in and our stream is over too.
-                if stream._tx_done:
-                    slots.release()
-                else:
-                    stream._on_closed.append(slots.release)
+                # The node counts this stream until its answer (and its response stream) is
+                # out and our request stream is over; we hold the slot until we have seen all
+                # of that, which is never before the node let go of it.
+                response = (node_id, ctx.id, True)
+                streaming = isinstance(pending.result, PacketStream) and response in self.readers
+                countdown = _Countdown(2 if streaming else 1, slots.release)
+                _when_closed(stream, countdown.part())
+                if streaming:
+                    self._reader_done[response] = countdown.part()
         return pending
 
     async def _stream_slot(self, node_id: str) -> _StreamSlots | None:
@@ -369,7 +410,7 @@ class Transit:
                 pending.settle()
         for key, reader in list(self.readers.items()):
             if key[0] == node_id:
-                self.readers.pop(key, None)
+                self._pop_reader(key)
                 reader._discard(StreamError(f"the stream's producer node '{node_id}' {reason}",
                                             data={"nodeID": node_id}))
         for key, writer in list(self.writers.items()):
@@ -472,9 +513,12 @@ class Transit:
             return
         self.peer_requests[sender] = mine + 1
         if pkt.stream:
+            # The stream counts until its answer is out and its reader is done with it.
             self.peer_streams[sender] = self.peer_streams.get(sender, 0) + 1
             reader = self._make_reader(sender, pkt.id, response=False)
-            self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader)
+            countdown = _Countdown(2, lambda: self._stream_served(sender))
+            self._reader_done[(sender, pkt.id, False)] = countdown.part()
+            self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader, _INF, countdown.part())
             return
         timeout = pkt.timeout
         if isinstance(timeout, (int, float)) and 0 < timeout < _MAX_BUDGET_MS:
@@ -495,27 +539,30 @@ class Transit:
             return broker.max_peer_requests
         return max(1, broker.max_pending_requests // max(1, len(self.peers), len(self.peer_requests)))
 
-    def _served(self, sender: str, stream: bool) -> None:
-        """A request of ``sender`` is answered (or dropped): it no longer counts."""
+    def _answered(self, sender: str, stream_part: Callable[[], None] | None) -> None:
+        """A request of ``sender`` is answered (its response stream too), or dropped."""
         left = self.peer_requests.get(sender, 0) - 1
         if left > 0:
             self.peer_requests[sender] = left
         else:
             self.peer_requests.pop(sender, None)
-        if stream:
-            left = self.peer_streams.get(sender, 0) - 1
-            if left > 0:
-                self.peer_streams[sender] = left
-            else:
-                self.peer_streams.pop(sender, None)
+        if stream_part is not None:
+            stream_part()
+
+    def _stream_served(self, sender: str) -> None:
+        left = self.peer_streams.get(sender, 0) - 1
+        if left > 0:
+            self.peer_streams[sender] = left
+        else:
+            self.peer_streams.pop(sender, None)
 
     async def _serve(self, sender: str, pkt: Request, spec: ActionSpec, reader: PacketStream | None,
-                     deadline: float = _INF) -> None:
+                     deadline: float = _INF, stream_part: Callable[[], None] | None = None) -> None:
         """Run a handler for a REQ and answer it. ``deadline``: the one the handler pool runs
         it under (the REQ's budget), to tell the caller when the handler is cut by it.
 
-        The request counts for its peer (``peer_requests``, ``peer_streams``) until its answer
-        is sent: the caller frees its stream slot when the answer arrives."""
+        The request counts for its peer (``peer_requests``) until its answer is out, response
+        stream included; ``stream_part`` is called then (its request stream's count)."""
         counted = True
         try:
             ctx = Context(
@@ -558,9 +605,9 @@ class Transit:
                 return
             if isinstance(result, PacketStream):
                 if reader is not None:
-                    result._on_closed.append(lambda: self._finish_request_stream(sender, pkt.id, reader))
+                    _when_closed(result, lambda: self._finish_request_stream(sender, pkt.id, reader))
                 counted = False
-                self._served(sender, reader is not None)  # before the RES: the stream may take long
+                _when_closed(result, lambda: self._answered(sender, stream_part))
                 if deadline == _INF:
                     await self._send_response_stream(sender, pkt.id, ctx.meta, result)
                 else:  # out of the budget's reach: a call's timeout never bounds its transfer
@@ -571,7 +618,7 @@ class Transit:
             self._respond(sender, pkt.id, ctx.meta, result)
         finally:
             if counted:
-                self._served(sender, reader is not None)
+                self._answered(sender, stream_part)
 
     def _respond_timeout(self, sender: str, pkt: Request, ctx: Context) -> None:
         self._respond_error(sender, pkt.id, ctx.meta, RequestTimeoutError(
@@ -579,7 +626,11 @@ class Transit:
             data={"action": pkt.action, "nodeID": self.node_id}))
 
     def fail_all_pending(self, reason: str) -> None:
-        """Settle every waiting call with RequestRejectedError (the broker is stopping)."""
+        """Settle every waiting call with RequestRejectedError (the broker is stopping), and
+        forget what peers held (handlers still queued are dropped with the broker's nursery)."""
+        self.peer_requests.clear()
+        self.peer_streams.clear()
+        self._reader_done.clear()
         for pending in list(self.pending.values()):
             if not pending.settled:
                 pending.error = RequestRejectedError(
@@ -589,7 +640,7 @@ class Transit:
 
     def _finish_request_stream(self, sender: str, call_id: str, reader: PacketStream) -> None:
         """The handler is done with its request stream: stop the producer if it is not over."""
-        self.readers.pop((sender, call_id, False), None)
+        self._pop_reader((sender, call_id, False))
         if not reader._rx.finished:
             reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
 
@@ -655,7 +706,7 @@ class Transit:
             stream.idle_timeout = self.broker.stream_idle_timeout
         stream._bind(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
         self.writers[key] = stream
-        stream._on_closed.append(lambda: self._forget_writer(key))
+        _when_closed(stream, lambda: self._forget_writer(key))
         if stream._source is not None:
             await stream._pump()
 
@@ -678,6 +729,14 @@ class Transit:
 
     # --- streams ------------------------------------------------------------------------
 
+    def _pop_reader(self, key: tuple[str, str, bool]) -> PacketStream | None:
+        """The stream ``key`` is over for us (ended, failed, stopped, or its node went)."""
+        reader = self.readers.pop(key, None)
+        done = self._reader_done.pop(key, None)
+        if done is not None:
+            done()
+        return reader
+
     def _forget_writer(self, key: tuple[str, str, bool]) -> None:
         self.writers.pop(key, None)
 
@@ -690,7 +749,7 @@ class Transit:
 
         def grant(consumed: int, stop: bool) -> None:
             if stop:
-                self.readers.pop(key, None)
+                self._pop_reader(key)
             try:
                 self.transport.send_stream_credit(sender, flags | (STREAM_FLAG_END if stop else 0),
                                                   stream_id, consumed)
@@ -711,7 +770,7 @@ class Transit:
                 exc: BaseException = error_from_wire(self.serializer.decode_value(chunk), sender)
             except ProtocolError as bad:
                 exc = StreamError(f"the producer failed the stream with an unreadable error: {bad}")
-            self.readers.pop(key, None)
+            self._pop_reader(key)
             reader._deliver_error(exc)
             if not key[2]:
                 scope = self.serving.get((sender, stream_id))
@@ -720,7 +779,7 @@ class Transit:
             return
         if flags & STREAM_FLAG_END:
             reader._deliver_end(seq)
-            self.readers.pop(key, None)
+            self._pop_reader(key)
             return
         reader._deliver(seq, chunk)
 

@@ -24,6 +24,8 @@ class Transport:
     native_streams: bool = False
     #: The address other nodes can reach this one at, once serving (None for local).
     address: str | None = None
+    #: Request streams this node serves at once per peer, told to peers (0: not told).
+    max_streams: int = 0
 
     async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; call ``task_status.started()`` once peers can reach us."""
@@ -51,10 +53,15 @@ class Transport:
         """True if a stream chunk of ``n`` bytes may be queued for ``node_id`` now."""
         return True
 
-    async def reserve(self, node_id: str, n: int) -> None:
+    async def reserve(self, node_id: str, n: int) -> Any:
         """Wait until a stream chunk of ``n`` bytes may be queued for ``node_id`` (FIFO among
-        producers); the caller queues it right after, without a checkpoint in between."""
+        producers) and hold that room; returns a token for :meth:`release`, which the caller
+        calls once it has queued the chunk or given up."""
         await trio.lowlevel.checkpoint()
+        return None
+
+    def release(self, token: Any, n: int) -> None:
+        """Give back the room :meth:`reserve` held."""
 
     def peer_max_streams(self, node_id: str) -> int:
         """Request streams ``node_id`` serves at once for us (0: no limit known)."""

@@ -68,6 +68,8 @@ _DISCONNECT = int(PacketType.DISCONNECT)
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 
 _RECV_SIZE = 256 * 1024
+#: Largest piece of one send_all (the write-stall watchdog times each piece).
+_WRITE_SLICE = 1024 * 1024
 #: Queued frames that the queueing task writes itself (fewer wait for the writer task's batch).
 _EAGER_FRAMES = 8
 #: Queued bytes that are written eagerly whatever the frame count.
@@ -79,6 +81,10 @@ DEFAULT_MAX_HELLO_SIZE = 64 * 1024
 DEFAULT_MAX_HANDSHAKES = 64
 #: Failed dials in a row of an address learned from a peer before it is forgotten.
 DEFAULT_MAX_REDIALS = 10
+#: Established connections at most; further HELLOs are refused ("too many connections").
+DEFAULT_MAX_CONNECTIONS = 1024
+#: A connection that lasted this long (s) was not a failure (its redials start afresh).
+_STABLE = 5.0
 #: Addresses learned from peers being dialled at once (more wait for the next PEERS).
 _MAX_LEARNED_DIALS = 64
 #: Entries of one PEERS frame looked at.
@@ -209,6 +215,7 @@ class Connection:
         self.last_recv = trio.current_time()
         self._wakeup = trio.Event()
         self._waiters: deque[list[Any]] = deque()  # [task, bytes] of parked producers
+        self._promised = 0  # bytes of room held by admitted producers that have not queued yet
         self._flushed = trio.Event()
         self._flushed.set()
         self.cancel_scope: trio.CancelScope | None = None
@@ -281,9 +288,16 @@ class Connection:
             self.cancel_scope.cancel()
 
     # --- admission of bulk producers ----------------------------------------------------
+    #
+    # A producer that may queue at once (has_room) queues without a checkpoint in between.
+    # One that must wait parks in a FIFO; the writer, whenever the queue shrinks, admits the
+    # parked producers whose bytes fit, in order, and promises them that room
+    # (``_promised``, counted as queued) until they queue or give up (``release``). So room
+    # is never given twice, however long an admitted producer takes to produce its chunk,
+    # and a producer that gives up hands its room on at once.
 
     def _fits(self, n: int) -> bool:
-        queued = len(self.encoder)
+        queued = len(self.encoder) + self._promised
         return queued == 0 or queued + n <= self.transport.high_water
 
     def has_room(self, n: int) -> bool:
@@ -292,37 +306,39 @@ class Connection:
 
     async def reserve(self, n: int) -> None:
         """Wait until ``n`` more bytes fit in the write queue (under the high-water mark, or
-        the queue is empty), in FIFO order with other producers. The caller queues its bytes
-        right after, without a checkpoint in between. Raises BrokerDisconnectedError once the
-        connection is closed."""
+        the queue is empty), in FIFO order with other producers, and hold that room: the
+        caller must :meth:`release` ``n`` once it has queued its bytes or given up. Raises
+        BrokerDisconnectedError once the connection is closed (holding nothing)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.closed:
             raise self._closed_error()
         if not self._waiters and self._fits(n):
+            self._promised += n
             return
-        while True:
-            entry = [trio.lowlevel.current_task(), n]
-            self._waiters.append(entry)
+        entry = [trio.lowlevel.current_task(), n]
+        self._waiters.append(entry)
 
-            def abort(_: Any, entry: list[Any] = entry) -> trio.lowlevel.Abort:
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:  # pragma: no cover - already woken
-                    pass
-                return trio.lowlevel.Abort.SUCCEEDED
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiters.remove(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
 
-            await trio.lowlevel.wait_task_rescheduled(abort)
-            if self.closed:
-                raise self._closed_error()
-            if self._fits(n):
-                return
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if self.closed:  # woken by _wake_all: nothing was promised
+            raise self._closed_error()
+        # woken by _admit, which promised us the room
+
+    def release(self, n: int) -> None:
+        """Give back room held by :meth:`reserve` (its bytes were queued, or never will be)."""
+        self._promised = max(0, self._promised - n)
+        if self._waiters:
+            self._admit()
 
     def _admit(self) -> None:
-        """The queue shrank: wake the parked producers whose bytes now fit, in order."""
+        """The queue shrank: admit the parked producers whose bytes now fit, in order."""
         waiters = self._waiters
-        if not waiters:
+        if not waiters or self.closed:
             return
-        queued = len(self.encoder)
+        queued = len(self.encoder) + self._promised
         budget = self.transport.high_water - queued
         first = queued == 0
         while waiters:
@@ -331,6 +347,7 @@ class Connection:
                 break
             task = waiters.popleft()[0]
             budget -= n
+            self._promised += n
             first = False
             trio.lowlevel.reschedule(task)
 
@@ -361,9 +378,12 @@ class Connection:
                 await self._wakeup.wait()
                 continue
             # Left set if send_all fails or is cancelled midway: nothing may follow its bytes.
+            # Sent in slices so the write-stall watchdog sees progress, not a whole batch.
             self._sending = True
-            self._send_started = trio.current_time()
-            await self.stream.send_all(data)
+            view = memoryview(data)
+            for at in range(0, len(view), _WRITE_SLICE):
+                self._send_started = trio.current_time()
+                await self.stream.send_all(view[at:at + _WRITE_SLICE])
             self._sending = False
 
     async def reader(self) -> None:
@@ -424,7 +444,8 @@ class TcpTransport(Transport):
                  tls_cert: str | os.PathLike[str] | None = None,
                  tls_key: str | os.PathLike[str] | None = None,
                  tls_ca: str | os.PathLike[str] | None = None,
-                 tls_mutual: bool = False) -> None:
+                 tls_mutual: bool = False,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.host, self.port = parse_address(url)
         self._tls_server, self._tls_client = _tls_contexts(tls_cert, tls_key, tls_ca, tls_mutual)
         self.tls_mutual = tls_mutual
@@ -454,6 +475,10 @@ class TcpTransport(Transport):
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._handshakes = 0
+        self._handshakes_by_host: dict[str, int] = {}
+        self._max_handshakes_per_host = max(1, max_handshakes // 4)
+        self._seed_addresses = {parse_address(p) for p in peers}
+        self.max_connections = max_connections
         self._counts = {"connections_opened": 0, "handshakes_failed": 0, "handshakes_over_limit": 0,
                         "protocol_errors": 0, "not_reading": 0, "silent": 0, "addresses_forgotten": 0}
 
@@ -493,12 +518,17 @@ class TcpTransport(Transport):
         conn = self.connections.get(node_id)
         return conn is None or conn.has_room(n)
 
-    async def reserve(self, node_id: str, n: int) -> None:
+    async def reserve(self, node_id: str, n: int) -> Any:
         conn = self.connections.get(node_id)
         if conn is None:
             await trio.lowlevel.checkpoint()
-            return  # the send that follows raises BrokerDisconnectedError
+            return None  # the send that follows raises BrokerDisconnectedError
         await conn.reserve(n)
+        return conn
+
+    def release(self, token: Any, n: int) -> None:
+        if token is not None:
+            token.release(n)
 
     async def wait_writable(self, node_id: str) -> None:
         conn = self.connections.get(node_id)
@@ -605,12 +635,17 @@ class TcpTransport(Transport):
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
         """An accepted connection: the boundary of everything its peer sends."""
-        if self._handshakes >= self.max_handshakes:  # TLS handshakes count too
+        host = _remote(stream).rpartition(":")[0]
+        from_host = self._handshakes_by_host.get(host, 0)
+        if self._handshakes >= self.max_handshakes or from_host >= self._max_handshakes_per_host:
+            # TLS handshakes count too; one host may hold only a quarter of the slots.
             self._count("handshakes_over_limit")
-            log.debug("closing an inbound connection: %d handshakes in progress", self._handshakes)
+            log.debug("closing an inbound connection from %s: %d handshakes in progress (%d from it)",
+                      host, self._handshakes, from_host)
             await trio.aclose_forcefully(stream)
             return
         self._handshakes += 1
+        self._handshakes_by_host[host] = from_host + 1
         try:
             conn = await self._accept(stream)
         except Exception as exc:  # whatever the peer's bytes caused: its connection ends
@@ -619,13 +654,17 @@ class TcpTransport(Transport):
             conn = None
         finally:
             self._handshakes -= 1
+            left = self._handshakes_by_host.pop(host) - 1
+            if left:
+                self._handshakes_by_host[host] = left
         if conn is None:
             await trio.aclose_forcefully(stream)
             return
         await self._run(conn)
-        if not conn.graceful and conn.address:
-            # It dialled us and was lost: try to get it back (for a while: it may be gone).
-            self._start_dial_loop(conn.address, conn.node_id, learned=conn.address not in self.seeds)
+        if conn.address and (not conn.graceful or self._is_seed(conn.address)):
+            # It dialled us and was lost (or is a seed): try to get it back (a learned
+            # address for a while only: it may be gone).
+            self._start_dial_loop(conn.address, conn.node_id, learned=not self._is_seed(conn.address))
 
     async def _accept(self, raw: trio.SocketStream) -> Connection | None:
         """The acceptor's side of the handshake: the connection, or None when refused."""
@@ -643,6 +682,8 @@ class TcpTransport(Transport):
         if reason is None:
             if hello.node_id in self.connections:
                 reason = "duplicate connection"
+            elif len(self.connections) >= self.max_connections:
+                reason = f"too many connections ({self.max_connections})"
             elif self._dialing.get(hello.address or "") == hello.node_id and \
                     self.transit.node_id < hello.node_id:
                 reason = "duplicate connection"  # our own dial to it wins
@@ -681,11 +722,25 @@ class TcpTransport(Transport):
         self._dial_loops.add(address)
         self._nursery.start_soon(self._dial_loop, address, node_id, learned)
 
+    def _is_seed(self, address: str) -> bool:
+        try:
+            where = parse_address(address)
+        except BrokerOptionsError:
+            return False
+        return where in self._seed_addresses
+
     async def _dial_loop(self, address: str, node_id: str, learned: bool) -> None:
-        """Connect to ``address`` (retrying with backoff) and run the connection. An address
-        learned from a peer is given up after ``max_redials`` failures in a row."""
+        """Connect to ``address`` and run the connection, again and again with backoff.
+
+        Seeds are dialled for ever, after a graceful close too (the node may come back). An
+        address learned from a peer is given up after ``max_redials`` failures in a row, or
+        once its node says goodbye. A connection that ends within ``_STABLE`` seconds counts
+        as a failure, so a peer that accepts and drops us is never redialled in a tight loop.
+        While not connected, a learned address holds one of the ``_MAX_LEARNED_DIALS`` slots.
+        """
         delay = self.reconnect_min
         failures = 0
+        holds_slot = learned  # taken by _start_dial_loop
         try:
             while not self._closing:
                 if node_id and node_id in self.connections:
@@ -694,16 +749,31 @@ class TcpTransport(Transport):
                     return
                 self._dialing[address] = node_id
                 try:
-                    outcome = await self._dial(address)
+                    result = await self._dial(address)
                 finally:
                     self._dialing.pop(address, None)
-                if outcome in ("closed", "refused"):
+                if result == "refused":
                     return
-                if outcome == "lost":  # connected, then lost: dial it again
-                    failures = 0
-                    delay = self.reconnect_min
-                    continue
-                failures += 1
+                if isinstance(result, Connection):
+                    if holds_slot:
+                        self._learned_loops -= 1
+                        holds_slot = False
+                    started = trio.current_time()
+                    await self._run(result)
+                    if self._closing or (result.graceful and learned):
+                        return
+                    if learned:
+                        if self._learned_loops >= _MAX_LEARNED_DIALS:
+                            return
+                        self._learned_loops += 1
+                        holds_slot = True
+                    if trio.current_time() - started >= _STABLE:
+                        failures = 0
+                        delay = self.reconnect_min
+                    else:
+                        failures += 1
+                else:
+                    failures += 1
                 if learned and failures >= self.max_redials:
                     log.info("giving up on %s (%s) after %d failed dials", address, node_id or "?", failures)
                     self._count("addresses_forgotten")
@@ -711,15 +781,15 @@ class TcpTransport(Transport):
                         del self._known[node_id]
                     return
                 await trio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.reconnect_max)
+                if failures:
+                    delay = min(delay * 2, self.reconnect_max)
         finally:
             self._dial_loops.discard(address)
-            if learned:
+            if holds_slot:
                 self._learned_loops -= 1
 
-    async def _dial(self, address: str) -> str:
-        """One dial: "closed" (a connection ran and ended gracefully), "lost" (it ran and was
-        lost), "refused", or "retry"."""
+    async def _dial(self, address: str) -> Connection | str:
+        """One dial: the established connection (not yet running), "refused", or "retry"."""
         try:
             host, port = parse_address(address)
         except BrokerOptionsError as exc:
@@ -745,9 +815,7 @@ class TcpTransport(Transport):
             conn = "retry"
         if isinstance(conn, str):
             await trio.aclose_forcefully(raw)
-            return conn
-        await self._run(conn)
-        return "closed" if conn.graceful or self._closing else "lost"
+        return conn
 
     async def _connect(self, stream: trio.abc.Stream, address: str, host: str) -> Connection | str:
         """The dialer's side of the handshake: the connection, or "refused" / "retry"."""
@@ -827,10 +895,11 @@ class TcpTransport(Transport):
                 del self.connections[node]
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(conn.stream)
-            try:
-                self.transit.on_disconnected(node, graceful=conn.graceful)
-            except Exception:  # pragma: no cover - a bug, but never the node's end
-                log.exception("error while forgetting node %s", node)
+            if node not in self.connections:  # else a newer connection to it is up: keep its state
+                try:
+                    self.transit.on_disconnected(node, graceful=conn.graceful)
+                except Exception:  # pragma: no cover - a bug, but never the node's end
+                    log.exception("error while forgetting node %s", node)
 
     # --- discovery and liveness ---------------------------------------------------------
 
