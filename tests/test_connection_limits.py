@@ -151,3 +151,44 @@ async def test_admitted_producers_that_are_slow_to_produce_never_overfill_the_qu
             assert results == [1024 * 1024] * 60
             assert peak <= high_water + 256 * 1024 + 4096, peak
             assert server_transport.statistics().not_reading == 0
+
+
+async def test_unread_response_streams_count_for_their_peer_until_they_end() -> None:
+    """A peer that opens response streams and never reads them keeps them counted against its
+    share, so another peer still gets served (before: the streams stopped counting once their
+    RES was out, the hog took every handler slot and the other peer got QueueIsFullError)."""
+    from nerve.errors import QueueIsFullError
+
+    class Feed(nerve.Service):
+        name = "feed"
+
+        @nerve.action
+        async def endless(self, ctx: nerve.Context) -> nerve.PacketStream:
+            async def chunks():  # type: ignore[no-untyped-def]
+                while True:
+                    yield b"x" * 65536
+
+            return nerve.PacketStream.from_iterable(chunks())
+
+        @nerve.action
+        async def ping(self, ctx: nerve.Context) -> str:
+            return "pong"
+
+    async with nerve.Broker("feed-server", transport="tcp://127.0.0.1:0", services=[Feed()],
+                            max_pending_requests=8) as server:
+        async with nerve.Broker("hog", transport="tcp://127.0.0.1:0", peers=[server.address]) as hog, \
+                nerve.Broker("other", transport="tcp://127.0.0.1:0", peers=[server.address]) as other:
+            await hog.wait_for_services("feed")
+            await other.wait_for_services("feed")
+            held = []
+            with pytest.raises(QueueIsFullError, match="requests of 'hog'"):
+                for _ in range(20):
+                    held.append(await hog.call("feed.endless"))
+            assert len(held) == 4  # its fair share: 8 // 2 connected peers
+            assert server.transit.peer_requests == {"hog": 4}
+            assert await other.call("feed.ping") == "pong"
+            for stream in held:
+                await stream.close()
+            with trio.fail_after(5):
+                while server.transit.peer_requests:
+                    await trio.sleep(0.05)
