@@ -231,6 +231,8 @@ class Transit:
         self.peer_streams: dict[str, int] = {}
         #: nodes connected now (as the transport reports them)
         self.peers: set[str] = set()
+        #: peer_request_limit(), kept up to date as peers come and go (read per request)
+        self._peer_limit = broker.max_peer_requests or broker.max_pending_requests
         self._slots: dict[str, _StreamSlots] = {}
         #: what to call when a reader leaves ``readers`` (its stream is over for us)
         self._reader_done: dict[tuple[str, str, bool], Callable[[], None]] = {}
@@ -385,6 +387,7 @@ class Transit:
 
     def on_connected(self, node_id: str) -> None:
         self.peers.add(node_id)
+        self._peer_limit = self.peer_request_limit()
         try:
             self.send_packet(node_id, self.info_packet())
         except NerveError as exc:
@@ -394,6 +397,7 @@ class Transit:
         """Everything ``node_id`` held is let go: its calls fail, its streams fail and drop what
         they buffered, the handlers reading its request streams are cancelled."""
         self.peers.discard(node_id)
+        self._peer_limit = self.peer_request_limit()
         was = self.broker.registry.node_gone(node_id)
         reason = "disconnected" if graceful else "was lost"
         slots = self._slots.pop(node_id, None)
@@ -485,7 +489,7 @@ class Transit:
         spec = broker._local_action(pkt.action)
         mine = self.peer_requests.get(sender, 0)
         if (spec is None or broker._stopping or broker._handlers.active >= broker.max_pending_requests
-                or mine >= self.peer_request_limit()
+                or mine >= self._peer_limit
                 or (pkt.stream and self.peer_streams.get(sender, 0) >= broker.max_peer_streams)):
             if spec is None:
                 exc: NerveError = ServiceNotFoundError(
@@ -494,7 +498,7 @@ class Transit:
             elif broker._stopping:
                 exc = RequestRejectedError(f"node '{self.node_id}' is stopping",
                                            data={"action": pkt.action, "nodeID": self.node_id})
-            elif mine >= self.peer_request_limit():
+            elif mine >= self._peer_limit:
                 exc = QueueIsFullError(
                     f"Queue is full: {mine} requests of '{sender}' are being served on "
                     f"'{self.node_id}' (its share of max_pending_requests={broker.max_pending_requests}).",
@@ -512,6 +516,8 @@ class Transit:
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
         self.peer_requests[sender] = mine + 1
+        if not mine and not self.peers:  # a transport that reports no peers: count by requests
+            self._peer_limit = self.peer_request_limit()
         if pkt.stream:
             # The stream counts until its answer is out and its reader is done with it.
             self.peer_streams[sender] = self.peer_streams.get(sender, 0) + 1
@@ -546,6 +552,8 @@ class Transit:
             self.peer_requests[sender] = left
         else:
             self.peer_requests.pop(sender, None)
+            if not self.peers:
+                self._peer_limit = self.peer_request_limit()
         if stream_part is not None:
             stream_part()
 
@@ -630,6 +638,7 @@ class Transit:
         forget what peers held (handlers still queued are dropped with the broker's nursery)."""
         self.peer_requests.clear()
         self.peer_streams.clear()
+        self._peer_limit = self.peer_request_limit()
         self._reader_done.clear()
         for pending in list(self.pending.values()):
             if not pending.settled:
