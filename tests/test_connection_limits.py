@@ -192,3 +192,128 @@ async def test_unread_response_streams_count_for_their_peer_until_they_end() -> 
             with trio.fail_after(5):
                 while server.transit.peer_requests:
                     await trio.sleep(0.05)
+
+
+async def test_a_stream_call_given_up_keeps_its_slot_until_the_node_answers() -> None:
+    """The caller times out after its upload while the handler still works: the node counts
+    the stream until it answers, so the caller keeps the slot until the late answer arrives
+    and the next stream call waits for it (before: QueueIsFullError)."""
+    from nerve.errors import RequestTimeoutError
+
+    class Up(nerve.Service):
+        name = "up"
+
+        @nerve.action
+        async def upload(self, ctx: nerve.Context) -> int:
+            assert ctx.stream is not None
+            n = len(await ctx.stream.read_all())
+            await trio.sleep(1.0)  # work after the upload, beyond the caller's timeout
+            return n
+
+    async def feed(stream: nerve.PacketStream) -> None:
+        await stream.send(b"x" * 1000)
+        await stream.close()
+
+    async with nerve.Broker("up-server", transport="tcp://127.0.0.1:0", services=[Up()], max_peer_streams=1) as server:
+        async with nerve.Broker("up-client", transport="tcp://127.0.0.1:0", peers=[server.address]) as client:
+            await client.wait_for_services("up")
+            first = client.create_stream()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed, first)
+                with pytest.raises(RequestTimeoutError):
+                    await client.call("up.upload", stream=first, timeout=0.3)
+            assert server.transit.peer_streams == {"up-client": 1}  # still served there
+            second = client.create_stream()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed, second)
+                assert await client.call("up.upload", stream=second, timeout=5) == 1000
+
+
+async def test_a_live_feed_holds_no_room_while_it_waits_for_its_next_item() -> None:
+    """Feeds whose source waits for events are started while the connection's queue is full:
+    while they wait for their next item they hold no room, so downloads on the same
+    connection go on and events still reach the peer (before: room promised to the feeds was
+    held for ever and every other stream failed with 'the connection took nothing')."""
+    from nerve.transports.tcp import TcpTransport
+
+    never = trio.Event()
+    chunk = 256 * 1024
+
+    class Svc(nerve.Service):
+        name = "svc"
+
+        @nerve.action
+        async def download(self, ctx: nerve.Context) -> nerve.PacketStream:
+            async def chunks():  # type: ignore[no-untyped-def]
+                for _ in range(64):
+                    yield b"d" * chunk
+
+            return nerve.PacketStream.from_iterable(chunks())
+
+        @nerve.action
+        async def feed(self, ctx: nerve.Context) -> nerve.PacketStream:
+            async def events():  # type: ignore[no-untyped-def]
+                await never.wait()
+                yield b"event"
+
+            return nerve.PacketStream.from_iterable(events())
+
+    transport = TcpTransport("tcp://127.0.0.1:0", high_water=1024 * 1024)
+    async with nerve.Broker("feed-srv", transport=transport, services=[Svc()], stream_idle_timeout=4) as server:
+        async with nerve.Broker("feed-cli", transport="tcp://127.0.0.1:0", peers=[server.address]) as client:
+            await client.wait_for_services("svc")
+            done: list[int] = []
+
+            async def download() -> None:
+                stream = await client.call("svc.download")
+                done.append(len(await stream.read_all()))
+
+            async def subscribe() -> None:
+                stream = await client.call("svc.feed")
+                async for _ in stream:
+                    pass
+
+            with trio.fail_after(15):
+                async with trio.open_nursery() as nursery:
+                    feeds = trio.open_nursery()
+                    async with feeds as feed_nursery:
+                        # Start downloads and feeds together, so the feeds find the queue full.
+                        for _ in range(4):
+                            nursery.start_soon(download)
+                        await trio.sleep(0)
+                        for _ in range(8):
+                            feed_nursery.start_soon(subscribe)
+                        with trio.fail_after(10):
+                            while len(done) < 4:
+                                await trio.sleep(0.05)
+                        conn = transport.connections["feed-cli"]
+                        assert conn._promised == 0, conn._promised
+                        feed_nursery.cancel_scope.cancel()
+            assert done == [64 * chunk] * 4
+
+
+async def test_a_seed_that_refuses_us_for_now_is_dialled_again() -> None:
+    """A seed at max_connections refuses us; once it has room we get in (before: a seed that
+    refused once was never dialled again)."""
+    from nerve.transports.tcp import TcpTransport
+
+    async def run_other(address: str, stop: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with nerve.Broker("other", transport="tcp://127.0.0.1:0", peers=[address]) as other:
+            with trio.fail_after(5):
+                while "full-seed" not in other.transport.connected():
+                    await trio.sleep(0.05)
+            task_status.started()
+            await stop.wait()
+
+    async with nerve.Broker("full-seed", transport=TcpTransport("tcp://127.0.0.1:0", max_connections=1)) as seed:
+        assert seed.address is not None
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+            await nursery.start(run_other, seed.address, stop)
+            async with nerve.Broker("late", transport="tcp://127.0.0.1:0", peers=[seed.address]) as late:
+                await trio.sleep(0.5)
+                assert late.transport.connected() == []
+                stop.set()
+                with trio.fail_after(10):
+                    while "full-seed" not in late.transport.connected():
+                        await trio.sleep(0.05)

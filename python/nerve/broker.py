@@ -159,6 +159,8 @@ class Broker:
         self.transport = make_transport(transport, **options)
         if not self.transport.max_streams:
             self.transport.max_streams = max_peer_streams  # told to peers (TCP's HELLO)
+        else:  # a transport given with its own: that is what peers are told, and what holds
+            self.max_peer_streams = self.transport.max_streams
         self.transit = Transit(self, self.transport, self.serializer, protocol_version=protocol_version)
         self.services: dict[str, Service] = {}
         self._specs: dict[str, tuple[list[ActionSpec], list[EventSpec]]] = {}

@@ -61,6 +61,10 @@ class _Link:
     def release(self, token: Any, n: int) -> None:
         """Give back room held by :meth:`reserve`."""
 
+    async def wait_ready(self, n: int) -> None:
+        """Wait until a chunk of ``n`` bytes would be admitted now, holding nothing."""
+        await trio.lowlevel.checkpoint()
+
 
 class _LoopbackLink(_Link):
     """A producer and consumer in one process: chunks go straight to the reading side."""
@@ -169,6 +173,7 @@ class PacketStream:
                 self._raise_if_stopped()
                 n = self._tx.next_chunk_len(total - at)
                 if n == 0:
+                    self._give_back_room()  # never hold room while waiting for the reader
                     await self._wait_credit()
                     continue
                 room = self._room
@@ -196,12 +201,13 @@ class PacketStream:
             self._link.release(*room)
 
     async def _wait_ready(self) -> None:
-        """Wait until a full chunk could be sent now: credit, and room in the queue, which it
-        holds for the next ``send`` (``_room``)."""
+        """Wait until a full chunk could be sent now (credit, and room in the queue), holding
+        nothing: a pumped source is asked for its next chunk only then, and a source that
+        takes long to produce it (a live feed) holds no room from others meanwhile."""
         if not self._bound.is_set():
             await self._bound.wait()
         assert self._tx is not None and self._link is not None
-        while self._room is None:
+        while True:
             self._raise_if_stopped()
             n = self._tx.next_chunk_len(self.max_chunk)
             if n == 0:
@@ -209,9 +215,18 @@ class PacketStream:
                     return  # send() says why
                 await self._wait_credit()
                 continue
-            if not self._link.has_room(n):
-                self._room = (await self._wait_room(n), n)
-            return
+            if self._link.has_room(n):
+                return
+            if self.idle_timeout is None:
+                await self._link.wait_ready(n)
+                return
+            with trio.move_on_after(self.idle_timeout):
+                await self._link.wait_ready(n)
+                return
+            exc = StreamIdleTimeoutError(f"the connection took nothing for {self.idle_timeout:g}s "
+                                         "(the peer does not read)")
+            self._abort_now(exc)
+            raise exc
 
     async def _wait_room(self, n: int) -> Any:
         """Wait for room for ``n`` bytes in the connection's queue and hold it (returns the
@@ -285,6 +300,8 @@ class PacketStream:
             self._pending_abort = exc
         self._fire_closed()
         self._credit_wakeup.set()
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()  # a pump waiting on its source stops too
 
     async def transfer_from(self, source: PathLike | IO[bytes]) -> int:
         """Send the whole content of a file (path or binary file object), then close.

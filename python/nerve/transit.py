@@ -76,11 +76,12 @@ _RES = int(PacketType.RES)
 class Pending:
     """A call waiting for its RES: settled once, waking the one task that waits."""
 
-    __slots__ = ("node_id", "settled", "result", "error", "meta", "_task")
+    __slots__ = ("node_id", "settled", "answered", "result", "error", "meta", "_task")
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self.settled = False
+        self.answered = False  # its RES arrived (perhaps after a timeout settled it)
         self.result: Any = None
         self.error: BaseException | None = None
         self.meta: dict[str, Any] | None = None
@@ -136,6 +137,9 @@ class _RemoteLink(_Link):
 
     def release(self, token: Any, n: int) -> None:
         self.transit.transport.release(token, n)
+
+    async def wait_ready(self, n: int) -> None:
+        await self.transit.transport.wait_ready(self.node_id, n)
 
 
 class _StreamSlots:
@@ -234,6 +238,8 @@ class Transit:
         #: peer_request_limit(), kept up to date as peers come and go (read per request)
         self._peer_limit = broker.max_peer_requests or broker.max_pending_requests
         self._slots: dict[str, _StreamSlots] = {}
+        #: stream calls we gave up on, waiting for their late RES to free their slot
+        self._late: dict[tuple[str, str], Callable[[], None]] = {}
         #: what to call when a reader leaves ``readers`` (its stream is over for us)
         self._reader_done: dict[tuple[str, str, bool], Callable[[], None]] = {}
         #: call timeouts (the broker runs ``timers.run``)
@@ -351,10 +357,14 @@ class Transit:
                 # of that, which is never before the node let go of it.
                 response = (node_id, ctx.id, True)
                 streaming = isinstance(pending.result, PacketStream) and response in self.readers
-                countdown = _Countdown(2 if streaming else 1, slots.release)
+                countdown = _Countdown(1 + streaming + (not pending.answered), slots.release)
                 _when_closed(stream, countdown.part())
                 if streaming:
                     self._reader_done[response] = countdown.part()
+                if not pending.answered:
+                    # We gave up (timeout, cancel): the node counts the call until it answers,
+                    # which it always does (an aborted stream fails its handler).
+                    self._late[(node_id, ctx.id)] = countdown.part()
         return pending
 
     async def _stream_slot(self, node_id: str) -> _StreamSlots | None:
@@ -403,6 +413,8 @@ class Transit:
         slots = self._slots.pop(node_id, None)
         if slots is not None:
             slots.fail(BrokerDisconnectedError(f"node '{node_id}' {reason}", data={"nodeID": node_id}))
+        for late_key in [k for k in self._late if k[0] == node_id]:
+            del self._late[late_key]
         for serving_key, scope in list(self.serving.items()):
             if serving_key[0] == node_id:
                 scope.cancel()
@@ -485,6 +497,10 @@ class Transit:
             raise ProtocolError(f"{sender} sent a Moleculer stream chunk (seq {pkt.seq}) on a native "
                                 "transport; streams travel as STREAM_DATA frames here",
                                 reason="unexpected_stream_packet")
+        if pkt.stream and ((sender, pkt.id, False) in self.readers
+                           or (sender, pkt.id, False) in self._reader_done):
+            raise ProtocolError(f"{sender} reused the id of a request stream in progress: {pkt.id[:80]!r}",
+                                reason="stream_id_reused")
         broker = self.broker
         spec = broker._local_action(pkt.action)
         mine = self.peer_requests.get(sender, 0)
@@ -721,11 +737,18 @@ class Transit:
 
     def _on_response(self, sender: str, pkt: Response) -> None:
         pending = self.pending.get(pkt.id)
-        if pending is None or pending.settled:
+        if pending is None:
+            late = self._late.pop((sender, pkt.id), None)
+            if late is not None:  # the answer to a stream call we gave up on: the node let go
+                late()
             return
         if pending.node_id != sender:
             log.warning("ignoring RES for %s from %s (sent to %s)", pkt.id, sender, pending.node_id)
             return
+        if pending.settled:  # timed out, its caller not yet back: it will see this
+            pending.answered = True
+            return
+        pending.answered = True
         if isinstance(pkt.meta, dict) and pkt.meta:
             pending.meta = pkt.meta
         if not pkt.success:

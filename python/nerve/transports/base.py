@@ -63,6 +63,11 @@ class Transport:
     def release(self, token: Any, n: int) -> None:
         """Give back the room :meth:`reserve` held."""
 
+    async def wait_ready(self, node_id: str, n: int) -> None:
+        """Wait until a chunk of ``n`` bytes would be admitted now, holding nothing (for a
+        producer about to produce its next chunk)."""
+        await trio.lowlevel.checkpoint()
+
     def peer_max_streams(self, node_id: str) -> int:
         """Request streams ``node_id`` serves at once for us (0: no limit known)."""
         return 0

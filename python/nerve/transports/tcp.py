@@ -216,6 +216,9 @@ class Connection:
         self._wakeup = trio.Event()
         self._waiters: deque[list[Any]] = deque()  # [task, bytes] of parked producers
         self._promised = 0  # bytes of room held by admitted producers that have not queued yet
+        self._ready: deque[Any] = deque()  # tasks waiting for room to exist (hold nothing)
+        self.max_chunk_hint = 256 * 1024  # a ready-waiter's chunk, to wake enough of them
+        self.reported = False  # the transit was told this connection ended
         self._flushed = trio.Event()
         self._flushed.set()
         self.cancel_scope: trio.CancelScope | None = None
@@ -330,13 +333,13 @@ class Connection:
     def release(self, n: int) -> None:
         """Give back room held by :meth:`reserve` (its bytes were queued, or never will be)."""
         self._promised = max(0, self._promised - n)
-        if self._waiters:
+        if self._waiters or self._ready:
             self._admit()
 
     def _admit(self) -> None:
         """The queue shrank: admit the parked producers whose bytes now fit, in order."""
         waiters = self._waiters
-        if not waiters or self.closed:
+        if (not waiters and not self._ready) or self.closed:
             return
         queued = len(self.encoder) + self._promised
         budget = self.transport.high_water - queued
@@ -350,15 +353,46 @@ class Connection:
             self._promised += n
             first = False
             trio.lowlevel.reschedule(task)
+        if not waiters and self._ready and budget > 0:
+            # Room left once every producer holding a chunk is in: let those about to
+            # produce one look again (a chunk's worth each; they hold nothing meanwhile).
+            self._wake_ready(max(1, budget // self.max_chunk_hint))
 
     def _wake_all(self) -> None:
         while self._waiters:
             trio.lowlevel.reschedule(self._waiters.popleft()[0])
+        self._wake_ready(len(self._ready))
+
+    def _wake_ready(self, count: int) -> None:
+        while self._ready and count > 0:
+            trio.lowlevel.reschedule(self._ready.popleft())
+            count -= 1
+
+    async def _park_ready(self) -> None:
+        task = trio.lowlevel.current_task()
+        self._ready.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._ready.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def wait_ready(self, n: int) -> None:
+        """Wait until ``n`` bytes would be admitted now (no producer waiting, room under the
+        mark), without holding that room: for a producer about to produce its next chunk,
+        which then queues it or parks *with* it in :meth:`reserve` (which goes first)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.closed and (self._waiters or not self._fits(n)):
+            await self._park_ready()
+        if self.closed:
+            raise self._closed_error()
 
     async def wait_writable(self) -> None:
         """Wait while the queue is over the high-water mark (non-stream producers, after
-        they queued)."""
-        await self.reserve(0)
+        they queued; never behind stream producers)."""
+        while not self.closed and len(self.encoder) + self._promised > self.transport.high_water:
+            await self._park_ready()
         await trio.lowlevel.checkpoint()
 
     # --- tasks --------------------------------------------------------------------------
@@ -529,6 +563,13 @@ class TcpTransport(Transport):
     def release(self, token: Any, n: int) -> None:
         if token is not None:
             token.release(n)
+
+    async def wait_ready(self, node_id: str, n: int) -> None:
+        conn = self.connections.get(node_id)
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await conn.wait_ready(n)
 
     async def wait_writable(self, node_id: str) -> None:
         conn = self.connections.get(node_id)
@@ -752,8 +793,8 @@ class TcpTransport(Transport):
                     result = await self._dial(address)
                 finally:
                     self._dialing.pop(address, None)
-                if result == "refused":
-                    return
+                if result == "refused" and learned:
+                    return  # (a seed that refuses us is misconfigured: keep trying, it may be fixed)
                 if isinstance(result, Connection):
                     if holds_slot:
                         self._learned_loops -= 1
@@ -789,7 +830,9 @@ class TcpTransport(Transport):
                 self._learned_loops -= 1
 
     async def _dial(self, address: str) -> Connection | str:
-        """One dial: the established connection (not yet running), "refused", or "retry"."""
+        """One dial: the established connection (not yet running), "refused" (for good:
+        a bad address, a mismatch), "busy" (refused for now: full, or already connected), or
+        "retry"."""
         try:
             host, port = parse_address(address)
         except BrokerOptionsError as exc:
@@ -824,8 +867,11 @@ class TcpTransport(Transport):
         await stream.send_all(encode_frame(_HELLO, self._hello(nonce=nonce)))
         hello = await self._read_handshake(stream, _HELLO_ACK)
         if not hello.accept:
-            if hello.reason != "duplicate connection":
-                log.warning("%s refused us: %s", address, str(hello.reason)[:200])
+            why = str(hello.reason)
+            if why == "duplicate connection" or why.startswith("too many connections"):
+                log.debug("%s refused us for now: %s", address, why[:200])
+                return "busy"
+            log.warning("%s refused us: %s", address, why[:200])
             return "refused"
         reason = self._check_peer(hello)
         if reason is None and self._tls_client is not None and not (
@@ -864,6 +910,10 @@ class TcpTransport(Transport):
             conn.closed = True
             await trio.aclose_forcefully(conn.stream)
             return
+        if other is not None and not other.reported:
+            # Its end was not reported yet (its task is unwinding): report it before ours begins.
+            other.reported = True
+            self.transit.on_disconnected(node, graceful=other.graceful)
         self.connections[node] = conn
         self._count("connections_opened")
         if conn.address:
@@ -893,13 +943,14 @@ class TcpTransport(Transport):
             conn.close()
             if self.connections.get(node) is conn:
                 del self.connections[node]
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(conn.stream)
-            if node not in self.connections:  # else a newer connection to it is up: keep its state
+            if not conn.reported:  # (a newer connection reported it when it took over)
+                conn.reported = True
                 try:
                     self.transit.on_disconnected(node, graceful=conn.graceful)
                 except Exception:  # pragma: no cover - a bug, but never the node's end
                     log.exception("error while forgetting node %s", node)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(conn.stream)
 
     # --- discovery and liveness ---------------------------------------------------------
 
@@ -954,7 +1005,7 @@ class TcpTransport(Transport):
                     conn.close()
                     continue
                 conn.send(_HEARTBEAT, payload)
-                if conn._waiters and not conn._sending:
+                if (conn._waiters or conn._ready) and not conn._sending:
                     # Producers admitted earlier may have left without queueing (their stream
                     # ended): never leave the others parked by an idle writer.
                     conn._admit()
