@@ -66,8 +66,9 @@ class Broker:
     ``secret`` (TCP): nodes prove they share it (HMAC-SHA256 challenge-response in the
     handshake) before any frame of theirs is processed. Before that, a peer may hold one
     handshake frame of at most ``max_hello_size`` (64 KiB), with at most ``max_handshakes``
-    (64) handshakes in progress. ``max_redials`` (10): failed dials in a row of an address
-    learned from a peer before it is forgotten (seeds are dialled for ever).
+    (64) handshakes in progress, a quarter of them from one host. ``max_connections`` (1024)
+    established connections at most. ``max_redials`` (10): failed dials in a row of an
+    address learned from a peer before it is forgotten (seeds are dialled for ever).
     ``tls_cert`` / ``tls_key`` / ``tls_ca`` (TCP): connections run over TLS; a peer's chain
     is verified against ``tls_ca`` and its certificate must name its node id (the dialer also
     accepts the host it dialled). ``tls_mutual=True``: acceptors require a client
@@ -106,6 +107,7 @@ class Broker:
         max_hello_size: int | None = None,
         max_handshakes: int | None = None,
         max_redials: int | None = None,
+        max_connections: int | None = None,
         secret: str | bytes | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
@@ -151,7 +153,7 @@ class Broker:
         if max_write_queue is not None:
             options["max_write_queue"] = max_write_queue
         tcp_only = {"max_hello_size": max_hello_size, "max_handshakes": max_handshakes,
-                    "max_redials": max_redials, "tls_cert": tls_cert, "tls_key": tls_key,
+                    "max_redials": max_redials, "max_connections": max_connections, "tls_cert": tls_cert, "tls_key": tls_key,
                     "tls_ca": tls_ca, "tls_mutual": tls_mutual or None}
         options.update({k: v for k, v in tcp_only.items() if v is not None})
         if transport is None and (options["peers"] or secret is not None or tls_cert or tls_ca):
