@@ -317,3 +317,104 @@ async def test_a_seed_that_refuses_us_for_now_is_dialled_again() -> None:
                 with trio.fail_after(10):
                     while "full-seed" not in late.transport.connected():
                         await trio.sleep(0.05)
+
+
+async def test_events_are_not_held_behind_stream_producers() -> None:
+    """emit() waits while the bytes queued for a node are over the mark, never behind the
+    stream producers queueing there (before: an emit waited for 8 uploads to end)."""
+    from nerve.transports.tcp import TcpTransport
+
+    class Up(nerve.Service):
+        name = "up"
+
+        @nerve.action
+        async def upload(self, ctx: nerve.Context) -> int:
+            assert ctx.stream is not None
+            n = 0
+            async for chunk in ctx.stream:
+                n += len(chunk)
+            return n
+
+        @nerve.event("ping")
+        async def ping(self, ctx: nerve.Context) -> None:
+            pass
+
+    async with nerve.Broker("ev-srv", transport="tcp://127.0.0.1:0", services=[Up()]) as server:
+        assert server.address is not None
+        transport = TcpTransport("tcp://127.0.0.1:0", high_water=64 * 1024, peers=[server.address])
+        async with nerve.Broker("ev-cli", transport=transport) as client:
+            await client.wait_for_services("up")
+            done: list[int] = []
+            waits: list[float] = []
+
+            async def upload() -> None:
+                stream = client.create_stream()
+
+                async def feed() -> None:
+                    for _ in range(400):
+                        await stream.send(b"x" * (256 * 1024))
+                    await stream.close()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(feed)
+                    done.append(await client.call("up.upload", stream=stream, timeout=60))
+
+            async def emitter() -> None:
+                await trio.sleep(0.05)
+                while len(done) < 8:
+                    start = trio.current_time()
+                    await client.emit("ping", b"z" * 100)
+                    waits.append(trio.current_time() - start)
+                    await trio.sleep(0.02)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(upload)
+                    nursery.start_soon(emitter)
+            assert done == [400 * 256 * 1024] * 8
+            assert len(waits) >= 5, waits  # emits went out while the uploads ran
+            # Each emit waited for at most a few batches of the writer, not for the uploads.
+            assert sorted(waits)[len(waits) // 2] < 0.1, waits
+
+
+async def test_a_call_that_fails_before_taking_its_stream_fails_the_streams_feeder() -> None:
+    """The call fails (no such action) before it takes its request stream: a task sending on
+    that stream gets the error instead of waiting for ever."""
+    from nerve.errors import ServiceNotFoundError, StreamClosedError
+
+    async with nerve.Broker("lonely", transport="tcp://127.0.0.1:0") as broker:
+        stream = broker.create_stream()
+        outcome: list[BaseException] = []
+
+        async def feed() -> None:
+            try:
+                await stream.send(b"data")
+            except StreamClosedError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                with pytest.raises(ServiceNotFoundError):
+                    await broker.call("nowhere.upload", stream=stream)
+        assert len(outcome) == 1 and "nowhere.upload" in str(outcome[0])
+
+
+async def test_a_host_name_the_resolver_rejects_never_ends_the_node() -> None:
+    """Found by the live fuzzer: a peer's HELLO named `tcp://<combining mark>x:5`; its
+    address reached other nodes in PEERS and their dial raised IDNAError (a UnicodeError, not
+    an OSError) out of the dial loop, ending those nodes. Such addresses are refused where
+    they enter, and a dial that the resolver rejects ends only that dial."""
+    from nerve.transports.tcp import peer_address
+
+    bad = "tcp://\u059ax:5"
+    assert peer_address(bad) is None
+    async with nerve.Broker("idna", transport="tcp://127.0.0.1:0", peers=[bad]) as broker:
+        await trio.sleep(0.3)  # the seed loop has dialled (and been refused by the resolver)
+        assert broker._running
+        async with nerve.Broker("idna-peer", transport="tcp://127.0.0.1:0", peers=[broker.address]) as other:
+            with trio.fail_after(5):
+                while "idna" not in other.transport.connected():
+                    await trio.sleep(0.05)
+            assert await other.ping("idna") >= 0

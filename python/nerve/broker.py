@@ -468,6 +468,10 @@ class Broker:
             except NerveError as exc:
                 if (not exc.retryable or attempt >= retries
                         or (stream is not None and stream._bound.is_set())):
+                    if stream is not None and not stream._bound.is_set():
+                        # The call failed before it took its request stream: a task feeding
+                        # that stream would otherwise wait for ever.
+                        stream._abort_now(exc)
                     raise
                 delay = min(self.retry_delay * self.retry_factor ** attempt, self.retry_max_delay)
                 log.debug("retrying %s after %r (attempt %d, in %.3fs)", action, exc, attempt + 1, delay)

@@ -157,8 +157,7 @@ class PacketStream:
         """Send ``data`` (split into chunks), waiting for credit as needed."""
         if not self._bound.is_set():
             await self._bound.wait()
-        assert self._tx is not None and self._link is not None
-        if self._tx_done:
+        if self._tx_done or self._tx is None or self._link is None:
             why = f": {self._tx_error}" if self._tx_error is not None else " (after close())"
             raise StreamClosedError(f"cannot send on a stream that is over{why}")
         view = data if isinstance(data, bytes) and len(data) <= self.max_chunk else memoryview(data)
@@ -206,7 +205,8 @@ class PacketStream:
         takes long to produce it (a live feed) holds no room from others meanwhile."""
         if not self._bound.is_set():
             await self._bound.wait()
-        assert self._tx is not None and self._link is not None
+        if self._tx is None or self._link is None:  # aborted before it was attached
+            raise self._tx_error or StreamClosedError("the stream is over")
         while True:
             self._raise_if_stopped()
             n = self._tx.next_chunk_len(self.max_chunk)
@@ -269,8 +269,7 @@ class PacketStream:
             return
         if not self._bound.is_set():
             await self._bound.wait()
-        assert self._tx is not None and self._link is not None
-        if self._tx_done:
+        if self._tx_done or self._tx is None or self._link is None:  # over (or aborted unbound)
             await trio.lowlevel.checkpoint()
             return
         self._raise_if_stopped()
@@ -297,7 +296,10 @@ class PacketStream:
         if self._link is not None:
             self._link.fail(exc)
         else:
+            # Not attached to a call (yet, or ever: the call failed first): whoever waits to
+            # send on it learns now rather than never.
             self._pending_abort = exc
+            self._bound.set()
         self._fire_closed()
         self._credit_wakeup.set()
         if self._pump_scope is not None:
@@ -370,6 +372,8 @@ class PacketStream:
 
     def _bind(self, link: _Link, window: int, max_chunk: int) -> None:
         if self._bound.is_set():
+            if self._tx is None and self._tx_error is not None:
+                raise self._tx_error  # aborted before any call took it
             raise StreamError("this stream is already attached to a call")
         self._tx = CreditSender(window, max_chunk)
         self._link = link

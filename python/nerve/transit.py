@@ -316,7 +316,7 @@ class Transit:
         long upload is never cut by it (the stream's idle timeout is).
         """
         node_id = ep.node_id
-        slots = await self._stream_slot(node_id)
+        slots = await self._stream_slot(node_id, timeout if timeout is not None else stream.idle_timeout)
         try:
             pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
                                         ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
@@ -367,8 +367,9 @@ class Transit:
                     self._late[(node_id, ctx.id)] = countdown.part()
         return pending
 
-    async def _stream_slot(self, node_id: str) -> _StreamSlots | None:
-        """Wait for one of the request-stream slots ``node_id`` gives us (None: no limit)."""
+    async def _stream_slot(self, node_id: str, wait: float | None) -> _StreamSlots | None:
+        """Wait (up to ``wait`` seconds) for one of the request-stream slots ``node_id`` gives
+        us (None: no limit); QueueIsFullError (retryable: nothing was sent) after that."""
         slots = self._slots.get(node_id)
         if slots is None:
             limit = self.transport.peer_max_streams(node_id)
@@ -376,8 +377,12 @@ class Transit:
                 await trio.lowlevel.checkpoint()
                 return None
             slots = self._slots[node_id] = _StreamSlots(limit)
-        await slots.acquire()
-        return slots
+        with trio.move_on_after(wait if wait is not None else _INF):
+            await slots.acquire()
+            return slots
+        raise QueueIsFullError(
+            f"no request-stream slot on '{node_id}' within {wait:g}s: it serves {slots.limit} of "
+            "ours at once and none ended", data={"nodeID": node_id, "size": slots.limit})
 
     def expire_at(self, pending: Pending, due: float, action: str) -> int:
         """Settle ``pending`` with RequestTimeoutError at ``due`` (trio clock) unless it is
@@ -739,7 +744,15 @@ class Transit:
         pending = self.pending.get(pkt.id)
         if pending is None:
             late = self._late.pop((sender, pkt.id), None)
-            if late is not None:  # the answer to a stream call we gave up on: the node let go
+            if late is not None:  # the answer to a stream call we gave up on
+                if pkt.success and pkt.stream:
+                    # A response stream nobody will read: stop it first (it counts there until
+                    # it ends), so the node lets go before it sees our next call.
+                    try:
+                        self.transport.send_stream_credit(sender, STREAM_FLAG_RESPONSE | STREAM_FLAG_END,
+                                                          pkt.id, 0)
+                    except NerveError:
+                        pass
                 late()
             return
         if pending.node_id != sender:

@@ -68,6 +68,8 @@ _DISCONNECT = int(PacketType.DISCONNECT)
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 
 _RECV_SIZE = 256 * 1024
+#: How often an idle writer looks again at producers parked for room (see Connection.writer).
+_READY_RECHECK = 0.01
 #: Largest piece of one send_all (the write-stall watchdog times each piece).
 _WRITE_SLICE = 1024 * 1024
 #: Queued frames that the queueing task writes itself (fewer wait for the writer task's batch).
@@ -141,16 +143,21 @@ def parse_address(url: str) -> tuple[str, int]:
     return host, port
 
 
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:")
+
+
 def peer_address(url: Any) -> str | None:
     """``url`` if it is a dialable ``tcp://host:port`` (port 1..65535), else None: for
     addresses that peers tell us (HELLO, PEERS), which are never trusted."""
     if not isinstance(url, str) or len(url) > 300:
         return None
     try:
-        _, port = parse_address(url)
+        host, port = parse_address(url)
     except BrokerOptionsError:
         return None
-    return url if 0 < port < 65536 else None
+    if not (0 < port < 65536 and len(host) <= 253 and _HOST_CHARS.issuperset(host)):
+        return None  # a host name of letters, digits, '.', '-', or an IP literal; no IDNA
+    return url
 
 
 def valid_node_id(node_id: Any) -> bool:
@@ -216,8 +223,8 @@ class Connection:
         self._wakeup = trio.Event()
         self._waiters: deque[list[Any]] = deque()  # [task, bytes] of parked producers
         self._promised = 0  # bytes of room held by admitted producers that have not queued yet
-        self._ready: deque[Any] = deque()  # tasks waiting for room to exist (hold nothing)
-        self.max_chunk_hint = 256 * 1024  # a ready-waiter's chunk, to wake enough of them
+        self._ready: deque[Any] = deque()  # (task, bytes) waiting for room to exist (hold nothing)
+        self._writable: deque[Any] = deque()  # tasks waiting for the queue to be under the mark
         self.reported = False  # the transit was told this connection ended
         self._flushed = trio.Event()
         self._flushed.set()
@@ -333,13 +340,16 @@ class Connection:
     def release(self, n: int) -> None:
         """Give back room held by :meth:`reserve` (its bytes were queued, or never will be)."""
         self._promised = max(0, self._promised - n)
-        if self._waiters or self._ready:
-            self._admit()
+        self._admit()
 
     def _admit(self) -> None:
-        """The queue shrank: admit the parked producers whose bytes now fit, in order."""
+        """The queue shrank (or room was given back): admit the parked producers whose
+        bytes now fit, in order (holders first, with room promised); then, with room left,
+        let as many producers about to produce a chunk look again as that room takes; and
+        wake every non-stream producer once the bytes queued are under the mark (room
+        promised to streams does not hold them back: they interleave)."""
         waiters = self._waiters
-        if (not waiters and not self._ready) or self.closed:
+        if self.closed or not (waiters or self._ready or self._writable):
             return
         queued = len(self.encoder) + self._promised
         budget = self.transport.high_water - queued
@@ -353,27 +363,32 @@ class Connection:
             self._promised += n
             first = False
             trio.lowlevel.reschedule(task)
-        if not waiters and self._ready and budget > 0:
-            # Room left once every producer holding a chunk is in: let those about to
-            # produce one look again (a chunk's worth each; they hold nothing meanwhile).
-            self._wake_ready(max(1, budget // self.max_chunk_hint))
+        ready = self._ready
+        if not waiters and ready and (budget > 0 or first):
+            # They hold nothing and re-check on waking; one that then queues nothing is
+            # looked at again by the idle writer (see writer()).
+            while ready and (budget > 0 or first):
+                task, n = ready.popleft()
+                budget -= n
+                first = False
+                trio.lowlevel.reschedule(task)
+        if self._writable and len(self.encoder) <= self.transport.high_water:
+            while self._writable:
+                trio.lowlevel.reschedule(self._writable.popleft())
 
     def _wake_all(self) -> None:
         while self._waiters:
             trio.lowlevel.reschedule(self._waiters.popleft()[0])
-        self._wake_ready(len(self._ready))
+        while self._ready:
+            trio.lowlevel.reschedule(self._ready.popleft()[0])
+        while self._writable:
+            trio.lowlevel.reschedule(self._writable.popleft())
 
-    def _wake_ready(self, count: int) -> None:
-        while self._ready and count > 0:
-            trio.lowlevel.reschedule(self._ready.popleft())
-            count -= 1
-
-    async def _park_ready(self) -> None:
-        task = trio.lowlevel.current_task()
-        self._ready.append(task)
+    async def _park(self, queue: deque[Any], entry: Any) -> None:
+        queue.append(entry)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            self._ready.remove(task)
+            queue.remove(entry)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
@@ -384,15 +399,15 @@ class Connection:
         which then queues it or parks *with* it in :meth:`reserve` (which goes first)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self.closed and (self._waiters or not self._fits(n)):
-            await self._park_ready()
+            await self._park(self._ready, (trio.lowlevel.current_task(), n))
         if self.closed:
             raise self._closed_error()
 
     async def wait_writable(self) -> None:
         """Wait while the queue is over the high-water mark (non-stream producers, after
         they queued; never behind stream producers)."""
-        while not self.closed and len(self.encoder) + self._promised > self.transport.high_water:
-            await self._park_ready()
+        while not self.closed and len(self.encoder) > self.transport.high_water:
+            await self._park(self._writable, trio.lowlevel.current_task())
         await trio.lowlevel.checkpoint()
 
     # --- tasks --------------------------------------------------------------------------
@@ -409,7 +424,13 @@ class Connection:
                 self._admit()  # the queue went out whole (perhaps as _unsent): room for all
                 self._flushed.set()
                 self._wakeup = trio.Event()
-                await self._wakeup.wait()
+                if self._ready:
+                    # Producers woken to produce a chunk may queue nothing (a live feed with
+                    # nothing to say): look at those still parked again soon.
+                    with trio.move_on_after(_READY_RECHECK):
+                        await self._wakeup.wait()
+                else:
+                    await self._wakeup.wait()
                 continue
             # Left set if send_all fails or is cancelled midway: nothing may follow its bytes.
             # Sent in slices so the write-stall watchdog sees progress, not a whole batch.
@@ -524,7 +545,7 @@ class TcpTransport(Transport):
         return TcpStatistics(
             connections=len(conns), handshakes=self._handshakes,
             bytes_queued=sum(len(c.encoder) for c in conns),
-            producers_waiting=sum(len(c._waiters) for c in conns), **self._counts)
+            producers_waiting=sum(len(c._waiters) + len(c._ready) for c in conns), **self._counts)
 
     # --- Transport API ------------------------------------------------------------------
 
@@ -844,6 +865,9 @@ class TcpTransport(Transport):
         except (OSError, trio.TooSlowError) as exc:
             log.debug("cannot connect to %s: %r", address, exc)
             return "retry"
+        except Exception as exc:  # a host name the resolver rejects (IDNA...): never the node's end
+            log.warning("not dialling %r: %r", address, exc)
+            return "refused"
         stream: trio.abc.Stream = raw
         try:
             if self._tls_client is not None:
@@ -913,7 +937,10 @@ class TcpTransport(Transport):
         if other is not None and not other.reported:
             # Its end was not reported yet (its task is unwinding): report it before ours begins.
             other.reported = True
-            self.transit.on_disconnected(node, graceful=other.graceful)
+            try:
+                self.transit.on_disconnected(node, graceful=other.graceful)
+            except Exception:  # pragma: no cover - a bug, but never the node's end
+                log.exception("error while forgetting node %s", node)
         self.connections[node] = conn
         self._count("connections_opened")
         if conn.address:
@@ -1005,7 +1032,7 @@ class TcpTransport(Transport):
                     conn.close()
                     continue
                 conn.send(_HEARTBEAT, payload)
-                if (conn._waiters or conn._ready) and not conn._sending:
+                if (conn._waiters or conn._ready or conn._writable) and not conn._sending:
                     # Producers admitted earlier may have left without queueing (their stream
                     # ended): never leave the others parked by an idle writer.
                     conn._admit()
