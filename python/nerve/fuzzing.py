@@ -834,6 +834,14 @@ class _LegitClient:
             self.stats.failed += 1
             self.stats.failures.append({"t": round(trio.current_time(), 3), "latency": 0.0,
                                         "error": f"client stopped: {type(exc).__name__}: {exc}"[:300]})
+        except Exception as exc:  # noqa: BLE001 - the legitimate node itself died: that is a finding
+            # What the target sent on (PEERS, INFO...) ended a well-behaved node beside it.
+            self.stats.failed += 1
+            leaf = exc
+            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+                leaf = leaf.exceptions[0]
+            self.stats.failures.append({"t": round(trio.current_time(), 3), "latency": 0.0,
+                                        "error": f"legitimate node crashed: {type(leaf).__name__}: {leaf}"[:300]})
 
     async def _run(self, address: str, target_id: str | None, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
