@@ -837,7 +837,7 @@ class _LegitClient:
         except Exception as exc:  # noqa: BLE001 - the legitimate node itself died: that is a finding
             # What the target sent on (PEERS, INFO...) ended a well-behaved node beside it.
             self.stats.failed += 1
-            leaf = exc
+            leaf: BaseException = exc
             while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
                 leaf = leaf.exceptions[0]
             self.stats.failures.append({"t": round(trio.current_time(), 3), "latency": 0.0,
