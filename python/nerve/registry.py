@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 
+#: Offline nodes the registry remembers (for ``$node.list``); older ones are forgotten.
+MAX_OFFLINE_NODES = 256
+
+
 @dataclass
 class Node:
     id: str
@@ -205,13 +209,25 @@ class Registry:
         return fresh
 
     def node_gone(self, node_id: str) -> bool:
-        """Mark a remote node unavailable and drop its endpoints; True if it was available."""
+        """Mark a remote node unavailable and drop its endpoints and description; True if it
+        was available. At most ``MAX_OFFLINE_NODES`` offline nodes are remembered (the ones
+        seen longest ago are forgotten), so nodes that come and go never grow the registry
+        without bound."""
         node = self.nodes.get(node_id)
         if node is None or node.local:
             return False
         was = node.available
         node.available = False
+        node.services = []
+        node.metadata = {}
+        node.client = {}
+        node.ip_list = []
         self._remove(lambda ep: ep.node_id == node_id)
+        offline = [n for n in self.nodes.values() if not n.available and not n.local]
+        if len(offline) > MAX_OFFLINE_NODES:
+            offline.sort(key=lambda n: n.last_seen)
+            for old in offline[:len(offline) - MAX_OFFLINE_NODES]:
+                del self.nodes[old.id]
         return was
 
     def _remove(self, pred: Any) -> None:

@@ -970,6 +970,8 @@ class TcpTransport(Transport):
             conn.close()
             if self.connections.get(node) is conn:
                 del self.connections[node]
+            if node not in self.connections:
+                self._known.pop(node, None)  # nothing of a gone peer is kept (its dial loop has the address)
             if not conn.reported:  # (a newer connection reported it when it took over)
                 conn.reported = True
                 try:
