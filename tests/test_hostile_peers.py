@@ -529,6 +529,7 @@ def test_incomplete_huge_hellos_do_not_pin_memory(spawn: Callable[..., Node]) ->
                         peak = max(peak, node.rss())
                         await trio.sleep(0.05)
                 growth = peak - base
+                print(f"RSS growth for 40 incomplete 8 MiB HELLOs: {growth / MiB:.1f} MiB")
                 assert growth < 40 * MiB, f"RSS grew by {growth / MiB:.0f} MiB for 40 incomplete HELLOs"
                 await still_serving(b, node)
                 for h in conns:
