@@ -443,3 +443,28 @@ async def test_nodes_that_come_and_go_never_grow_the_registry_without_bound() ->
         assert len(offline) == MAX_OFFLINE_NODES
         assert "visitor-0" not in nodes and f"visitor-{MAX_OFFLINE_NODES + 39}" in nodes
         assert all(n.services == [] and n.metadata == {} for n in offline)
+
+
+async def test_a_stream_aborted_before_its_call_takes_it_fails_the_reader_at_once() -> None:
+    """A handler aborts the stream it then returns (its source failed at once): the caller's
+    read fails with that error right away, not with an idle timeout a minute later."""
+    from nerve.errors import ValidationError
+
+    class Files(nerve.Service):
+        name = "files"
+
+        @nerve.action
+        async def load(self, ctx: nerve.Context) -> nerve.PacketStream:
+            stream = nerve.PacketStream()
+            await stream.abort(ValidationError("no such file", data={"field": "name"}))
+            return stream
+
+    async with nerve.Broker("files-srv", transport="tcp://127.0.0.1:0", services=[Files()],
+                            stream_idle_timeout=30) as server:
+        async with nerve.Broker("files-cli", transport="tcp://127.0.0.1:0", peers=[server.address],
+                                stream_idle_timeout=30) as client:
+            await client.wait_for_services("files")
+            stream = await client.call("files.load")
+            with trio.fail_after(5):
+                with pytest.raises(ValidationError, match="no such file"):
+                    await stream.read_all()

@@ -405,80 +405,87 @@ class Broker:
             parent_id = caller = None
         else:
             request_id, parent_id, caller = parent.request_id, parent.id, parent.service
-        while True:
-            call_id = self._next_id()
-            call_meta = dict(base_meta) if retries else base_meta
-            call_headers = dict(headers) if headers else {}
-            endpoint_node = None
-            try:
-                ep = self.registry.select_action(action, node_id=node_id, exclude=tried)
-                endpoint_node = ep.node_id
-                if stream is None and not ep.local:
-                    # The common remote call, flattened: no Context, no extra coroutine frames,
-                    # and a timeout is a dict entry in the transit's DeadlineQueue, not a scope.
-                    transit = self.transit
-                    pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
-                                                   request_id or call_id, parent_id, caller, timeout=timeout)
-                    if timeout is None:
-                        due, expiry = _INF, None
-                    else:
-                        due = trio.current_time() + timeout
-                        expiry = transit.expire_at(pending, due, action)
-                    try:
-                        if pending.settled:
-                            await trio.lowlevel.checkpoint()
+        try:
+            while True:
+                call_id = self._next_id()
+                call_meta = dict(base_meta) if retries else base_meta
+                call_headers = dict(headers) if headers else {}
+                endpoint_node = None
+                try:
+                    ep = self.registry.select_action(action, node_id=node_id, exclude=tried)
+                    endpoint_node = ep.node_id
+                    if stream is None and not ep.local:
+                        # The common remote call, flattened: no Context, no extra coroutine frames,
+                        # and a timeout is a dict entry in the transit's DeadlineQueue, not a scope.
+                        transit = self.transit
+                        pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
+                                                       request_id or call_id, parent_id, caller, timeout=timeout)
+                        if timeout is None:
+                            due, expiry = _INF, None
                         else:
-                            pending._task = trio.lowlevel.current_task()
-                            await trio.lowlevel.wait_task_rescheduled(pending.abort)
-                    finally:
-                        del transit.pending[call_id]
-                        if expiry is not None:
-                            transit.timers.discard(expiry, pending)
-                    if isinstance(pending.error, RequestTimeoutError):
-                        await yield_to_own_deadline(due)
-                else:
-                    ctx = Context(self, id=call_id, request_id=request_id, parent_id=parent_id, level=level,
-                                  caller=caller, params=params, meta=call_meta, headers=call_headers,
-                                  action=action, node_id=self.node_id)
-                    if ep.local:
-                        spec = ep.spec
-                        assert spec is not None
+                            due = trio.current_time() + timeout
+                            expiry = transit.expire_at(pending, due, action)
                         try:
-                            if stream is None and timeout is None:
-                                if spec.wants_params:
-                                    result = await spec.handler(ctx, spec.convert_params(params))
-                                else:
-                                    result = await spec.handler(ctx)
-                                if isinstance(result, msgspec.Struct):
-                                    return msgspec.to_builtins(result)
-                                if isinstance(result, PacketStream):
-                                    return self._local_response_stream(result)
-                                return result
-                            return await self._call_local(spec, ctx, timeout, stream)
+                            if pending.settled:
+                                await trio.lowlevel.checkpoint()
+                            else:
+                                pending._task = trio.lowlevel.current_task()
+                                await trio.lowlevel.wait_task_rescheduled(pending.abort)
                         finally:
-                            if merge_into is not None:
-                                merge_into.update(ctx.meta)
-                    assert stream is not None
-                    pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
-                if pending.meta and merge_into is not None:
-                    merge_into.update(pending.meta)
-                if pending.error is not None:
-                    raise pending.error
-                return pending.result
-            except NerveError as exc:
-                if (not exc.retryable or attempt >= retries
-                        or (stream is not None and stream._bound.is_set())):
-                    if stream is not None and not stream._bound.is_set():
-                        # The call failed before it took its request stream: a task feeding
-                        # that stream would otherwise wait for ever.
-                        stream._abort_now(exc)
-                    raise
-                delay = min(self.retry_delay * self.retry_factor ** attempt, self.retry_max_delay)
-                log.debug("retrying %s after %r (attempt %d, in %.3fs)", action, exc, attempt + 1, delay)
-                attempt += 1
-                if endpoint_node is not None:
-                    tried.add(endpoint_node)
-                await trio.sleep(delay)
+                            del transit.pending[call_id]
+                            if expiry is not None:
+                                transit.timers.discard(expiry, pending)
+                        if isinstance(pending.error, RequestTimeoutError):
+                            await yield_to_own_deadline(due)
+                    else:
+                        ctx = Context(self, id=call_id, request_id=request_id, parent_id=parent_id, level=level,
+                                      caller=caller, params=params, meta=call_meta, headers=call_headers,
+                                      action=action, node_id=self.node_id)
+                        if ep.local:
+                            spec = ep.spec
+                            assert spec is not None
+                            try:
+                                if stream is None and timeout is None:
+                                    if spec.wants_params:
+                                        result = await spec.handler(ctx, spec.convert_params(params))
+                                    else:
+                                        result = await spec.handler(ctx)
+                                    if isinstance(result, msgspec.Struct):
+                                        return msgspec.to_builtins(result)
+                                    if isinstance(result, PacketStream):
+                                        return self._local_response_stream(result)
+                                    return result
+                                return await self._call_local(spec, ctx, timeout, stream)
+                            finally:
+                                if merge_into is not None:
+                                    merge_into.update(ctx.meta)
+                        assert stream is not None
+                        pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
+                    if pending.meta and merge_into is not None:
+                        merge_into.update(pending.meta)
+                    if pending.error is not None:
+                        raise pending.error
+                    return pending.result
+                except NerveError as exc:
+                    if (not exc.retryable or attempt >= retries
+                            or (stream is not None and stream._bound.is_set())):
+                        if stream is not None and not stream._bound.is_set():
+                            # The call failed before it took its request stream: a task feeding
+                            # that stream would otherwise wait for ever.
+                            stream._abort_now(exc)
+                        raise
+                    delay = min(self.retry_delay * self.retry_factor ** attempt, self.retry_max_delay)
+                    log.debug("retrying %s after %r (attempt %d, in %.3fs)", action, exc, attempt + 1, delay)
+                    attempt += 1
+                    if endpoint_node is not None:
+                        tried.add(endpoint_node)
+                    await trio.sleep(delay)
+        except BaseException:
+            if stream is not None and not stream._bound.is_set() and not stream._tx_done:
+                # Cancelled (or failed) before the call took its request stream: a task
+                # feeding that stream learns now rather than waiting for ever.
+                stream._abort_now(StreamError("the call ended before it took its request stream"))
+            raise
 
     def _local_response_stream(self, result: PacketStream) -> PacketStream:
         reader = result._pipe()

@@ -222,6 +222,8 @@ class Registry:
         node.metadata = {}
         node.client = {}
         node.ip_list = []
+        node.hostname = None
+        node.cpu = None
         self._remove(lambda ep: ep.node_id == node_id)
         offline = [n for n in self.nodes.values() if not n.available and not n.local]
         if len(offline) > MAX_OFFLINE_NODES:

@@ -371,10 +371,9 @@ class PacketStream:
         return self._grant is not None
 
     def _bind(self, link: _Link, window: int, max_chunk: int) -> None:
-        if self._bound.is_set():
-            if self._tx is None and self._tx_error is not None:
-                raise self._tx_error  # aborted before any call took it
+        if self._link is not None:
             raise StreamError("this stream is already attached to a call")
+        # (An abort before now set _bound already, to wake senders; the link learns of it below.)
         self._tx = CreditSender(window, max_chunk)
         self._link = link
         self._bound.set()

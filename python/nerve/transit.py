@@ -316,6 +316,9 @@ class Transit:
         long upload is never cut by it (the stream's idle timeout is).
         """
         node_id = ep.node_id
+        if stream._tx_done and stream._link is None:  # aborted before any call took it: send nothing
+            await trio.lowlevel.checkpoint()
+            raise stream._tx_error or StreamError("the request stream was aborted before the call")
         slots = await self._stream_slot(node_id, timeout if timeout is not None else stream.idle_timeout)
         try:
             pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
@@ -470,7 +473,7 @@ class Transit:
                 self.send_packet(sender, Discover(ver=self.ver, sender=self.node_id))
             else:
                 node.cpu = pkt.cpu if isinstance(pkt.cpu, (int, float)) else None
-                node.last_seen = trio.current_time()
+                node.last_seen = time.monotonic()  # the registry's clock
         elif isinstance(pkt, Disconnect):
             self.on_disconnected(sender, graceful=True)
         elif isinstance(pkt, Ping):

@@ -143,7 +143,7 @@ def parse_address(url: str) -> tuple[str, int]:
     return host, port
 
 
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
 
 
 def peer_address(url: Any) -> str | None:
