@@ -468,3 +468,37 @@ async def test_a_stream_aborted_before_its_call_takes_it_fails_the_reader_at_onc
             with trio.fail_after(5):
                 with pytest.raises(ValidationError, match="no such file"):
                     await stream.read_all()
+
+
+@pytest.mark.parametrize("value", ["x", -5, 2**63, [1], {"a": 1}, None, 10**6],
+                         ids=["text", "negative", "huge", "list", "map", "nil", "million"])
+async def test_garbage_in_hellos_max_streams_ends_at_most_that_connection(value: object) -> None:
+    """HELLO's maxStreams field (added here), of every wrong kind: the handshake is refused or
+    the value is clamped; the node keeps serving a proper peer either way."""
+    from nerve.frames import FrameDecoder, FrameType
+
+    async with nerve.Broker("ms-node", transport="tcp://127.0.0.1:0") as node:
+        assert node.address is not None
+        port = int(node.address.rsplit(":", 1)[1])
+        hello = {"nodeID": "ms-peer", "namespace": "", "ver": "5", "window": 1 << 20,
+                 "maxChunk": 1 << 16, "maxStreams": value}
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(encode_frame(FrameType.HELLO, msgspec.msgpack.encode(hello)))
+        with trio.fail_after(5):
+            data = b""
+            try:
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                    frames = FrameDecoder().feed(data)
+                    if frames:
+                        break
+            except trio.BrokenResourceError:
+                pass
+        await stream.aclose()
+        ok = isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**64
+        assert bool(data) == ok  # wrong types refused before any answer; ints accepted
+        async with nerve.Broker("ms-good", transport="tcp://127.0.0.1:0", peers=[node.address]) as good:
+            with trio.fail_after(5):
+                while "ms-node" not in good.transport.connected():
+                    await trio.sleep(0.05)
+            assert await good.ping("ms-node") >= 0
