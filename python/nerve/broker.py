@@ -13,29 +13,29 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import msgspec
 import trio
 
+from nerve._calls import Caller
 from nerve._dispatch import HandlerPool
+from nerve._serving import Server
 from nerve.context import Context
 from nerve.errors import (
     BrokerOptionsError,
-    MaxCallLevelError,
     NerveError,
     RequestTimeoutError,
     ServiceNotFoundError,
     ServiceSchemaError,
-    StreamError,
 )
-from nerve.packets import PROTOCOL_VERSION, UNSET, Disconnect, Event, Ping, Pong
+from nerve.middleware import Chain, EventOptions, Middleware
+from nerve.packets import PROTOCOL_VERSION, Disconnect
 from nerve.registry import Registry, Strategy
 from nerve.serializers import Serializer, get_serializer
 from nerve.service import ActionSpec, EventSpec, Service
 from nerve.streams import DEFAULT_MAX_CHUNK, DEFAULT_STREAM_WINDOW, PacketStream
-from nerve.transit import Transit, yield_to_own_deadline
+from nerve.transit import Transit
 from nerve.transports import Transport, make_transport
 
 __all__ = ["Broker"]
@@ -114,6 +114,8 @@ class Broker:
         tls_ca: str | os.PathLike[str] | None = None,
         tls_mutual: bool = False,
         metadata: dict[str, Any] | None = None,
+        middlewares: Iterable[Middleware] = (),
+        dependency_timeout: float | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
             raise BrokerOptionsError(f"protocol_version must be '4' or '5', not {protocol_version!r}")
@@ -163,10 +165,14 @@ class Broker:
             self.transport.max_streams = max_peer_streams  # told to peers (TCP's HELLO)
         else:  # a transport given with its own: that is what peers are told, and what holds
             self.max_peer_streams = self.transport.max_streams
-        self.transit = Transit(self, self.transport, self.serializer, protocol_version=protocol_version)
+        self.dependency_timeout = dependency_timeout
+        self.middlewares = Chain(list(middlewares))
+        self._handlers = HandlerPool()
+        self._server = Server(self.node_id, self.middlewares, self._handlers, self.registry)
         self.services: dict[str, Service] = {}
         self._specs: dict[str, tuple[list[ActionSpec], list[EventSpec]]] = {}
         self._local_actions: dict[str, ActionSpec] = {}
+        self.transit = Transit(_Port(self), self.transport, self.serializer, protocol_version=protocol_version)
         self._id_prefix = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._stopping = False
@@ -174,14 +180,24 @@ class Broker:
         self._services_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
-        self._handlers = HandlerPool()
-        self._pongs: dict[str, trio.Event] = {}
-        self.stats = {"event_handler_errors": 0, "events_received": 0, "calls": 0}
+        self._server.bind_ids(self._next_id)
+        self._caller = Caller(self, self.registry, self.transit, self._handlers, self.middlewares,
+                              self._next_id, lambda: self._running)
+        self._emit_chain = self.middlewares.wrap_emit(self._emit_core)
+        self._broadcast_chain = self.middlewares.wrap_broadcast(self._broadcast_core)
+        #: services not started yet, hidden from peers (they wait for their dependencies)
+        self._unstarted: set[str] = set()
         for svc in services:
             self._register(svc)
         from nerve.node_service import NodeService
 
         self._register(NodeService())
+        self.middlewares.created(self)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: calls made, events received, event handlers that failed."""
+        return {"calls": self._caller.calls, **self._server.stats}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -208,9 +224,20 @@ class Broker:
         self._nursery.start_soon(self.transit.timers.run, name="nerve call timeouts")
         self._running = True
         try:
+            strategy_run = getattr(self.registry.strategy, "run", None)
+            if callable(strategy_run):
+                self._nursery.start_soon(strategy_run, self, name="nerve strategy")
+            await self.middlewares.started(self)
+            waiting = [svc for svc in self.services.values() if svc.dependencies]
+            self._unstarted.update(svc.full_name for svc in waiting)
             for svc in list(self.services.values()):
-                await svc.started()
+                if not svc.dependencies:
+                    await self._start_service(svc)
             await self._nursery.start(self.transport.serve, self.transit)
+            if waiting:
+                async with trio.open_nursery() as starting:
+                    for svc in waiting:
+                        starting.start_soon(self._start_dependent, svc)
         except BaseException:
             await self._teardown()
             raise
@@ -234,6 +261,8 @@ class Broker:
                     await svc.stopped()
                 except Exception:
                     log.exception("service %s failed to stop", svc.full_name)
+                await self.middlewares.service_stopped(svc)
+            await self.middlewares.stopped(self)
             try:
                 self.transit.broadcast_packet(Disconnect(ver=self.protocol_version, sender=self.node_id))
             except NerveError:
@@ -263,6 +292,19 @@ class Broker:
 
     # --- services -----------------------------------------------------------------------
 
+    async def _start_service(self, svc: Service) -> None:
+        await svc.started()
+        await self.middlewares.service_started(svc)
+
+    async def _start_dependent(self, svc: Service) -> None:
+        """A service with ``dependencies``: its ``started()`` runs once they are all available
+        (local or remote; ``dependency_timeout``: RequestTimeoutError after that), and peers
+        learn of it only then."""
+        await self.wait_for_services(*svc.dependencies, timeout=self.dependency_timeout)
+        await self._start_service(svc)
+        self._unstarted.discard(svc.full_name)
+        self.transit.announce()
+
     def _register(self, svc: Service) -> None:
         if not isinstance(svc, Service):
             raise ServiceSchemaError(f"{svc!r} is not a nerve.Service")
@@ -270,6 +312,10 @@ class Broker:
         name = svc.full_name
         if name in self.services:
             raise ServiceSchemaError(f"service {name!r} is already registered on this broker")
+        for a in actions:
+            self._server.prepare_action(a)
+        for e in events:
+            self._server.prepare_event(e)
         svc.broker = self
         self.services[name] = svc
         self._specs[name] = (actions, events)
@@ -284,7 +330,11 @@ class Broker:
             self._handlers.start_soon(self._start_added, svc)
 
     async def _start_added(self, svc: Service) -> None:
-        await svc.started()
+        if svc.dependencies:
+            self._unstarted.add(svc.full_name)
+            await self._start_dependent(svc)
+            return
+        await self._start_service(svc)
         self.transit.announce()
 
     async def remove_service(self, name: str) -> None:
@@ -296,9 +346,11 @@ class Broker:
         for a in actions:
             self._local_actions.pop(a.name, None)
         self.registry.remove_local(name)
+        self._unstarted.discard(name)
         if self._running:
             self.transit.announce()
         await svc.stopped()
+        await self.middlewares.service_stopped(svc)
 
     def _local_action(self, name: str) -> ActionSpec | None:
         return self._local_actions.get(name)
@@ -306,7 +358,8 @@ class Broker:
     def _describe_services(self) -> list[dict[str, Any]]:
         if self._stopping:
             return []
-        return [svc.describe(*self._specs[name]) for name, svc in self.services.items()]
+        return [svc.describe(*self._specs[name]) for name, svc in self.services.items()
+                if name not in self._unstarted]
 
     async def wait_for_services(self, *names: str, timeout: float | None = 10.0) -> None:
         """Wait until every service in ``names`` is available somewhere in the cluster."""
@@ -349,6 +402,7 @@ class Broker:
         stream: PacketStream | None = None,
         idle_timeout: float | None = None,
         parent_ctx: Context | None = None,
+        fallback: Any = None,
     ) -> Any:
         """Call ``action`` and return its result (a PacketStream if it answers with one).
 
@@ -359,197 +413,69 @@ class Broker:
         preferring another node. ``node_id`` calls that node only. ``stream`` is the request
         body. ``idle_timeout`` bounds the gap between chunks of this call's streams (the
         request stream's own setting and the broker's ``stream_idle_timeout`` otherwise); the
-        call timeout never bounds a transfer, only the wait for the response. ``parent_ctx`` makes this a nested call of that context (as ``ctx.call`` does):
-        meta starts from a copy of the parent's and merges back into it.
+        call timeout never bounds a transfer, only the wait for the response. ``parent_ctx``
+        makes this a nested call of that context (as ``ctx.call`` does): meta starts from a
+        copy of the parent's and merges back into it. ``fallback``: a value, or a callable
+        given ``(parent_ctx, error)`` (sync or async), answers in place of the final error.
 
         Cancelling a call may leave the callee running (there is no cancel packet), except that
         a call with a request stream aborts that stream, which cancels the handler.
         """
-        if not self._running:
-            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
-        parent = parent_ctx
-        if parent is not None:
-            level = parent.level + 1
-            if level > self.max_call_level:
-                raise MaxCallLevelError(f"Request level is reached, the limit is '{self.max_call_level}'.",
-                                        data={"level": level, "action": action}, node_id=self.node_id)
-            base_meta = dict(parent.meta)
-            if meta:
-                base_meta.update(meta)
-            merge_into: dict[str, Any] | None = parent.meta
-        else:
-            level = 1
-            base_meta = dict(meta) if meta else {}
-            merge_into = meta
-        if timeout is None:
-            timeout = self.request_timeout
-        elif not 0 < timeout < _INF:  # 0, negative, inf or nan: no timeout
-            timeout = None
-        if retries is None:
-            retries = self.retries
-        if params is None:
-            params = {}  # as Moleculer: a call without params has empty params
-        if idle_timeout is not None:
-            if stream is not None:
-                stream.idle_timeout = idle_timeout
-            result = await self.call(action, params, meta=meta, headers=headers, timeout=timeout,
-                                     retries=retries, node_id=node_id, stream=stream, parent_ctx=parent_ctx)
-            if isinstance(result, PacketStream):
-                result.idle_timeout = idle_timeout
-            return result
-        self.stats["calls"] += 1
-        attempt = 0
-        tried: set[str] = set()
-        if parent is None:
-            request_id: str | None = None
-            parent_id = caller = None
-        else:
-            request_id, parent_id, caller = parent.request_id, parent.id, parent.service
-        try:
-            while True:
-                call_id = self._next_id()
-                call_meta = dict(base_meta) if retries else base_meta
-                call_headers = dict(headers) if headers else {}
-                endpoint_node = None
-                try:
-                    ep = self.registry.select_action(action, node_id=node_id, exclude=tried)
-                    endpoint_node = ep.node_id
-                    if stream is None and not ep.local:
-                        # The common remote call, flattened: no Context, no extra coroutine frames,
-                        # and a timeout is a dict entry in the transit's DeadlineQueue, not a scope.
-                        transit = self.transit
-                        pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
-                                                       request_id or call_id, parent_id, caller, timeout=timeout)
-                        if timeout is None:
-                            due, expiry = _INF, None
-                        else:
-                            due = trio.current_time() + timeout
-                            expiry = transit.expire_at(pending, due, action)
-                        try:
-                            if pending.settled:
-                                await trio.lowlevel.checkpoint()
-                            else:
-                                pending._task = trio.lowlevel.current_task()
-                                await trio.lowlevel.wait_task_rescheduled(pending.abort)
-                        finally:
-                            del transit.pending[call_id]
-                            if expiry is not None:
-                                transit.timers.discard(expiry, pending)
-                        if isinstance(pending.error, RequestTimeoutError):
-                            await yield_to_own_deadline(due)
-                    else:
-                        ctx = Context(self, id=call_id, request_id=request_id, parent_id=parent_id, level=level,
-                                      caller=caller, params=params, meta=call_meta, headers=call_headers,
-                                      action=action, node_id=self.node_id)
-                        if ep.local:
-                            spec = ep.spec
-                            assert spec is not None
-                            try:
-                                if stream is None and timeout is None:
-                                    if spec.wants_params:
-                                        result = await spec.handler(ctx, spec.convert_params(params))
-                                    else:
-                                        result = await spec.handler(ctx)
-                                    if isinstance(result, msgspec.Struct):
-                                        return msgspec.to_builtins(result)
-                                    if isinstance(result, PacketStream):
-                                        return self._local_response_stream(result)
-                                    return result
-                                return await self._call_local(spec, ctx, timeout, stream)
-                            finally:
-                                if merge_into is not None:
-                                    merge_into.update(ctx.meta)
-                        assert stream is not None
-                        pending = await self.transit.request(ep, ctx, timeout=timeout, stream=stream)
-                    if pending.meta and merge_into is not None:
-                        merge_into.update(pending.meta)
-                    if pending.error is not None:
-                        raise pending.error
-                    return pending.result
-                except NerveError as exc:
-                    if (not exc.retryable or attempt >= retries
-                            or (stream is not None and stream._bound.is_set())):
-                        if stream is not None and not stream._bound.is_set():
-                            # The call failed before it took its request stream: a task feeding
-                            # that stream would otherwise wait for ever.
-                            stream._abort_now(exc)
-                        raise
-                    delay = min(self.retry_delay * self.retry_factor ** attempt, self.retry_max_delay)
-                    log.debug("retrying %s after %r (attempt %d, in %.3fs)", action, exc, attempt + 1, delay)
-                    attempt += 1
-                    if endpoint_node is not None:
-                        tried.add(endpoint_node)
-                    await trio.sleep(delay)
-        except BaseException:
-            if stream is not None and not stream._bound.is_set() and not stream._tx_done:
-                # Cancelled (or failed) before the call took its request stream: a task
-                # feeding that stream learns now rather than waiting for ever.
-                stream._abort_now(StreamError("the call ended before it took its request stream"))
-            raise
+        return await self._caller.call(action, params, meta, headers, timeout, retries, node_id, stream,
+                                       idle_timeout, parent_ctx, fallback)
 
-    def _local_response_stream(self, result: PacketStream) -> PacketStream:
-        reader = result._pipe()
-        if result._source is not None:
-            self._handlers.start_soon(result._pump)
-        return reader
+    async def mcall(self, calls: Mapping[str, Any] | Sequence[Any], *, settled: bool = False,
+                    parent_ctx: Context | None = None) -> Any:
+        """Several calls at once, as Moleculer's ``mcall``: ``calls`` is a list or a dict (its
+        keys name the results) of ``{"action": ..., "params": ..., "options": {...}}`` (options
+        are :meth:`call`'s keywords) or ``(action, params)`` pairs. Returns the results in the
+        same shape. The first failure cancels the others and is raised, unless
+        ``settled=True``: then every call runs to its end and each result is
+        ``{"status": "fulfilled", "value": ...}`` or ``{"status": "rejected", "reason": error}``.
+        """
+        items = list(calls.items()) if isinstance(calls, Mapping) else list(enumerate(calls))
+        specs = [(key, *_call_spec(item)) for key, item in items]
+        results: dict[Any, Any] = {}
+        failure: list[BaseException] = []
 
-    async def _call_local(self, spec: ActionSpec, ctx: Context, timeout: float | None,
-                          stream: PacketStream | None) -> Any:
-        if stream is None:
-            if timeout is None:
-                result = await self._invoke(spec, ctx)
-            else:
-                with trio.move_on_after(timeout) as scope:
-                    result = await self._invoke(spec, ctx)
-                if scope.cancelled_caught:
-                    raise RequestTimeoutError(
-                        f"Request is timed out when call '{spec.name}' action on '{self.node_id}' node.",
-                        data={"action": spec.name, "nodeID": self.node_id}, node_id=self.node_id)
-        else:
-            reader = stream._pipe()
-            ctx.stream = reader
-            if stream._source is not None:
-                self._handlers.start_soon(stream._pump)
-            result = None
+        async def one(key: Any, action: str, params: Any, options: dict[str, Any],
+                      scope: trio.CancelScope) -> None:
             try:
-                with trio.CancelScope() as scope:
-                    if timeout is not None:
-                        stream._on_closed.append(
-                            lambda: setattr(scope, "deadline", trio.current_time() + timeout))
-                    result = await self._invoke(spec, ctx)
-            finally:
-                if isinstance(result, PacketStream):
-                    result._on_closed.append(lambda: _finish_reader(reader))
-                else:
-                    _finish_reader(reader)
-                    if not stream._tx_done:
-                        stream._abort_now(StreamError("the call ended before its request stream did"))
-            if scope.cancelled_caught:
-                raise RequestTimeoutError(
-                    f"Request is timed out when call '{spec.name}' action on '{self.node_id}' node.",
-                    data={"action": spec.name, "nodeID": self.node_id}, node_id=self.node_id)
-        if isinstance(result, PacketStream):
-            return self._local_response_stream(result)
-        if isinstance(result, msgspec.Struct):
-            return msgspec.to_builtins(result)
-        return result
+                value = await self.call(action, params, parent_ctx=parent_ctx, **options)
+            except Exception as exc:
+                if settled:
+                    results[key] = {"status": "rejected", "reason": exc}
+                elif not failure:
+                    failure.append(exc)
+                    scope.cancel()
+                return
+            results[key] = {"status": "fulfilled", "value": value} if settled else value
 
-    async def _invoke(self, spec: ActionSpec, ctx: Context) -> Any:
-        if spec.wants_params:
-            return await spec.handler(ctx, spec.convert_params(ctx.params))
-        return await spec.handler(ctx)
+        async with trio.open_nursery() as nursery:
+            for key, action, params, options in specs:
+                nursery.start_soon(one, key, action, params, options, nursery.cancel_scope)
+        if failure:
+            raise failure[0]
+        if isinstance(calls, Mapping):
+            return {key: results[key] for key, _ in items}
+        return [results[key] for key, _ in items]
 
     # --- events -------------------------------------------------------------------------
 
     async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
-                   meta: dict[str, Any] | None = None) -> None:
-        """Deliver ``event`` to one handler per group (balanced; ``groups`` limits them)."""
-        await self._emit(event, data, groups=groups, meta=meta, parent=None, broadcast=False)
+                   meta: dict[str, Any] | None = None, parent_ctx: Context | None = None) -> None:
+        """Deliver ``event`` to one handler per group (balanced; ``groups`` limits them).
+        ``parent_ctx`` makes it a child of that context (as ``ctx.emit`` does)."""
+        if not self._running:
+            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+        await self._emit_chain(event, data, EventOptions(groups, meta, parent_ctx))
 
     async def broadcast(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
-                        meta: dict[str, Any] | None = None) -> None:
+                        meta: dict[str, Any] | None = None, parent_ctx: Context | None = None) -> None:
         """Deliver ``event`` to every handler on every node."""
-        await self._emit(event, data, groups=groups, meta=meta, parent=None, broadcast=True)
+        if not self._running:
+            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+        await self._broadcast_chain(event, data, EventOptions(groups, meta, parent_ctx))
 
     async def broadcast_local(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
                               meta: dict[str, Any] | None = None) -> None:
@@ -557,13 +483,17 @@ class Broker:
         group_list = [groups] if isinstance(groups, str) else groups
         for ep in self.registry.event_endpoints(event):
             if ep.local and (group_list is None or ep.group in group_list):
-                self._spawn_event(ep.spec, event, data, meta or {}, None, self.node_id, group_list)
+                self._server.spawn_event(ep.spec, event, data, meta or {}, None, self.node_id, group_list, self)
         await trio.lowlevel.checkpoint()
 
-    async def _emit(self, event: str, data: Any, *, groups: str | list[str] | None,
-                    meta: dict[str, Any] | None, parent: Context | None, broadcast: bool) -> None:
-        if not self._running:
-            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+    async def _emit_core(self, event: str, data: Any, opts: EventOptions) -> None:
+        await self._send_event(event, data, opts, broadcast=False)
+
+    async def _broadcast_core(self, event: str, data: Any, opts: EventOptions) -> None:
+        await self._send_event(event, data, opts, broadcast=True)
+
+    async def _send_event(self, event: str, data: Any, opts: EventOptions, *, broadcast: bool) -> None:
+        groups, meta, parent = opts.groups, opts.meta, opts.parent_ctx
         group_list = [groups] if isinstance(groups, str) else (list(groups) if groups else None)
         if broadcast:
             endpoints = [ep for ep in self.registry.event_endpoints(event)
@@ -579,24 +509,17 @@ class Broker:
         remote: dict[str, list[str]] = {}
         for ep in endpoints:
             if ep.local:
-                self._spawn_event(ep.spec, event, data, dict(event_meta), parent, self.node_id, group_list)
+                self._server.spawn_event(ep.spec, event, data, dict(event_meta), parent, self.node_id,
+                                         group_list, self)
             else:
                 remote.setdefault(ep.node_id, []).append(ep.group)
-        level = parent.level + 1 if parent is not None else 1
         for node, node_groups in remote.items():
-            pkt = Event(
-                ver=self.protocol_version, sender=self.node_id, id=self._next_id(), event=event,
-                data=data, groups=(group_list if broadcast else sorted(set(node_groups))),
-                broadcast=broadcast, meta=event_meta, headers={} if self.protocol_version != "4" else UNSET,
-                level=level, tracing=None, parent_id=parent.id if parent else None,
-                request_id=parent.request_id if parent else None,
-                caller=parent.service if parent else None, need_ack=False,
-            )
             try:
-                self.transit.send_packet(node, pkt)
+                self.transit.send_event(node, self._next_id(), event, data,
+                                        group_list if broadcast else sorted(set(node_groups)),
+                                        broadcast, event_meta, parent)
             except NerveError as exc:
                 log.warning("event %s to %s not sent: %r", event, node, exc)
-                continue
         if remote:
             # Backpressure (and the checkpoint): wait while a connection's queue is over its mark.
             for node in remote:
@@ -604,81 +527,71 @@ class Broker:
         else:
             await trio.lowlevel.checkpoint()
 
-    def _on_remote_event(self, sender: str, pkt: Event) -> None:
-        self.stats["events_received"] += 1
-        groups = pkt.groups if isinstance(pkt.groups, list) else None
-        if pkt.broadcast:
-            endpoints = [ep for ep in self.registry.event_endpoints(pkt.event)
-                         if ep.local and (groups is None or ep.group in groups)]
-        else:
-            endpoints = self.registry.pick_per_group(pkt.event, groups, None, local_only=True)
-        for ep in endpoints:
-            parent = None
-            self._spawn_event(ep.spec, pkt.event, pkt.data, pkt.meta or {}, parent, sender, groups,
-                              level=pkt.level if isinstance(pkt.level, int) else 1,
-                              request_id=pkt.request_id or None, parent_id=pkt.parent_id or None,
-                              caller=pkt.caller or None)
-
-    def _spawn_event(self, spec: EventSpec | None, event: str, data: Any, meta: dict[str, Any],
-                     parent: Context | None, node_id: str, groups: list[str] | None, *,
-                     level: int | None = None, request_id: str | None = None,
-                     parent_id: str | None = None, caller: str | None = None) -> None:
-        if spec is None:
-            return
-        ctx = Context(
-            self, id=self._next_id(), params=data, meta=meta, event=event, event_groups=groups,
-            node_id=node_id, service=spec.service.full_name,
-            level=level if level is not None else (parent.level + 1 if parent else 1),
-            request_id=request_id or (parent.request_id if parent else None),
-            parent_id=parent_id or (parent.id if parent else None),
-            caller=caller or (parent.service if parent else None),
-        )
-        self._handlers.start_soon(self._run_event, spec, ctx)
-
-    async def _run_event(self, spec: EventSpec, ctx: Context) -> None:
-        try:
-            if spec.wants_data:
-                data = ctx.params
-                if spec.data_type is not None:
-                    data = msgspec.convert(data, spec.data_type)
-                await spec.handler(ctx, data)
-            else:
-                await spec.handler(ctx)
-        except Exception:
-            self.stats["event_handler_errors"] += 1
-            log.exception("event handler %s.%s for %r failed", spec.service.full_name,
-                          getattr(spec.handler, "__name__", "?"), ctx.event)
-
     def _node_event(self, name: str, node_id: str, *, unexpected: bool) -> None:
         if not self._running:
             return
         data = {"node": {"id": node_id}, "unexpected": unexpected}
         for ep in self.registry.event_endpoints(name):
             if ep.local:
-                self._spawn_event(ep.spec, name, data, {}, None, self.node_id, None)
+                self._server.spawn_event(ep.spec, name, data, {}, None, self.node_id, None, self)
         self._services_changed.set()
 
     async def ping(self, node_id: str, timeout: float = 2.0) -> float:
         """Round-trip time to ``node_id`` in seconds (PING/PONG packets)."""
-        ping_id = self._next_id()
-        waiter = self._pongs[ping_id] = trio.Event()
-        start = trio.current_time()
-        try:
-            self.transit.send_packet(node_id, Ping(ver=self.protocol_version, sender=self.node_id,
-                                                   time=int(time.time() * 1000), id=ping_id))
-            with trio.move_on_after(timeout):
-                await waiter.wait()
-                return trio.current_time() - start
-        finally:
-            del self._pongs[ping_id]
-        raise RequestTimeoutError(f"no PONG from '{node_id}' within {timeout}s", data={"nodeID": node_id})
-
-    def _on_pong(self, sender: str, pkt: Pong) -> None:
-        waiter = self._pongs.get(str(pkt.id))
-        if waiter is not None:
-            waiter.set()
+        return await self.transit.ping(node_id, timeout)
 
 
-def _finish_reader(reader: PacketStream) -> None:
-    if not reader._rx.finished:
-        reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
+def _call_spec(item: Any) -> tuple[str, Any, dict[str, Any]]:
+    """One call of ``mcall``: ``{"action", "params", "options"}`` or ``(action, params)``."""
+    if isinstance(item, Mapping):
+        action = item.get("action")
+        params = item.get("params")
+        options = item.get("options") or {}
+    elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
+        action, params, options = (*item, None, {})[:3] if len(item) < 3 else item
+        options = options or {}
+    else:
+        raise BrokerOptionsError(f"mcall: a call is a dict or an (action, params) pair, not {item!r}")
+    if not isinstance(action, str):
+        raise BrokerOptionsError(f"mcall: 'action' must be a string, not {action!r}")
+    if not isinstance(options, Mapping):
+        raise BrokerOptionsError(f"mcall: 'options' must be a dict, not {options!r}")
+    return action, params, dict(options)
+
+
+class _Port:
+    """The broker as its transit sees it (``nerve.transit.NodePort``): settings and the few
+    things the transit tells the node."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self.api = broker
+        self.node_id = broker.node_id
+        self.namespace = broker.namespace
+        self.metadata = broker.metadata
+        self.registry = broker.registry
+        self.handlers = broker._handlers
+        self.stream_window = broker.stream_window
+        self.max_chunk = broker.max_chunk
+        self.stream_idle_timeout = broker.stream_idle_timeout
+        self.max_pending_requests = broker.max_pending_requests
+        self.max_peer_requests = broker.max_peer_requests
+        self.max_peer_streams = broker.max_peer_streams
+        self.heartbeat_interval = broker.heartbeat_interval
+        self.heartbeat_timeout = broker.heartbeat_timeout
+        self.local_action = broker._local_actions.get
+
+    def stopping(self) -> bool:
+        return self._broker._stopping
+
+    def describe_services(self) -> list[dict[str, Any]]:
+        return self._broker._describe_services()
+
+    def event_received(self, sender: str, pkt: Any) -> None:
+        self._broker._server.remote_event(sender, pkt, self._broker)
+
+    def node_event(self, name: str, node_id: str, *, unexpected: bool) -> None:
+        self._broker._node_event(name, node_id, unexpected=unexpected)
+
+    def services_changed(self) -> None:
+        self._broker._services_changed.set()

@@ -40,6 +40,9 @@ class Context:
         "event",
         "event_groups",
         "service",
+        "endpoint",
+        "timeout",
+        "_locals",
     )
 
     def __init__(
@@ -76,6 +79,18 @@ class Context:
         self.event = event
         self.event_groups = event_groups
         self.service = service
+        #: the endpoint (action on a node) this call goes to / is served by, when known
+        self.endpoint: Any = None
+        #: a call's timeout in seconds (remote_action middlewares may change it), None: none
+        self.timeout: float | None = None
+        self._locals: dict[str, Any] | None = None
+
+    @property
+    def locals(self) -> dict[str, Any]:
+        """A dict for middlewares, hooks and guards to share state along one call."""
+        if self._locals is None:
+            self._locals = {}
+        return self._locals
 
     async def call(
         self,
@@ -89,22 +104,28 @@ class Context:
         node_id: str | None = None,
         stream: PacketStream | None = None,
         idle_timeout: float | None = None,
+        fallback: Any = None,
     ) -> Any:
         """Call ``action`` as a child of this context; see :meth:`nerve.Broker.call`."""
         return await self.broker.call(
             action, params, meta=meta, headers=headers, timeout=timeout, retries=retries,
             node_id=node_id, stream=stream, idle_timeout=idle_timeout, parent_ctx=self,
+            fallback=fallback,
         )
+
+    async def mcall(self, calls: Any, *, settled: bool = False) -> Any:
+        """Several calls at once as children of this context; see :meth:`nerve.Broker.mcall`."""
+        return await self.broker.mcall(calls, settled=settled, parent_ctx=self)
 
     async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
                    meta: dict[str, Any] | None = None) -> None:
         """Emit ``event`` (one handler per group) as a child of this context."""
-        await self.broker._emit(event, data, groups=groups, meta=meta, parent=self, broadcast=False)
+        await self.broker.emit(event, data, groups=groups, meta=meta, parent_ctx=self)
 
     async def broadcast(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
                         meta: dict[str, Any] | None = None) -> None:
         """Broadcast ``event`` (every handler) as a child of this context."""
-        await self.broker._emit(event, data, groups=groups, meta=meta, parent=self, broadcast=True)
+        await self.broker.broadcast(event, data, groups=groups, meta=meta, parent_ctx=self)
 
     def __repr__(self) -> str:
         what = self.action or self.event

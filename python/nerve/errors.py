@@ -38,6 +38,9 @@ __all__ = [
     "StreamIdleTimeoutError",
     "StreamClosedError",
     "SerializationError",
+    "ForbiddenError",
+    "CircuitBreakerOpenError",
+    "request_timeout",
     "error_from_wire",
     "error_to_wire",
 ]
@@ -158,6 +161,30 @@ class QueueIsFullError(RetryableError):
     wire_name = "QueueIsFullError"
     default_code = 429
     default_type = "QUEUE_FULL"
+
+
+class ForbiddenError(ClientError):
+    """A guard refused the call (403, not retryable)."""
+
+    wire_name = "ForbiddenError"
+    default_code = 403
+    default_type = "FORBIDDEN"
+
+
+class CircuitBreakerOpenError(RetryableError):
+    """The circuit of the chosen endpoint is open: the call failed fast, nothing was sent."""
+
+    wire_name = "CircuitBreakerOpenError"
+    default_code = 503
+    default_type = "CIRCUIT_BREAKER_OPEN"
+
+
+def request_timeout(action: str | None, node_id: str | None, *, by: str | None = None) -> RequestTimeoutError:
+    """The one RequestTimeoutError nerve raises (Moleculer's message): ``action`` timed out on
+    ``node_id``; ``by`` is the node that saw it (default ``node_id``)."""
+    return RequestTimeoutError(
+        f"Request is timed out when call '{action}' action on '{node_id}' node.",
+        data={"action": action, "nodeID": node_id}, node_id=by or node_id)
 
 
 class MaxCallLevelError(NerveError):

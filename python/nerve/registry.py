@@ -74,6 +74,11 @@ class ActionEndpoint:
     service: str
     spec: ActionSpec | None = None
     definition: dict[str, Any] = field(default_factory=dict)
+    #: False while a middleware (the circuit breaker) wants calls kept off this endpoint:
+    #: selection skips it while another endpoint is available
+    available: bool = True
+    #: the remote_action chain for this endpoint, built on its first call (``nerve._calls``)
+    handler: Any = None
 
     def __repr__(self) -> str:
         return f"<ActionEndpoint {self.name}@{self.node_id}>"
@@ -93,7 +98,12 @@ class EventEndpoint:
 
 
 class Strategy(Protocol):
-    """Picks one endpoint among candidates (never empty)."""
+    """Picks one endpoint among candidates (never empty).
+
+    Optional: ``bind(registry)`` is called once with the registry that uses the strategy;
+    ``async run(broker)`` runs in the broker's nursery while it runs; ``needs_context = True``
+    makes calls pass an object with ``.params`` and ``.meta`` as ``ctx`` (else it may be None).
+    """
 
     def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any: ...
 
@@ -151,6 +161,9 @@ class Registry:
                  prefer_local: bool = True) -> None:
         self.local_node_id = local_node_id
         self.strategy: Strategy = strategy or RoundRobinStrategy()
+        bind = getattr(self.strategy, "bind", None)
+        if callable(bind):
+            bind(self)
         self.prefer_local = prefer_local
         self.nodes: dict[str, Node] = {local_node_id: Node(local_node_id, local=True)}
         self.actions: dict[str, list[ActionEndpoint]] = {}
@@ -262,6 +275,8 @@ class Registry:
         if exclude:
             others = [ep for ep in endpoints if ep.node_id not in exclude]
             candidates = others or endpoints
+        if not all(ep.available for ep in candidates):
+            candidates = [ep for ep in candidates if ep.available] or candidates
         if self.prefer_local:
             local = [ep for ep in candidates if ep.local]
             if local:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -28,7 +28,12 @@ _EVENT_ATTR = "__nerve_event__"
 @dataclass(frozen=True)
 class _ActionMark:
     name: str | None
-    params_schema: dict[str, Any] | None = None
+    guards: tuple[Any, ...] = ()
+    interceptors: tuple[Any, ...] = ()
+    pipes: tuple[Any, ...] = ()
+    hooks: dict[str, Any] | None = None
+    fallback: Any = None
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,19 +45,72 @@ class _EventMark:
 @overload
 def action(fn: F, /) -> F: ...
 @overload
-def action(*, name: str | None = None) -> Callable[[F], F]: ...
+def action(*, name: str | None = None, guards: Iterable[Any] = (), interceptors: Iterable[Any] = (),
+           pipes: Iterable[Any] = (), hooks: dict[str, Any] | None = None, fallback: Any = None,
+           **properties: Any) -> Callable[[F], F]: ...
 
 
-def action(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
-    """Mark a method of a :class:`Service` as an action (``@action`` or ``@action(name=...)``)."""
+def action(fn: F | None = None, /, *, name: str | None = None, guards: Iterable[Any] = (),
+           interceptors: Iterable[Any] = (), pipes: Iterable[Any] = (), hooks: dict[str, Any] | None = None,
+           fallback: Any = None, **properties: Any) -> F | Callable[[F], F]:
+    """Mark a method of a :class:`Service` as an action (``@action`` or ``@action(name=...)``).
+
+    ``guards``, ``interceptors`` and ``pipes`` run around this action (after the service's);
+    ``hooks`` are its before / after / error hooks; ``fallback`` (a callable or a method
+    name) answers in place of an error. Any other keyword is a property of the action: it
+    travels in INFO and middlewares on every node see it (``ActionInfo.properties``), e.g.
+    ``@action(bulkhead={"concurrency": 2})``. See ``docs/middleware.md``.
+    """
+    try:
+        msgspec.json.encode(properties)
+    except (TypeError, ValueError) as exc:
+        raise ServiceSchemaError(f"action properties must be JSON-serializable (they travel in INFO): {exc}") from None
+    if hooks is not None:
+        _check_hooks(hooks, per_action=False)
+    if fallback is not None and not (callable(fallback) or isinstance(fallback, str)):
+        raise ServiceSchemaError(f"fallback must be a callable or a method name, not {fallback!r}")
+    the_mark = _ActionMark(name, _checked("guards", guards, "can_activate"),
+                           _checked("interceptors", interceptors, "intercept"),
+                           _checked("pipes", pipes, "transform"), hooks, fallback, dict(properties))
 
     def mark(f: F) -> F:
         if not inspect.iscoroutinefunction(f):
             raise ServiceSchemaError(f"action {getattr(f, '__qualname__', f)} must be an 'async def'")
-        setattr(f, _ACTION_ATTR, _ActionMark(name))
+        setattr(f, _ACTION_ATTR, the_mark)
         return f  # type: ignore[return-value]  # mypy narrows F in iscoroutinefunction
 
     return mark(fn) if fn is not None else mark
+
+
+_HOOK_KINDS = ("before", "after", "error")
+
+
+def _checked(what: str, items: Iterable[Any], method: str) -> tuple[Any, ...]:
+    """Guards / interceptors / pipes: objects with ``method``, or plain callables."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise ServiceSchemaError(f"{what}= takes a list, not {items!r}")
+    out = tuple(items)
+    for item in out:
+        if not (callable(getattr(item, method, None)) or callable(item)):
+            raise ServiceSchemaError(f"{what}: {item!r} has no {method}() and is not callable")
+    return out
+
+
+def _check_hooks(hooks: Any, *, per_action: bool) -> None:
+    """``{"before": ..., "after": ..., "error": ...}``; on a service, each maps action names
+    (or ``*``) to a hook or a list of hooks; on an action, each is a hook or a list."""
+    if not isinstance(hooks, dict):
+        raise ServiceSchemaError(f"hooks must be a dict of before / after / error, not {hooks!r}")
+    for kind, value in hooks.items():
+        if kind not in _HOOK_KINDS:
+            raise ServiceSchemaError(f"unknown hook kind {kind!r} (before, after, error)")
+        targets = value.values() if per_action and isinstance(value, dict) else [value]
+        if per_action and not isinstance(value, dict):
+            raise ServiceSchemaError(f"a service's {kind} hooks map action names (or '*') to hooks")
+        for target in targets:
+            for hook in (target if isinstance(target, (list, tuple)) else [target]):
+                if not (callable(hook) or isinstance(hook, str)):
+                    raise ServiceSchemaError(f"{kind} hook {hook!r} is neither callable nor a method name")
 
 
 def event(name: str, *, group: str | None = None) -> Callable[[F], F]:
@@ -95,6 +153,13 @@ class ActionSpec:
     handler: Callable[..., Awaitable[Any]]
     params_type: Any = None
     wants_params: bool = False
+    mark: _ActionMark | None = None
+    #: the action's properties over its service's (they travel in INFO)
+    properties: dict[str, Any] = field(default_factory=dict)
+    #: ``async (ctx) -> result``: the whole serving pipeline, built by the broker's Server
+    serve: Any = None
+    #: the ActionInfo middlewares see
+    info: Any = None
 
     def convert_params(self, params: Any) -> Any:
         if self.params_type is None:
@@ -105,7 +170,8 @@ class ActionSpec:
             raise _validation_error(self.name, exc) from None
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "rawName": self.raw_name}
+        out: dict[str, Any] = dict(self.properties)
+        out.update(name=self.name, rawName=self.raw_name)
         if self.params_type is not None:
             try:
                 out["params"] = msgspec.json.schema(self.params_type)
@@ -122,6 +188,8 @@ class EventSpec:
     handler: Callable[..., Awaitable[Any]]
     data_type: Any = None
     wants_data: bool = False
+    #: ``async (ctx) -> None``: the serving pipeline, built by the broker's Server
+    serve: Any = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "group": self.group}
@@ -154,6 +222,14 @@ class Service:
     settings: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     dependencies: list[str] = []
+    #: merged under every action's properties (they travel in INFO)
+    properties: dict[str, Any] = {}
+    #: Moleculer's action hooks: ``{"before": {"*": hook, "name": [hooks]}, "after": ..., "error": ...}``
+    hooks: dict[str, Any] = {}
+    #: run around every action of the service, before the action's own
+    guards: list[Any] = []
+    interceptors: list[Any] = []
+    pipes: list[Any] = []
 
     broker: Any = None
 
@@ -173,6 +249,14 @@ class Service:
     def _specs(self) -> tuple[list[ActionSpec], list[EventSpec]]:
         if not self.name or not isinstance(self.name, str):
             raise ServiceSchemaError(f"{type(self).__name__} has no 'name'")
+        if self.hooks:
+            _check_hooks(self.hooks, per_action=True)
+        for what, method in (("guards", "can_activate"), ("interceptors", "intercept"), ("pipes", "transform")):
+            _checked(f"{type(self).__name__}.{what}", getattr(self, what), method)
+        try:
+            msgspec.json.encode(self.properties)
+        except (TypeError, ValueError) as exc:
+            raise ServiceSchemaError(f"{type(self).__name__}.properties must be JSON-serializable: {exc}") from None
         actions: list[ActionSpec] = []
         events: list[EventSpec] = []
         seen: set[str] = set()
@@ -188,7 +272,8 @@ class Service:
                     raise ServiceSchemaError(f"action {full!r} is defined twice")
                 seen.add(full)
                 tp, wants = _inspect_handler(fn)
-                actions.append(ActionSpec(full, raw, self, getattr(self, attr), tp, wants))
+                props = {**self.properties, **mark.properties}
+                actions.append(ActionSpec(full, raw, self, getattr(self, attr), tp, wants, mark, props))
             emark = getattr(fn, _EVENT_ATTR, None)
             if isinstance(emark, _EventMark):
                 if any(e.name == emark.name for e in events):

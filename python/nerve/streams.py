@@ -285,6 +285,17 @@ class PacketStream:
         self._abort_now(exc if exc is not None else StreamError("stream aborted by its producer"))
         await trio.lowlevel.checkpoint()
 
+    @property
+    def taken(self) -> bool:
+        """A call took this request stream (it is bound to a connection or a local reader)."""
+        return self._bound.is_set()
+
+    def abort_untaken(self, exc: BaseException) -> None:
+        """The call this stream was given to ended before taking it: fail whoever feeds it
+        (nothing was sent; a no-op once the stream is over)."""
+        if not self._tx_done:
+            self._abort_now(exc)
+
     def _abort_now(self, exc: BaseException) -> None:
         if self._is_consumer():
             self._stop_reading(exc)

@@ -1,8 +1,16 @@
-"""Transit: packets to and from the broker. Pending calls, discovery, stream routing.
+"""Transit: packets to and from the node. Pending calls, admission, discovery, stream routing.
 
-It turns broker operations into packets for the transport and incoming frames into registry
-updates, handler tasks, settled calls and stream chunks. It knows no sockets (the transport
-does) and no service code (the broker runs handlers).
+Theory of operation. The transit sits between the node (broker, calls, serving) and one
+transport. Going down, it turns calls, answers, events and stream chunks into packets and
+hands the bytes to the transport. Coming up, the transport gives it frames, peers up / down
+and stream frames; it decodes packets and: settles pending calls (``Pending``, one per call in
+flight, woken once), admits REQs (node-wide ``max_pending_requests``, a fair share per peer,
+``max_peer_streams``) and runs them in the handler pool through the action's ``serve``
+pipeline (``nerve._serving``) under the caller's budget, answers them, updates the registry
+from INFO / HEARTBEAT / DISCONNECT, and routes stream frames to readers and credit to writers.
+
+It knows no sockets (the transport does), no service code (``spec.serve`` runs it) and not the
+Broker: it is handed a :class:`NodePort`.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
 
+from nerve._cpu import CpuMeter
 from nerve._deadline import effective_deadline
 from nerve._timers import DeadlineQueue
 from nerve.context import Context
@@ -37,6 +46,7 @@ from nerve.errors import (
     StreamError,
     error_from_wire,
     error_to_wire,
+    request_timeout,
 )
 from nerve.frames import STREAM_FLAG_END, STREAM_FLAG_ERROR, STREAM_FLAG_RESPONSE
 from nerve.packets import (
@@ -56,13 +66,13 @@ from nerve.packets import (
 from nerve.streams import PacketStream, _Link
 
 if TYPE_CHECKING:
-    from nerve.broker import Broker
-    from nerve.registry import ActionEndpoint
+    from nerve._dispatch import HandlerPool
+    from nerve.registry import ActionEndpoint, Registry
     from nerve.serializers import Serializer
     from nerve.service import ActionSpec
     from nerve.transports.base import Transport
 
-__all__ = ["Transit"]
+__all__ = ["NodePort", "Transit"]
 
 log = logging.getLogger("nerve.transit")
 
@@ -71,6 +81,10 @@ _INF = float("inf")
 #: REQ budgets at or beyond this (or not finite) mean no budget: 100 days, in ms
 _MAX_BUDGET_MS = 100 * 86400 * 1000
 _RES = int(PacketType.RES)
+_HEARTBEAT = int(PacketType.HEARTBEAT)
+_DISCOVER = int(PacketType.DISCOVER)
+_INFO = int(PacketType.INFO)
+_DISCONNECT = int(PacketType.DISCONNECT)
 
 
 class Pending:
@@ -216,14 +230,60 @@ def _when_closed(stream: PacketStream, fn: Callable[[], None]) -> None:
         stream._on_closed.append(fn)
 
 
+class NodePort(Protocol):
+    """What the transit needs of the node above it (the broker hands it one; the transit never
+    sees the Broker). Settings are plain attributes, fixed once the node is created."""
+
+    node_id: str
+    namespace: str
+    metadata: dict[str, Any]
+    #: what handlers' contexts call through (``ctx.call``): opaque to the transit
+    api: Any
+    registry: Registry
+    handlers: HandlerPool
+    stream_window: int
+    max_chunk: int
+    stream_idle_timeout: float | None
+    max_pending_requests: int
+    max_peer_requests: int | None
+    max_peer_streams: int
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+    def stopping(self) -> bool:
+        """True once the node stopped taking calls."""
+
+    def local_action(self, name: str) -> ActionSpec | None:
+        """The action ``name`` served here (its ``serve`` runs it), or None."""
+
+    def describe_services(self) -> list[dict[str, Any]]:
+        """This node's services as INFO describes them."""
+
+    def event_received(self, sender: str, pkt: Event) -> None:
+        """An EVENT packet for this node's handlers."""
+
+    def node_event(self, name: str, node_id: str, *, unexpected: bool) -> None:
+        """``$node.connected`` / ``$node.disconnected``."""
+
+    def services_changed(self) -> None:
+        """The cluster's services changed (a node came, went or told its services)."""
+
+
 class Transit:
-    def __init__(self, broker: Broker, transport: Transport, serializer: Serializer, *,
+    """Packets to and from the node; see the module's docstring."""
+
+    def __init__(self, node: NodePort, transport: Transport, serializer: Serializer, *,
                  protocol_version: str = "5") -> None:
-        self.broker = broker
+        self.node = node
+        self.handlers = node.handlers
+        self.heartbeat_interval = node.heartbeat_interval
+        self.heartbeat_timeout = node.heartbeat_timeout
+        self.stream_config = (node.stream_window, node.max_chunk)
+        self._cpu = CpuMeter()
         self.transport = transport
         self.serializer = serializer
-        self.node_id = broker.node_id
-        self.namespace = broker.namespace
+        self.node_id = node.node_id
+        self.namespace = node.namespace
         self.ver = protocol_version
         self.v5 = protocol_version != "4"
         self.pending: dict[str, Pending] = {}
@@ -236,7 +296,8 @@ class Transit:
         #: nodes connected now (as the transport reports them)
         self.peers: set[str] = set()
         #: peer_request_limit(), kept up to date as peers come and go (read per request)
-        self._peer_limit = broker.max_peer_requests or broker.max_pending_requests
+        self._peer_limit = node.max_peer_requests or node.max_pending_requests
+        self._pongs: dict[str, trio.Event] = {}
         self._slots: dict[str, _StreamSlots] = {}
         #: stream calls we gave up on, waiting for their late RES to free their slot
         self._late: dict[tuple[str, str], Callable[[], None]] = {}
@@ -260,16 +321,50 @@ class Transit:
         return Info(
             ver=self.ver,
             sender=self.node_id,
-            services=self.broker._describe_services(),
+            services=self.node.describe_services(),
             config={},
             ip_list=list(_ip_list()),
             hostname=socket.gethostname(),
             client={"type": "python", "version": _version(),
                     "langVersion": platform.python_version(), "name": "nerve"},
             instance_id=self.instance_id,
-            metadata=dict(self.broker.metadata),
+            metadata=dict(self.node.metadata),
             seq=self.info_seq,
         )
+
+    # --- what transports ask (transports.base.Upstream) ------------------------------------
+
+    def heartbeat_frame(self) -> tuple[int, bytes]:
+        return _HEARTBEAT, self.serializer.encode(Heartbeat(ver=self.ver, sender=self.node_id, cpu=self._cpu.percent()))
+
+    def greeting_frames(self) -> list[tuple[int, bytes]]:
+        return [(_DISCOVER, self.serializer.encode(Discover(ver=self.ver, sender=self.node_id))),
+                (_INFO, self.serializer.encode(self.info_packet()))]
+
+    def on_bus_frame(self, kind: int, payload: bytes) -> None:
+        """A frame from a bus transport: its sender is in the packet (decoded once, here)."""
+        try:
+            pkt = self.serializer.decode(kind, payload)
+        except ProtocolError:
+            self.stats["protocol_errors"] += 1
+            raise
+        sender = pkt.sender
+        if not sender or not isinstance(sender, str) or sender == self.node_id:
+            return
+        if self.transport.seen(sender, kind) and kind not in (_INFO, _DISCONNECT):
+            # A node we do not know yet (or lost): ask for its INFO.
+            self.send_packet(sender, Discover(ver=self.ver, sender=self.node_id))
+        self._on_packet(sender, kind, pkt)
+
+    def send_event(self, node_id: str, event_id: str, event: str, data: Any, groups: list[str] | None,
+                   broadcast: bool, meta: dict[str, Any], parent: Context | None) -> None:
+        """An EVENT packet to ``node_id`` (``parent``: the context it is a child of)."""
+        self.send_packet(node_id, Event(
+            ver=self.ver, sender=self.node_id, id=event_id, event=event, data=data, groups=groups,
+            broadcast=broadcast, meta=meta, headers={} if self.v5 else UNSET,
+            level=parent.level + 1 if parent is not None else 1, tracing=None,
+            parent_id=parent.id if parent else None, request_id=parent.request_id if parent else None,
+            caller=parent.service if parent else None, need_ack=False))
 
     def announce(self) -> None:
         """Tell every connected node our (changed) services."""
@@ -333,7 +428,7 @@ class Transit:
             with trio.CancelScope() as scope:
                 window, max_chunk = self.transport.peer_stream_config(node_id)
                 if stream.idle_timeout is None:
-                    stream.idle_timeout = self.broker.stream_idle_timeout
+                    stream.idle_timeout = self.node.stream_idle_timeout
                 stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
                 self.writers[key] = stream
                 stream._on_closed.append(lambda: self._forget_writer(key))
@@ -343,12 +438,10 @@ class Transit:
                 if stream._source is not None:
                     # In the background: a streaming answer (a transform) may arrive
                     # before the request stream ends, and the caller reads it meanwhile.
-                    self.broker._handlers.start_soon(stream._pump)
+                    self.handlers.start_soon(stream._pump)
                 await pending.wait()
             if scope.cancelled_caught and not pending.settled:
-                pending.error = RequestTimeoutError(
-                    f"Request is timed out when call '{ep.name}' action on '{node_id}' node.",
-                    data={"action": ep.name, "nodeID": node_id}, node_id=node_id)
+                pending.error = request_timeout(ep.name, node_id)
         finally:
             del self.pending[ctx.id]
             if not stream._tx_done and not isinstance(pending.result, PacketStream):
@@ -393,13 +486,39 @@ class Transit:
 
         def expire() -> None:
             if not pending.settled:
-                node_id = pending.node_id
-                pending.error = RequestTimeoutError(
-                    f"Request is timed out when call '{action}' action on '{node_id}' node.",
-                    data={"action": action, "nodeID": node_id}, node_id=node_id)
+                pending.error = request_timeout(action, pending.node_id)
                 pending.settle()
 
         return self.timers.add(due, pending, expire)
+
+    async def wait_response(self, call_id: str, pending: Pending, due: float, action: str) -> None:
+        """Wait until ``pending`` (sent by :meth:`send_request`) is settled: its RES, its node
+        gone, or ``due`` (trio clock; inf: no timeout) passed. Unregisters it."""
+        expiry = None if due == _INF else self.expire_at(pending, due, action)
+        try:
+            if pending.settled:
+                await trio.lowlevel.checkpoint()
+            else:
+                pending._task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(pending.abort)
+        finally:
+            del self.pending[call_id]
+            if expiry is not None:
+                self.timers.discard(expiry, pending)
+
+    async def ping(self, node_id: str, timeout: float) -> float:
+        """Round-trip time to ``node_id`` in seconds (PING / PONG packets)."""
+        ping_id = os.urandom(8).hex()
+        waiter = self._pongs[ping_id] = trio.Event()
+        start = trio.current_time()
+        try:
+            self.send_packet(node_id, Ping(ver=self.ver, sender=self.node_id, time=_now_ms(), id=ping_id))
+            with trio.move_on_after(timeout):
+                await waiter.wait()
+                return trio.current_time() - start
+        finally:
+            del self._pongs[ping_id]
+        raise RequestTimeoutError(f"no PONG from '{node_id}' within {timeout}s", data={"nodeID": node_id})
 
     # --- incoming -----------------------------------------------------------------------
 
@@ -416,7 +535,7 @@ class Transit:
         they buffered, the handlers reading its request streams are cancelled."""
         self.peers.discard(node_id)
         self._peer_limit = self.peer_request_limit()
-        was = self.broker.registry.node_gone(node_id)
+        was = self.node.registry.node_gone(node_id)
         reason = "disconnected" if graceful else "was lost"
         slots = self._slots.pop(node_id, None)
         if slots is not None:
@@ -444,7 +563,7 @@ class Transit:
                                                   data={"nodeID": node_id}))
         if was:
             log.info("node %s %s", node_id, reason)
-            self.broker._node_event("$node.disconnected", node_id, unexpected=not graceful)
+            self.node.node_event("$node.disconnected", node_id, unexpected=not graceful)
 
     def on_frame(self, sender: str, kind: int, payload: bytes) -> None:
         """Handle one frame from ``sender``; raises ProtocolError for a malformed packet."""
@@ -453,6 +572,9 @@ class Transit:
         except ProtocolError:
             self.stats["protocol_errors"] += 1
             raise
+        self._on_packet(sender, kind, pkt)
+
+    def _on_packet(self, sender: str, kind: int, pkt: Packet) -> None:
         if pkt.ver != self.ver:
             log.warning("dropping %s from %s: protocol version %r, expected %r",
                         PacketType(kind).name, sender, pkt.ver, self.ver)
@@ -462,13 +584,13 @@ class Transit:
         elif kind == _RES:
             self._on_response(sender, pkt)  # type: ignore[arg-type]
         elif isinstance(pkt, Event):
-            self.broker._on_remote_event(sender, pkt)
+            self.node.event_received(sender, pkt)
         elif isinstance(pkt, Info):
             self._on_info(sender, pkt)
         elif isinstance(pkt, Discover):
             self.send_packet(sender, self.info_packet())
         elif isinstance(pkt, Heartbeat):
-            node = self.broker.registry.nodes.get(sender)
+            node = self.node.registry.nodes.get(sender)
             if node is None or not node.available:
                 self.send_packet(sender, Discover(ver=self.ver, sender=self.node_id))
             else:
@@ -480,7 +602,9 @@ class Transit:
             self.send_packet(sender, Pong(ver=self.ver, sender=self.node_id, time=pkt.time, id=pkt.id,
                                          arrived=_now_ms()))
         elif isinstance(pkt, Pong):
-            self.broker._on_pong(sender, pkt)
+            waiter = self._pongs.get(str(pkt.id))
+            if waiter is not None:
+                waiter.set()
 
     def _on_info(self, sender: str, pkt: Info) -> None:
         if sender == self.node_id:
@@ -488,7 +612,7 @@ class Transit:
                 log.error("another node uses our node id %r", sender)
             return
         services = [s for s in (pkt.services or []) if isinstance(s, dict)]
-        fresh = self.broker.registry.update_node(
+        fresh = self.node.registry.update_node(
             sender, services=services, instance_id=pkt.instance_id or None,
             seq=pkt.seq if isinstance(pkt.seq, int) else None,
             hostname=pkt.hostname or None, ip_list=pkt.ip_list or None,
@@ -496,8 +620,8 @@ class Transit:
             address=self.transport.peer_address(sender))
         if fresh:
             log.info("node %s connected", sender)
-            self.broker._node_event("$node.connected", sender, unexpected=False)
-        self.broker._services_changed.set()
+            self.node.node_event("$node.connected", sender, unexpected=False)
+        self.node.services_changed()
 
     def _on_request(self, sender: str, pkt: Request) -> None:
         self.stats["requests_in"] += 1
@@ -509,34 +633,35 @@ class Transit:
                            or (sender, pkt.id, False) in self._reader_done):
             raise ProtocolError(f"{sender} reused the id of a request stream in progress: {pkt.id[:80]!r}",
                                 reason="stream_id_reused")
-        broker = self.broker
-        spec = broker._local_action(pkt.action)
+        node = self.node
+        handlers = self.handlers
+        spec = node.local_action(pkt.action)
         mine = self.peer_requests.get(sender, 0)
-        if (spec is None or broker._stopping or broker._handlers.active >= broker.max_pending_requests
+        if (spec is None or node.stopping() or handlers.active >= node.max_pending_requests
                 or mine >= self._peer_limit
-                or (pkt.stream and self.peer_streams.get(sender, 0) >= broker.max_peer_streams)):
+                or (pkt.stream and self.peer_streams.get(sender, 0) >= node.max_peer_streams)):
             if spec is None:
                 exc: NerveError = ServiceNotFoundError(
                     f"Service '{pkt.action}' is not found on '{self.node_id}' node.",
                     data={"action": pkt.action, "nodeID": self.node_id})
-            elif broker._stopping:
+            elif node.stopping():
                 exc = RequestRejectedError(f"node '{self.node_id}' is stopping",
                                            data={"action": pkt.action, "nodeID": self.node_id})
             elif mine >= self._peer_limit:
                 exc = QueueIsFullError(
                     f"Queue is full: {mine} requests of '{sender}' are being served on "
-                    f"'{self.node_id}' (its share of max_pending_requests={broker.max_pending_requests}).",
+                    f"'{self.node_id}' (its share of max_pending_requests={node.max_pending_requests}).",
                     data={"action": pkt.action, "nodeID": self.node_id, "size": mine})
-            elif broker._handlers.active < broker.max_pending_requests:
+            elif handlers.active < node.max_pending_requests:
                 exc = QueueIsFullError(
-                    f"Queue is full: {broker.max_peer_streams} request streams of '{sender}' are being "
+                    f"Queue is full: {node.max_peer_streams} request streams of '{sender}' are being "
                     f"served on '{self.node_id}' (max_peer_streams).",
-                    data={"action": pkt.action, "nodeID": self.node_id, "size": broker.max_peer_streams})
+                    data={"action": pkt.action, "nodeID": self.node_id, "size": node.max_peer_streams})
             else:
                 exc = QueueIsFullError(
-                    f"Queue is full: {broker._handlers.active} requests are being served on "
-                    f"'{self.node_id}' (max_pending_requests={broker.max_pending_requests}).",
-                    data={"action": pkt.action, "nodeID": self.node_id, "size": broker._handlers.active})
+                    f"Queue is full: {handlers.active} requests are being served on "
+                    f"'{self.node_id}' (max_pending_requests={node.max_pending_requests}).",
+                    data={"action": pkt.action, "nodeID": self.node_id, "size": handlers.active})
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
         self.peer_requests[sender] = mine + 1
@@ -548,7 +673,7 @@ class Transit:
             reader = self._make_reader(sender, pkt.id, response=False)
             countdown = _Countdown(2, lambda: self._stream_served(sender))
             self._reader_done[(sender, pkt.id, False)] = countdown.part()
-            self.broker._handlers.start_soon(self._serve, sender, pkt, spec, reader, _INF, countdown.part())
+            handlers.start_soon(self._serve, sender, pkt, spec, reader, _INF, countdown.part())
             return
         timeout = pkt.timeout
         if isinstance(timeout, (int, float)) and 0 < timeout < _MAX_BUDGET_MS:
@@ -557,17 +682,17 @@ class Transit:
             # up to the millisecond: requests that arrive together mostly share one deadline,
             # and a worker skips re-setting its scope's deadline (3 us) when it is unchanged.
             deadline = math.ceil((trio.current_time() + timeout / 1000) * 1000) / 1000
-            self.broker._handlers.start_soon_until(deadline, self._serve, sender, pkt, spec, None, deadline)
+            handlers.start_soon_until(deadline, self._serve, sender, pkt, spec, None, deadline)
         else:
-            self.broker._handlers.start_soon(self._serve, sender, pkt, spec, None)
+            handlers.start_soon(self._serve, sender, pkt, spec, None)
 
     def peer_request_limit(self) -> int:
         """Requests one peer may have served at once: ``max_peer_requests``, or by default a
         fair share of ``max_pending_requests`` among the connected peers (all of it for one)."""
-        broker = self.broker
-        if broker.max_peer_requests is not None:
-            return broker.max_peer_requests
-        return max(1, broker.max_pending_requests // max(1, len(self.peers), len(self.peer_requests)))
+        node = self.node
+        if node.max_peer_requests is not None:
+            return node.max_peer_requests
+        return max(1, node.max_pending_requests // max(1, len(self.peers), len(self.peer_requests)))
 
     def _answered(self, sender: str, stream_part: Callable[[], None] | None) -> None:
         """A request of ``sender`` is answered (its response stream too), or dropped."""
@@ -598,17 +723,14 @@ class Transit:
         counted = True
         try:
             ctx = Context(
-                self.broker, id=pkt.id, request_id=pkt.request_id or pkt.id,
+                self.node.api, id=pkt.id, request_id=pkt.request_id or pkt.id,
                 parent_id=pkt.parent_id or None, level=pkt.level or 1, caller=pkt.caller or None,
                 node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
                 stream=reader, action=pkt.action, service=spec.service.full_name,
             )
             try:
                 if reader is None:
-                    if spec.wants_params:
-                        result = await spec.handler(ctx, spec.convert_params(ctx.params))
-                    else:
-                        result = await spec.handler(ctx)
+                    result = await spec.serve(ctx)
                 else:
                     result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
             except trio.Cancelled:
@@ -643,7 +765,7 @@ class Transit:
                 if deadline == _INF:
                     await self._send_response_stream(sender, pkt.id, ctx.meta, result)
                 else:  # out of the budget's reach: a call's timeout never bounds its transfer
-                    self.broker._handlers.start_soon(self._send_response_stream, sender, pkt.id, ctx.meta, result)
+                    self.handlers.start_soon(self._send_response_stream, sender, pkt.id, ctx.meta, result)
                 return
             if reader is not None:
                 self._finish_request_stream(sender, pkt.id, reader)
@@ -653,9 +775,7 @@ class Transit:
                 self._answered(sender, stream_part)
 
     def _respond_timeout(self, sender: str, pkt: Request, ctx: Context) -> None:
-        self._respond_error(sender, pkt.id, ctx.meta, RequestTimeoutError(
-            f"Request is timed out when call '{pkt.action}' action on '{self.node_id}' node.",
-            data={"action": pkt.action, "nodeID": self.node_id}))
+        self._respond_error(sender, pkt.id, ctx.meta, request_timeout(pkt.action, self.node_id, by=None))
 
     def fail_all_pending(self, reason: str) -> None:
         """Settle every waiting call with RequestRejectedError (the broker is stopping), and
@@ -686,7 +806,7 @@ class Transit:
         self.serving[key] = scope
         try:
             with scope:
-                return await self.broker._invoke(spec, ctx)
+                return await spec.serve(ctx)
             raise StreamError("the call's request stream was aborted by the caller")
         finally:
             del self.serving[key]
@@ -736,7 +856,7 @@ class Transit:
             return
         key = (sender, call_id, True)
         if stream.idle_timeout is None:  # a peer that reads nothing holds it no longer than this
-            stream.idle_timeout = self.broker.stream_idle_timeout
+            stream.idle_timeout = self.node.stream_idle_timeout
         stream._bind(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
         self.writers[key] = stream
         _when_closed(stream, lambda: self._forget_writer(key))
@@ -789,9 +909,9 @@ class Transit:
         self.writers.pop(key, None)
 
     def _make_reader(self, sender: str, stream_id: str, *, response: bool) -> PacketStream:
-        broker = self.broker
-        reader = PacketStream(window=broker.stream_window, max_chunk=broker.max_chunk,
-                              idle_timeout=broker.stream_idle_timeout)
+        node = self.node
+        reader = PacketStream(window=node.stream_window, max_chunk=node.max_chunk,
+                              idle_timeout=node.stream_idle_timeout)
         flags = STREAM_FLAG_RESPONSE if response else 0
         key = (sender, stream_id, response)
 

@@ -1,5 +1,7 @@
 """The contract between the transit (packets, calls, streams) and a transport (bytes to nodes).
 
+Imports nothing above the wire layer: a transport talks upward only through :class:`Upstream`.
+
 A transport delivers ``(kind, payload)`` frames to named nodes and reports peers coming and
 going; it never decodes packets. Sends are non-blocking appends; ``wait_writable`` is the
 backpressure point for bulk producers.
@@ -7,14 +9,46 @@ backpressure point for bulk producers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from nerve.transit import Transit
+__all__ = ["Transport", "Upstream"]
 
-__all__ = ["Transport"]
+
+class Upstream(Protocol):
+    """What a transport may tell or ask the layer above it (the transit implements it). A
+    transport never builds or decodes packets: the frames it originates (heartbeats, a bus's
+    greeting) are built here, and a bus transport hands frames up without knowing their sender.
+    """
+
+    node_id: str
+    namespace: str
+    ver: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    #: (stream window, max chunk) this node accepts as a reader
+    stream_config: tuple[int, int]
+
+    def on_connected(self, node_id: str) -> None: ...
+
+    def on_disconnected(self, node_id: str, *, graceful: bool) -> None: ...
+
+    def on_frame(self, sender: str, kind: int, payload: bytes) -> None:
+        """One frame of ``sender``; raises ProtocolError (a NerveError) for a malformed one."""
+
+    def on_bus_frame(self, kind: int, payload: bytes) -> None:
+        """One frame from a bus (NATS), its sender in the packet; raises ProtocolError."""
+
+    def on_stream_data(self, sender: str, flags: int, stream_id: str, seq: int, chunk: Any) -> None: ...
+
+    def on_stream_credit(self, sender: str, flags: int, stream_id: str, consumed: int) -> None: ...
+
+    def heartbeat_frame(self) -> tuple[int, bytes]:
+        """(kind, payload) of a HEARTBEAT of this node, to send to every peer."""
+
+    def greeting_frames(self) -> list[tuple[int, bytes]]:
+        """What a bus transport broadcasts once connected (DISCOVER, then our INFO)."""
 
 
 class Transport:
@@ -27,7 +61,12 @@ class Transport:
     #: Request streams this node serves at once per peer, told to peers (0: not told).
     max_streams: int = 0
 
-    async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    def seen(self, node_id: str, kind: int) -> bool:
+        """A bus transport is told of every packet's sender (liveness); True if the node is new
+        to it (the transit then asks for its INFO). Connection transports know their peers."""
+        return False
+
+    async def serve(self, upstream: Upstream, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; call ``task_status.started()`` once peers can reach us."""
         raise NotImplementedError
 

@@ -14,7 +14,7 @@ from nerve.errors import BrokerDisconnectedError, BrokerOptionsError
 from nerve.transports.base import Transport
 
 if TYPE_CHECKING:
-    from nerve.transit import Transit
+    from nerve.transports.base import Upstream
 
 __all__ = ["LocalTransport"]
 
@@ -25,27 +25,27 @@ class LocalTransport(Transport):
     native_streams = True
 
     def __init__(self) -> None:
-        self.transit: Transit | None = None
+        self.upstream: Upstream | None = None
         self._bus: dict[str, LocalTransport] | None = None
         self._node_id = ""
 
-    async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.transit = transit
-        self._node_id = transit.node_id
-        bus = _BUSES.setdefault(transit.namespace, {})
+    async def serve(self, upstream: Upstream, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.upstream = upstream
+        self._node_id = upstream.node_id
+        bus = _BUSES.setdefault(upstream.namespace, {})
         if self._node_id in bus:
             raise BrokerOptionsError(
                 f"node id {self._node_id!r} is already used by another local broker in namespace "
-                f"{transit.namespace!r}")
+                f"{upstream.namespace!r}")
         bus[self._node_id] = self
         self._bus = bus
         try:
-            peers = [p for p in bus.values() if p is not self and p.transit is not None]
+            peers = [p for p in bus.values() if p is not self and p.upstream is not None]
             task_status.started()
             for peer in peers:
-                assert peer.transit is not None
-                peer.transit.on_connected(self._node_id)
-                transit.on_connected(peer._node_id)
+                assert peer.upstream is not None
+                peer.upstream.on_connected(self._node_id)
+                upstream.on_connected(peer._node_id)
             await trio.sleep_forever()
         finally:
             self._leave()
@@ -58,17 +58,17 @@ class LocalTransport(Transport):
         if bus.get(self._node_id) is self:
             del bus[self._node_id]
         for peer in list(bus.values()):
-            if peer.transit is not None:
-                peer.transit.on_disconnected(self._node_id, graceful=True)
+            if peer.upstream is not None:
+                peer.upstream.on_disconnected(self._node_id, graceful=True)
         if not bus:
-            _BUSES.pop(self.transit.namespace if self.transit else "", None)
+            _BUSES.pop(self.upstream.namespace if self.upstream else "", None)
 
-    def _target(self, node_id: str) -> Transit:
+    def _target(self, node_id: str) -> Upstream:
         bus = self._bus
         peer = bus.get(node_id) if bus is not None else None
-        if peer is None or peer.transit is None:
+        if peer is None or peer.upstream is None:
             raise BrokerDisconnectedError(f"node '{node_id}' is not connected", data={"nodeID": node_id})
-        return peer.transit
+        return peer.upstream
 
     def send(self, node_id: str, kind: int, payload: bytes) -> None:
         self._target(node_id).on_frame(self._node_id, kind, payload)
@@ -84,14 +84,13 @@ class LocalTransport(Transport):
         self._target(node_id).on_stream_credit(self._node_id, flags, stream_id, consumed)
 
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
-        broker = self._target(node_id).broker
-        return broker.stream_window, broker.max_chunk
+        return self._target(node_id).stream_config
 
     def connected(self) -> list[str]:
         bus = self._bus
         if bus is None:
             return []
-        return [n for n, p in bus.items() if p is not self and p.transit is not None]
+        return [n for n, p in bus.items() if p is not self and p.upstream is not None]
 
     async def disconnect_all(self) -> None:
         self._leave()

@@ -17,13 +17,15 @@ from urllib.parse import urlsplit
 import trio
 
 from nerve.errors import BrokerDisconnectedError, BrokerOptionsError, NerveError, ProtocolError
-from nerve.packets import Discover, Heartbeat, PacketType
+from nerve.packets import PacketType
 from nerve.transports.base import Transport
 
 if TYPE_CHECKING:
-    from nerve.transit import Transit
+    from nerve.transports.base import Upstream
 
 __all__ = ["NatsTransport", "NatsClient"]
+
+_DISCONNECT = int(PacketType.DISCONNECT)
 
 log = logging.getLogger("nerve.nats")
 
@@ -151,7 +153,7 @@ class NatsTransport(Transport):
             raise BrokerOptionsError("peers= is for the tcp transport; NATS finds nodes by itself")
         self.url = url
         self.address = None
-        self.transit: Transit | None = None
+        self.upstream: Upstream | None = None
         self.client: NatsClient | None = None
         self.prefix = "MOL"
         self._last_seen: dict[str, float] = {}
@@ -160,16 +162,16 @@ class NatsTransport(Transport):
         name = PacketType(kind).name
         return f"{self.prefix}.{name}.{node_id}" if node_id else f"{self.prefix}.{name}"
 
-    async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, upstream: Upstream, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (and reconnect with backoff whenever the NATS connection breaks)."""
-        self.transit = transit
-        if transit.namespace:
-            self.prefix = f"MOL-{transit.namespace}"
+        self.upstream = upstream
+        if upstream.namespace:
+            self.prefix = f"MOL-{upstream.namespace}"
         first = True
         delay = 0.1
         while True:
             try:
-                client = await NatsClient.connect(self.url, name=transit.node_id)
+                client = await NatsClient.connect(self.url, name=upstream.node_id)
             except (OSError, trio.BrokenResourceError, ProtocolError) as exc:
                 if first:
                     raise BrokerDisconnectedError(f"cannot connect to NATS at {self.url}: {exc}") from exc
@@ -187,9 +189,8 @@ class NatsTransport(Transport):
             first = False
 
     async def _run(self, client: NatsClient, task_status: Any) -> None:
-        assert self.transit is not None
-        transit = self.transit
-        me = transit.node_id
+        assert self.upstream is not None
+        me = self.upstream.node_id
         for name in ("EVENT", "REQ", "RES", "DISCOVER", "INFO", "PING", "PONG"):
             client.subscribe(f"{self.prefix}.{name}.{me}")
         for name in ("DISCOVER", "INFO", "HEARTBEAT", "DISCONNECT"):
@@ -200,9 +201,8 @@ class NatsTransport(Transport):
                 nursery.start_soon(client.writer)
                 nursery.start_soon(self._reader, client)
                 nursery.start_soon(self._heartbeats)
-                self._publish(int(PacketType.DISCOVER), None,
-                              transit.serializer.encode(Discover(ver=transit.ver, sender=me)))
-                self._publish(int(PacketType.INFO), None, transit.serializer.encode(transit.info_packet()))
+                for kind, payload in self.upstream.greeting_frames():
+                    self._publish(kind, None, payload)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -215,8 +215,8 @@ class NatsTransport(Transport):
         self.client.publish(self._subject(kind, node_id), payload)
 
     async def _reader(self, client: NatsClient) -> None:
-        assert self.transit is not None
-        transit = self.transit
+        assert self.upstream is not None
+        upstream = self.upstream
         async for subject, payload in client.messages():
             parts = subject.split(".")
             if len(parts) < 2:
@@ -227,42 +227,33 @@ class NatsTransport(Transport):
                 log.debug("ignoring NATS subject %s", subject)
                 continue
             try:
-                packet = transit.serializer.decode(kind, payload)
-            except ProtocolError as exc:
-                log.warning("dropping a malformed %s on %s: %s", parts[1], subject, exc)
-                continue
-            sender = packet.sender
-            if not sender or sender == transit.node_id:
-                continue
-            fresh = sender not in self._last_seen
-            self._last_seen[sender] = trio.current_time()
-            if fresh and kind not in (int(PacketType.INFO), int(PacketType.DISCONNECT)):
-                # A node we do not know yet (or lost): ask for its INFO.
-                self._publish(int(PacketType.DISCOVER), sender,
-                              transit.serializer.encode(Discover(ver=transit.ver, sender=transit.node_id)))
-            if kind == int(PacketType.DISCONNECT):
-                self._last_seen.pop(sender, None)
-            try:
-                transit.on_frame(sender, kind, payload)
+                upstream.on_bus_frame(kind, payload)
             except NerveError as exc:
-                log.warning("dropping a %s from %s: %s", parts[1], sender, exc)
+                log.warning("dropping a %s on %s: %s", parts[1], subject, exc)
             except Exception:  # a packet reached something unexpected: drop it, keep the node
-                log.exception("dropping a %s from %s: error while handling it", parts[1], sender)
+                log.exception("dropping a %s on %s: error while handling it", parts[1], subject)
+
+    def seen(self, node_id: str, kind: int) -> bool:
+        fresh = node_id not in self._last_seen
+        if kind == _DISCONNECT:
+            self._last_seen.pop(node_id, None)
+        else:
+            self._last_seen[node_id] = trio.current_time()
+        return fresh
 
     async def _heartbeats(self) -> None:
-        assert self.transit is not None
-        transit = self.transit
-        broker = transit.broker
+        assert self.upstream is not None
+        upstream = self.upstream
         while True:
-            await trio.sleep(broker.heartbeat_interval)
-            self._publish(int(PacketType.HEARTBEAT), None, transit.serializer.encode(
-                Heartbeat(ver=transit.ver, sender=transit.node_id, cpu=0)))
+            await trio.sleep(upstream.heartbeat_interval)
+            kind, payload = upstream.heartbeat_frame()
+            self._publish(kind, None, payload)
             now = trio.current_time()
             for node, seen in list(self._last_seen.items()):
-                if now - seen > broker.heartbeat_timeout:
+                if now - seen > upstream.heartbeat_timeout:
                     del self._last_seen[node]
                     log.warning("node %s silent for %.1fs: marking it lost", node, now - seen)
-                    transit.on_disconnected(node, graceful=False)
+                    upstream.on_disconnected(node, graceful=False)
 
     # --- Transport API ------------------------------------------------------------------
 

@@ -49,11 +49,11 @@ from nerve.frames import (
     FrameType,
     encode_frame,
 )
-from nerve.packets import Heartbeat, PacketType
+from nerve.packets import PacketType
 from nerve.transports.base import Transport
 
 if TYPE_CHECKING:
-    from nerve.transit import Transit
+    from nerve.transports.base import Upstream
 
 __all__ = ["TcpTransport", "TcpStatistics", "parse_address", "valid_node_id"]
 
@@ -442,8 +442,8 @@ class Connection:
             self._sending = False
 
     async def reader(self) -> None:
-        transit = self.transport.transit
-        assert transit is not None
+        upstream = self.transport.upstream
+        assert upstream is not None
         node = self.node_id
         receive = self.stream.receive_some
         feed = self.decoder.feed
@@ -458,10 +458,10 @@ class Connection:
             for frame in frames:
                 kind = frame[0]
                 if kind == _STREAM_DATA:
-                    transit.on_stream_data(node, frame[1], frame[2], frame[3], frame[4])
+                    upstream.on_stream_data(node, frame[1], frame[2], frame[3], frame[4])
                     continue
                 if kind == _STREAM_CREDIT:
-                    transit.on_stream_credit(node, frame[1], frame[2], frame[3])
+                    upstream.on_stream_credit(node, frame[1], frame[2], frame[3])
                     continue
                 payload = frame[1]
                 if kind == _PEERS:
@@ -471,7 +471,7 @@ class Connection:
                 else:
                     if kind == _DISCONNECT:
                         self.graceful = True
-                    transit.on_frame(node, kind, payload)
+                    upstream.on_frame(node, kind, payload)
 
     async def flush(self) -> None:
         await self._flushed.wait()
@@ -520,7 +520,7 @@ class TcpTransport(Transport):
         self.max_redials = max_redials
         #: request streams this node serves at once per peer, told to peers in HELLO
         self.max_streams = max_streams
-        self.transit: Transit | None = None
+        self.upstream: Upstream | None = None
         self.address: str | None = None
         self.connections: dict[str, Connection] = {}
         self._dialing: dict[str, str] = {}  # address -> node id we expect (or "")
@@ -626,8 +626,8 @@ class TcpTransport(Transport):
 
     # --- serving ------------------------------------------------------------------------
 
-    async def serve(self, transit: Transit, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.transit = transit
+    async def serve(self, upstream: Upstream, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.upstream = upstream
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         sockname = listeners[0].socket.getsockname()
         self.address = f"tcp://{self.host}:{sockname[1]}"
@@ -643,11 +643,11 @@ class TcpTransport(Transport):
 
     def _hello(self, *, accept: bool = True, reason: str | None = None, nonce: bytes = b"",
                proof: bytes = b"") -> bytes:
-        assert self.transit is not None
-        broker = self.transit.broker
+        assert self.upstream is not None
+        window, max_chunk = self.upstream.stream_config
         return _hello_encoder.encode(Hello(
-            node_id=self.transit.node_id, namespace=self.transit.namespace, ver=self.transit.ver,
-            address=self.address, window=broker.stream_window, max_chunk=broker.max_chunk,
+            node_id=self.upstream.node_id, namespace=self.upstream.namespace, ver=self.upstream.ver,
+            address=self.address, window=window, max_chunk=max_chunk,
             accept=accept, reason=reason, auth=self.secret is not None, nonce=nonce, proof=proof,
             max_streams=self.max_streams))
 
@@ -682,12 +682,12 @@ class TcpTransport(Transport):
 
     def _check_peer(self, hello: Hello) -> str | None:
         """Why a peer's HELLO is unacceptable, or None."""
-        assert self.transit is not None
-        if hello.namespace != self.transit.namespace:
-            return f"namespace mismatch: {hello.namespace[:80]!r} != {self.transit.namespace!r}"
-        if hello.ver != self.transit.ver:
-            return f"protocol version mismatch: {hello.ver[:16]!r} != {self.transit.ver!r}"
-        if hello.node_id == self.transit.node_id:
+        assert self.upstream is not None
+        if hello.namespace != self.upstream.namespace:
+            return f"namespace mismatch: {hello.namespace[:80]!r} != {self.upstream.namespace!r}"
+        if hello.ver != self.upstream.ver:
+            return f"protocol version mismatch: {hello.ver[:16]!r} != {self.upstream.ver!r}"
+        if hello.node_id == self.upstream.node_id:
             return f"node id conflict: {hello.node_id!r} is my own id"
         if hello.window <= 0 or hello.max_chunk <= 0 or hello.max_chunk > hello.window:
             return "bad stream window / chunk size"
@@ -730,7 +730,7 @@ class TcpTransport(Transport):
 
     async def _accept(self, raw: trio.SocketStream) -> Connection | None:
         """The acceptor's side of the handshake: the connection, or None when refused."""
-        assert self.transit is not None
+        assert self.upstream is not None
         stream: trio.abc.Stream = raw
         if self._tls_server is not None:
             tls = trio.SSLStream(raw, self._tls_server, server_side=True)
@@ -747,7 +747,7 @@ class TcpTransport(Transport):
             elif len(self.connections) >= self.max_connections:
                 reason = f"too many connections ({self.max_connections})"
             elif self._dialing.get(hello.address or "") == hello.node_id and \
-                    self.transit.node_id < hello.node_id:
+                    self.upstream.node_id < hello.node_id:
                 reason = "duplicate connection"  # our own dial to it wins
         nonce = os.urandom(16) if self.secret is not None else b""
         proof = b""
@@ -757,13 +757,13 @@ class TcpTransport(Transport):
             if not hello.auth or len(hello.nonce) < 16:
                 reason = "authentication required"
             else:
-                proof = self._proof(b"acceptor", hello.nonce, nonce, self.transit.node_id, hello.node_id)
+                proof = self._proof(b"acceptor", hello.nonce, nonce, self.upstream.node_id, hello.node_id)
         await stream.send_all(encode_frame(_HELLO_ACK, self._hello(accept=reason is None, reason=reason,
                                                                    nonce=nonce, proof=proof)))
         if reason is None and self.secret is not None:
             # No frame of the dialer is processed before its proof checks out.
             auth = await self._read_handshake(stream, _HELLO)
-            expected = self._proof(b"dialer", nonce, hello.nonce, hello.node_id, self.transit.node_id)
+            expected = self._proof(b"dialer", nonce, hello.nonce, hello.node_id, self.upstream.node_id)
             if not hmac.compare_digest(auth.proof, expected):
                 reason = "authentication failed"
         if reason is not None:
@@ -886,7 +886,7 @@ class TcpTransport(Transport):
 
     async def _connect(self, stream: trio.abc.Stream, address: str, host: str) -> Connection | str:
         """The dialer's side of the handshake: the connection, or "refused" / "retry"."""
-        assert self.transit is not None
+        assert self.upstream is not None
         nonce = os.urandom(16)
         await stream.send_all(encode_frame(_HELLO, self._hello(nonce=nonce)))
         hello = await self._read_handshake(stream, _HELLO_ACK)
@@ -907,7 +907,7 @@ class TcpTransport(Transport):
         if reason is None and self.secret is None and hello.auth:
             reason = "the node requires a shared secret and we have none"
         if reason is None and self.secret is not None:
-            me, peer = self.transit.node_id, hello.node_id
+            me, peer = self.upstream.node_id, hello.node_id
             expected = self._proof(b"acceptor", nonce, hello.nonce, peer, me)
             if not hmac.compare_digest(hello.proof, expected):
                 reason = "authentication failed (the node does not share our secret)"
@@ -925,7 +925,7 @@ class TcpTransport(Transport):
     async def _run(self, conn: Connection) -> None:
         """Register an established connection and serve it until it closes. Whatever the
         peer's frames cause ends this connection only."""
-        assert self.transit is not None
+        assert self.upstream is not None
         node = conn.node_id
         other = self.connections.get(node)
         if other is not None and not other.closed:
@@ -938,7 +938,7 @@ class TcpTransport(Transport):
             # Its end was not reported yet (its task is unwinding): report it before ours begins.
             other.reported = True
             try:
-                self.transit.on_disconnected(node, graceful=other.graceful)
+                self.upstream.on_disconnected(node, graceful=other.graceful)
             except Exception:  # pragma: no cover - a bug, but never the node's end
                 log.exception("error while forgetting node %s", node)
         self.connections[node] = conn
@@ -951,7 +951,7 @@ class TcpTransport(Transport):
                 conn.cancel_scope = scope
                 if conn.closed:  # pragma: no cover - closed before it ran
                     scope.cancel()
-                self.transit.on_connected(node)
+                self.upstream.on_connected(node)
                 self._share_peers()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_until_done, conn.reader, nursery.cancel_scope)
@@ -975,7 +975,7 @@ class TcpTransport(Transport):
             if not conn.reported:  # (a newer connection reported it when it took over)
                 conn.reported = True
                 try:
-                    self.transit.on_disconnected(node, graceful=conn.graceful)
+                    self.upstream.on_disconnected(node, graceful=conn.graceful)
                 except Exception:  # pragma: no cover - a bug, but never the node's end
                     log.exception("error while forgetting node %s", node)
             with trio.CancelScope(shield=True):
@@ -991,7 +991,7 @@ class TcpTransport(Transport):
                 conn.send(_PEERS, payload)
 
     def _on_peers(self, conn: Connection, payload: bytes) -> None:
-        assert self.transit is not None
+        assert self.upstream is not None
         try:
             peers = _peers_decoder.decode(payload)
         except Exception as exc:  # DecodeError, invalid UTF-8, nesting...
@@ -999,7 +999,7 @@ class TcpTransport(Transport):
         for i, (node_id, address) in enumerate(peers.nodes.items()):
             if i >= _MAX_PEERS_ENTRIES:
                 break
-            if not valid_node_id(node_id) or node_id == self.transit.node_id or node_id in self.connections:
+            if not valid_node_id(node_id) or node_id == self.upstream.node_id or node_id in self.connections:
                 continue
             address = peer_address(address)  # type: ignore[assignment]
             if address is None or address == self.address:
@@ -1007,15 +1007,13 @@ class TcpTransport(Transport):
             self._start_dial_loop(address, node_id, learned=True)
 
     async def _heartbeats(self) -> None:
-        assert self.transit is not None
-        broker = self.transit.broker
-        interval = broker.heartbeat_interval
-        timeout = broker.heartbeat_timeout
+        assert self.upstream is not None
+        interval = self.upstream.heartbeat_interval
+        timeout = self.upstream.heartbeat_timeout
         while True:
             await trio.sleep(min(interval, timeout / 3))
             try:
-                payload = self.transit.serializer.encode(
-                    Heartbeat(ver=self.transit.ver, sender=self.transit.node_id, cpu=_cpu()))
+                heartbeat_kind, payload = self.upstream.heartbeat_frame()
             except ProtocolError:  # pragma: no cover
                 continue
             now = trio.current_time()
@@ -1033,7 +1031,7 @@ class TcpTransport(Transport):
                     self._count("not_reading")
                     conn.close()
                     continue
-                conn.send(_HEARTBEAT, payload)
+                conn.send(heartbeat_kind, payload)
                 if (conn._waiters or conn._ready or conn._writable) and not conn._sending:
                     # Producers admitted earlier may have left without queueing (their stream
                     # ended): never leave the others parked by an idle writer.
@@ -1114,8 +1112,3 @@ async def _until_done(fn: Any, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _cpu() -> float:
-    try:
-        return round(os.getloadavg()[0] * 100 / (os.cpu_count() or 1), 1)
-    except OSError:  # pragma: no cover
-        return math.nan

@@ -1,0 +1,262 @@
+"""Serving: the one place a handler of this node is run, for a local caller or a remote one.
+
+Theory of operation. When a service is registered, each of its actions gets one handler,
+``spec.serve(ctx)``, built once:
+
+    local_action middlewares (first registered outermost)
+      -> the action's fallback (answers in place of an error)
+        -> interceptors (service's, then action's)
+          -> guards (refusal: ForbiddenError, 403)
+            -> pipes (transform params), then params validation (typed handlers)
+              -> hooks: before ... handler ... after (error hooks on any error inside)
+
+Layers that are not used are not built: an action with none of them is served by a bare
+``handler(ctx[, params])``. Both call paths run ``spec.serve``: a call from this node
+(``nerve._calls``) in the caller's task, and a REQ from a peer (the transit admits it, runs it
+in a worker of the handler pool under the caller's budget, and answers it).
+
+Events are the same with fewer layers: ``local_event`` middlewares -> the handler, run in the
+handler pool (an event has no answer: failures are logged and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from nerve.context import Context
+from nerve.errors import ForbiddenError, ServiceSchemaError
+from nerve.middleware import ActionInfo, Chain, EventInfo, maybe_await
+
+if TYPE_CHECKING:
+    from nerve._dispatch import HandlerPool
+    from nerve.packets import Event
+    from nerve.registry import Registry
+    from nerve.service import ActionSpec, EventSpec
+
+__all__ = ["Server"]
+
+log = logging.getLogger("nerve.broker")
+
+Handler = Callable[[Context], Awaitable[Any]]
+
+
+def _method(obj: Any, name: str) -> Callable[..., Any]:
+    """``obj.name`` if it is callable, else ``obj`` itself (a guard may be a plain function)."""
+    fn = getattr(obj, name, None)
+    return fn if callable(fn) else obj  # type: ignore[no-any-return]
+
+
+def _describe(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+
+class Server:
+    """Builds and runs this node's handlers. ``node_id`` names this node in ActionInfo."""
+
+    def __init__(self, node_id: str, chain: Chain, handlers: HandlerPool, registry: Registry) -> None:
+        self.node_id = node_id
+        self.chain = chain
+        self.handlers = handlers
+        self.registry = registry
+        self._next_id: Callable[[], str] = lambda: ""
+        self.stats = {"event_handler_errors": 0, "events_received": 0}
+
+    def bind_ids(self, next_id: Callable[[], str]) -> None:
+        self._next_id = next_id
+
+    # --- actions ----------------------------------------------------------------------------
+
+    def prepare_action(self, spec: ActionSpec) -> None:
+        """Build ``spec.serve``: the whole pipeline of the action (see the module's docstring)."""
+        svc = spec.service
+        mark = spec.mark
+        handler = spec.handler
+        if spec.wants_params:
+            convert = spec.convert_params
+
+            async def invoke(ctx: Context) -> Any:
+                return await handler(ctx, convert(ctx.params))
+        else:
+            async def invoke(ctx: Context) -> Any:
+                return await handler(ctx)
+        serve: Handler = invoke
+
+        before, after, error = self._hooks(spec)
+        if before or after or error:
+            serve = _hooked(serve, before, after, error)
+        pipes = [_method(p, "transform") for p in (*svc.pipes, *(mark.pipes if mark else ()))]
+        if pipes:
+            serve = _piped(serve, pipes)
+        guards = list((*svc.guards, *(mark.guards if mark else ())))
+        if guards:
+            serve = _guarded(serve, guards, spec.name)
+        for ic in reversed((*svc.interceptors, *(mark.interceptors if mark else ()))):
+            serve = _intercepted(serve, _method(ic, "intercept"))
+        if mark is not None and mark.fallback is not None:
+            fb = mark.fallback
+            if isinstance(fb, str):
+                fb = getattr(svc, fb, None)
+                if not callable(fb):
+                    raise ServiceSchemaError(f"{spec.name}: fallback {mark.fallback!r} is not a method of the service")
+            serve = _with_fallback(serve, fb)
+        info = ActionInfo(spec.name, svc.full_name, self.node_id, True, spec.properties)
+        spec.serve = self.chain.wrap_local_action(serve, info)
+        spec.info = info
+
+    def _hooks(self, spec: ActionSpec) -> tuple[list[Any], list[Any], list[Any]]:
+        """Moleculer's order: before — service ``*``, service per action, the action's own;
+        after and error — the reverse."""
+        svc = spec.service
+        own = (spec.mark.hooks if spec.mark else None) or {}
+        out: dict[str, list[Any]] = {}
+        for kind in ("before", "after", "error"):
+            layers = []
+            table = svc.hooks.get(kind) or {}
+            for key in ("*", spec.raw_name):
+                layers.append(_as_list(table.get(key)))
+            layers.append(_as_list(own.get(kind)))
+            if kind != "before":
+                layers.reverse()
+            out[kind] = [self._resolve(svc, h, spec.name) for layer in layers for h in layer]
+        return out["before"], out["after"], out["error"]
+
+    @staticmethod
+    def _resolve(svc: Any, hook: Any, action: str) -> Callable[..., Any]:
+        if isinstance(hook, str):
+            fn = getattr(svc, hook, None)
+            if not callable(fn):
+                raise ServiceSchemaError(f"{action}: hook {hook!r} is not a method of {type(svc).__name__}")
+            return fn  # type: ignore[no-any-return]
+        return hook  # type: ignore[no-any-return]
+
+    # --- events -----------------------------------------------------------------------------
+
+    def prepare_event(self, spec: EventSpec) -> None:
+        handler = spec.handler
+        if spec.wants_data:
+            data_type = spec.data_type
+
+            async def core(ctx: Context) -> None:
+                data = ctx.params
+                if data_type is not None:
+                    data = msgspec.convert(data, data_type)
+                await handler(ctx, data)
+        else:
+            async def core(ctx: Context) -> None:
+                await handler(ctx)
+        info = EventInfo(spec.name, spec.group, spec.service.full_name, {})
+        spec.serve = self.chain.wrap_local_event(core, info)
+
+    def spawn_event(self, spec: EventSpec | None, event: str, data: Any, meta: dict[str, Any],
+                    parent: Context | None, node_id: str, groups: list[str] | None, broker: Any, *,
+                    level: int | None = None, request_id: str | None = None,
+                    parent_id: str | None = None, caller: str | None = None) -> None:
+        """Serve one event in the handler pool (no answer: its failure is logged)."""
+        if spec is None:
+            return
+        ctx = Context(
+            broker, id=self._next_id(), params=data, meta=meta, event=event, event_groups=groups,
+            node_id=node_id, service=spec.service.full_name,
+            level=level if level is not None else (parent.level + 1 if parent else 1),
+            request_id=request_id or (parent.request_id if parent else None),
+            parent_id=parent_id or (parent.id if parent else None),
+            caller=caller or (parent.service if parent else None),
+        )
+        self.handlers.start_soon(self._run_event, spec, ctx)
+
+    async def _run_event(self, spec: EventSpec, ctx: Context) -> None:
+        try:
+            await spec.serve(ctx)
+        except Exception:
+            self.stats["event_handler_errors"] += 1
+            log.exception("event handler %s.%s for %r failed", spec.service.full_name,
+                          getattr(spec.handler, "__name__", "?"), ctx.event)
+
+    def remote_event(self, sender: str, pkt: Event, broker: Any) -> None:
+        """An EVENT packet from ``sender``: serve it on the local endpoints it is meant for."""
+        self.stats["events_received"] += 1
+        groups = pkt.groups if isinstance(pkt.groups, list) else None
+        if pkt.broadcast:
+            endpoints = [ep for ep in self.registry.event_endpoints(pkt.event)
+                         if ep.local and (groups is None or ep.group in groups)]
+        else:
+            endpoints = self.registry.pick_per_group(pkt.event, groups, None, local_only=True)
+        for ep in endpoints:
+            self.spawn_event(ep.spec, pkt.event, pkt.data, pkt.meta or {}, None, sender, groups, broker,
+                             level=pkt.level if isinstance(pkt.level, int) else 1,
+                             request_id=pkt.request_id or None, parent_id=pkt.parent_id or None,
+                             caller=pkt.caller or None)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _hooked(inner: Handler, before: list[Any], after: list[Any], error: list[Any]) -> Handler:
+    async def hooked(ctx: Context) -> Any:
+        try:
+            for hook in before:
+                await maybe_await(hook(ctx))
+            result = await inner(ctx)
+            for hook in after:
+                result = await maybe_await(hook(ctx, result))
+            return result
+        except Exception as exc:
+            if not error:
+                raise
+            err: Exception = exc
+            for hook in error:  # the first that returns answers; one that raises passes it on
+                try:
+                    return await maybe_await(hook(ctx, err))
+                except Exception as again:
+                    err = again
+            raise err
+
+    return hooked
+
+
+def _piped(inner: Handler, pipes: list[Callable[..., Any]]) -> Handler:
+    async def piped(ctx: Context) -> Any:
+        params = ctx.params
+        for pipe in pipes:
+            params = await maybe_await(pipe(params, ctx))
+        ctx.params = params
+        return await inner(ctx)
+
+    return piped
+
+
+def _guarded(inner: Handler, guards: list[Any], action: str) -> Handler:
+    checks = [(_method(g, "can_activate"), _describe(g)) for g in guards]
+
+    async def guarded(ctx: Context) -> Any:
+        for check, name in checks:
+            if not await maybe_await(check(ctx)):
+                raise ForbiddenError(f"Forbidden: '{action}' refused by the guard {name}.",
+                                     data={"action": action, "guard": name})
+        return await inner(ctx)
+
+    return guarded
+
+
+def _intercepted(inner: Handler, intercept: Callable[..., Any]) -> Handler:
+    async def intercepted(ctx: Context) -> Any:
+        return await intercept(ctx, lambda: inner(ctx))
+
+    return intercepted
+
+
+def _with_fallback(inner: Handler, fallback: Callable[..., Any]) -> Handler:
+    async def with_fallback(ctx: Context) -> Any:
+        try:
+            return await inner(ctx)
+        except Exception as exc:
+            return await maybe_await(fallback(ctx, exc))
+
+    return with_fallback
