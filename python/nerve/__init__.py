@@ -9,12 +9,18 @@ from __future__ import annotations
 from nerve import errors
 from nerve.broker import Broker
 from nerve.context import Context
+from nerve.middleware import ActionInfo, CallOptions, EventInfo, EventOptions, Middleware
 from nerve.registry import RandomStrategy, RoundRobinStrategy, Strategy
 from nerve.service import Service, action, event
 from nerve.streams import PacketStream
 
 __all__ = [
+    "ActionInfo",
     "Broker",
+    "CallOptions",
+    "EventInfo",
+    "EventOptions",
+    "Middleware",
     "Context",
     "PacketStream",
     "RandomStrategy",
