@@ -22,6 +22,9 @@ class Work(nerve.Service):
     def __init__(self) -> None:
         self.seen: list[int] = []
         self.fail_first = 0
+        self.holding = 0
+        self.cancelled = 0
+        self.finished = 0
 
     @nerve.action
     async def echo(self, ctx: nerve.Context) -> dict[str, object]:
@@ -40,6 +43,24 @@ class Work(nerve.Service):
     async def slow(self, ctx: nerve.Context) -> dict[str, object]:
         await trio.sleep(float(ctx.params.get("seconds", 1.0)))
         return {"node": self.broker.node_id, "pid": os.getpid()}
+
+    @nerve.action
+    async def hold(self, ctx: nerve.Context) -> str:
+        """Sleeps ``seconds``, counting how it ended (cancelled by its caller, or finished)."""
+        self.holding += 1
+        try:
+            await trio.sleep(float(ctx.params.get("seconds", 30.0)))
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        finally:
+            self.holding -= 1
+        self.finished += 1
+        return "finished"
+
+    @nerve.action
+    async def hold_stats(self, ctx: nerve.Context) -> dict[str, int]:
+        return {"holding": self.holding, "cancelled": self.cancelled, "finished": self.finished}
 
     @nerve.action
     async def pid(self, ctx: nerve.Context) -> int:

@@ -80,7 +80,11 @@ class HandlerPool:
         self.max_idle = max_idle
         self.active = 0
         self.workers = 0
-        self._queue: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], float]] = deque()
+        self._queue: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], float, Any]] = deque()
+        #: keyed items running now, with the scope that runs them (see ``cancel``)
+        self._running: dict[Any, trio.CancelScope] = {}
+        #: keyed items cancelled while still queued
+        self._dropped: set[Any] = set()
         self._idle: list[Any] = []
         #: workers that will look at the queue without a wake-up (woken, spawned, or
         #: running an item that has not blocked)
@@ -96,6 +100,8 @@ class HandlerPool:
         if nursery is None:
             self._idle.clear()
             self._queue.clear()
+            self._running.clear()
+            self._dropped.clear()
             self._available = 0
             self.workers = 0
 
@@ -105,6 +111,22 @@ class HandlerPool:
 
     def start_soon_until(self, deadline: float, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``fn(*args)`` soon, cancelled at ``deadline`` (trio clock) if still running."""
+        self.start_keyed(None, deadline, fn, *args)
+
+    def cancel(self, key: Any) -> bool:
+        """Cancel the item started with ``key`` (running: its scope is cancelled; queued: it
+        is cancelled as it starts). False if no such item is running."""
+        scope = self._running.get(key)
+        if scope is not None:
+            scope.cancel()
+            return True
+        if any(item[3] == key for item in self._queue):
+            self._dropped.add(key)
+            return True
+        return False
+
+    def start_keyed(self, key: Any, deadline: float, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """``start_soon_until`` for an item that ``cancel(key)`` can cancel (``key`` None: none)."""
         if self._nursery is None:
             from nerve.errors import BrokerOptionsError
 
@@ -112,7 +134,7 @@ class HandlerPool:
         self.active += 1
         if self._drained.is_set():
             self._drained = trio.Event()
-        self._queue.append((fn, args, deadline))
+        self._queue.append((fn, args, deadline, key))
         if self._available == 0:
             self._wake_one()
 
@@ -148,14 +170,21 @@ class HandlerPool:
         current = _INF  # the scope's deadline, without the property's cost
         while True:
             while queue:
-                fn, args, deadline = queue.popleft()
+                fn, args, deadline, key = queue.popleft()
                 if deadline != current:
                     scope.deadline = current = deadline
+                if key is not None:
+                    self._running[key] = scope
+                    if self._dropped and key in self._dropped:
+                        self._dropped.discard(key)
+                        scope.cancel()
                 try:
                     await _run_in_context(fn(*args), base.copy(), self)  # type: ignore[arg-type]
                 except Exception:
                     log.exception("handler task %r failed", fn)
                 finally:
+                    if key is not None:
+                        self._running.pop(key, None)
                     self.active -= 1
                     if self.active == 0:
                         self._drained.set()

@@ -58,6 +58,7 @@ class FrameType(enum.IntEnum):
     STREAM_CREDIT = 22
     HELLO_ACK = 23
     PEERS = 24
+    CANCEL = 25
 
 
 def _check_types_match_core() -> None:

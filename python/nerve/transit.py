@@ -307,7 +307,7 @@ class Transit:
         self.timers = DeadlineQueue()
         self.instance_id = os.urandom(8).hex()
         self.info_seq = 1
-        self.stats = {"requests_in": 0, "requests_out": 0, "protocol_errors": 0}
+        self.stats = {"requests_in": 0, "requests_out": 0, "protocol_errors": 0, "cancelled": 0}
 
     # --- outgoing -----------------------------------------------------------------------
 
@@ -335,7 +335,11 @@ class Transit:
     # --- what transports ask (transports.base.Upstream) ------------------------------------
 
     def heartbeat_frame(self) -> tuple[int, bytes]:
-        return _HEARTBEAT, self.serializer.encode(Heartbeat(ver=self.ver, sender=self.node_id, cpu=self._cpu.percent()))
+        cpu = round(self._cpu.percent())
+        me = self.node.registry.nodes.get(self.node_id)
+        if me is not None:
+            me.cpu = cpu  # our own node, as peers see it (the cpu strategy reads it)
+        return _HEARTBEAT, self.serializer.encode(Heartbeat(ver=self.ver, sender=self.node_id, cpu=cpu))
 
     def greeting_frames(self) -> list[tuple[int, bytes]]:
         return [(_DISCOVER, self.serializer.encode(Discover(ver=self.ver, sender=self.node_id))),
@@ -447,6 +451,8 @@ class Transit:
             if not stream._tx_done and not isinstance(pending.result, PacketStream):
                 self.writers.pop(key, None)
                 stream._abort_now(StreamError("the call ended before its request stream did"))
+            elif not pending.answered:
+                self._cancel_remote(node_id, ctx.id)
             if slots is not None:
                 # The node counts this stream until its answer (and its response stream) is
                 # out and our request stream is over; we hold the slot until we have seen all
@@ -505,6 +511,25 @@ class Transit:
             del self.pending[call_id]
             if expiry is not None:
                 self.timers.discard(expiry, pending)
+            if not pending.answered and (not pending.settled or isinstance(pending.error, RequestTimeoutError)):
+                self._cancel_remote(pending.node_id, call_id)
+
+    def _cancel_remote(self, node_id: str, call_id: str) -> None:
+        """We stopped waiting for ``call_id`` (cancelled, or our timeout fired): the callee's
+        handler is cancelled where the transport can say so (CANCEL frame)."""
+        try:
+            self.transport.send_cancel(node_id, call_id)
+        except NerveError:
+            pass
+
+    def on_cancel(self, sender: str, call_id: str) -> None:
+        """``sender`` stopped waiting for its call ``call_id``: cancel its handler if it is still
+        running here (a handler with a request stream fails it: the caller gets its answer)."""
+        scope = self.serving.get((sender, call_id))
+        if scope is not None:
+            scope.cancel()
+        elif self.handlers.cancel((sender, call_id)):
+            self.stats["cancelled"] += 1
 
     async def ping(self, node_id: str, timeout: float) -> float:
         """Round-trip time to ``node_id`` in seconds (PING / PONG packets)."""
@@ -682,9 +707,9 @@ class Transit:
             # up to the millisecond: requests that arrive together mostly share one deadline,
             # and a worker skips re-setting its scope's deadline (3 us) when it is unchanged.
             deadline = math.ceil((trio.current_time() + timeout / 1000) * 1000) / 1000
-            handlers.start_soon_until(deadline, self._serve, sender, pkt, spec, None, deadline)
+            handlers.start_keyed((sender, pkt.id), deadline, self._serve, sender, pkt, spec, None, deadline)
         else:
-            handlers.start_soon(self._serve, sender, pkt, spec, None)
+            handlers.start_keyed((sender, pkt.id), _INF, self._serve, sender, pkt, spec, None)
 
     def peer_request_limit(self) -> int:
         """Requests one peer may have served at once: ``max_peer_requests``, or by default a

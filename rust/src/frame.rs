@@ -37,10 +37,11 @@ pub enum FrameType {
     StreamCredit = 22,
     HelloAck = 23,
     Peers = 24,
+    Cancel = 25,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Event,
         FrameType::Request,
         FrameType::Response,
@@ -58,6 +59,7 @@ impl FrameType {
         FrameType::StreamCredit,
         FrameType::HelloAck,
         FrameType::Peers,
+        FrameType::Cancel,
     ];
 
     pub fn from_u8(value: u8) -> Option<FrameType> {

@@ -44,6 +44,9 @@ class Upstream(Protocol):
 
     def on_stream_credit(self, sender: str, flags: int, stream_id: str, consumed: int) -> None: ...
 
+    def on_cancel(self, sender: str, call_id: str) -> None:
+        """``sender`` stopped waiting for its call ``call_id`` (a CANCEL frame)."""
+
     def heartbeat_frame(self) -> tuple[int, bytes]:
         """(kind, payload) of a HEARTBEAT of this node, to send to every peer."""
 
@@ -60,6 +63,10 @@ class Transport:
     address: str | None = None
     #: Request streams this node serves at once per peer, told to peers (0: not told).
     max_streams: int = 0
+
+    def send_cancel(self, node_id: str, call_id: str) -> None:
+        """Tell ``node_id`` we stopped waiting for our call ``call_id`` (its handler is cancelled),
+        if the transport and the peer can; otherwise nothing (as Moleculer: the callee runs on)."""
 
     def seen(self, node_id: str, kind: int) -> bool:
         """A bus transport is told of every packet's sender (liveness); True if the node is new

@@ -83,6 +83,12 @@ class LocalTransport(Transport):
     def send_stream_credit(self, node_id: str, flags: int, stream_id: str, consumed: int) -> None:
         self._target(node_id).on_stream_credit(self._node_id, flags, stream_id, consumed)
 
+    def send_cancel(self, node_id: str, call_id: str) -> None:
+        bus = self._bus
+        peer = bus.get(node_id) if bus is not None else None
+        if peer is not None and peer.upstream is not None:
+            peer.upstream.on_cancel(self._node_id, call_id)
+
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
         return self._target(node_id).stream_config
 

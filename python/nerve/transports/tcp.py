@@ -64,6 +64,9 @@ _HELLO_ACK = int(FrameType.HELLO_ACK)
 _PEERS = int(FrameType.PEERS)
 _STREAM_DATA = int(FrameType.STREAM_DATA)
 _STREAM_CREDIT = int(FrameType.STREAM_CREDIT)
+_CANCEL = int(FrameType.CANCEL)
+#: a call id in a CANCEL frame is at most this long (ids are short; a longer one is refused)
+_MAX_CANCEL_ID = 256
 _DISCONNECT = int(PacketType.DISCONNECT)
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 
@@ -113,6 +116,8 @@ class Hello(msgspec.Struct, kw_only=True, omit_defaults=True):
     proof: bytes = b""
     #: request streams the sender serves at once per peer (0: not said, no limit known)
     max_streams: int = msgspec.field(default=0, name="maxStreams")
+    #: the sender understands CANCEL frames (a caller that stops waiting cancels the handler)
+    cancel: bool = False
 
 
 class Peers(msgspec.Struct):
@@ -215,6 +220,7 @@ class Connection:
         self.max_chunk = max(1, min(hello.max_chunk, chunk_cap))
         self.window = max(self.max_chunk, min(hello.window, _MAX_WINDOW))
         self.max_streams = max(0, hello.max_streams)
+        self.cancels = hello.cancel is True
         self.encoder = FrameEncoder(transport.max_frame_size)
         self.decoder = decoder
         self.graceful = False
@@ -464,7 +470,9 @@ class Connection:
                     upstream.on_stream_credit(node, frame[1], frame[2], frame[3])
                     continue
                 payload = frame[1]
-                if kind == _PEERS:
+                if kind == _CANCEL:
+                    upstream.on_cancel(node, _cancel_id(node, payload))
+                elif kind == _PEERS:
                     self.transport._on_peers(self, payload)
                 elif kind == _HELLO or kind == _HELLO_ACK:
                     raise ProtocolError(f"{node} sent a second handshake frame", reason="unexpected_hello")
@@ -569,6 +577,11 @@ class TcpTransport(Transport):
     def send_stream_credit(self, node_id: str, flags: int, stream_id: str, consumed: int) -> None:
         self._conn(node_id).send_stream_credit(flags, stream_id, consumed)
 
+    def send_cancel(self, node_id: str, call_id: str) -> None:
+        conn = self.connections.get(node_id)
+        if conn is not None and conn.cancels and not conn.closed:
+            conn.send(_CANCEL, call_id.encode("utf-8", "surrogatepass"))
+
     def has_room(self, node_id: str, n: int) -> bool:
         conn = self.connections.get(node_id)
         return conn is None or conn.has_room(n)
@@ -649,7 +662,7 @@ class TcpTransport(Transport):
             node_id=self.upstream.node_id, namespace=self.upstream.namespace, ver=self.upstream.ver,
             address=self.address, window=window, max_chunk=max_chunk,
             accept=accept, reason=reason, auth=self.secret is not None, nonce=nonce, proof=proof,
-            max_streams=self.max_streams))
+            max_streams=self.max_streams, cancel=True))
 
     def _proof(self, role: bytes, first: bytes, second: bytes, me: str, peer: str) -> bytes:
         """HMAC-SHA256 over both nonces and both node ids, bound to the role."""
@@ -1105,6 +1118,17 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, (ProtocolError, FrameError, OSError, trio.BrokenResourceError)):
         return str(exc) or repr(exc)
     return repr(exc)
+
+
+def _cancel_id(node: str, payload: bytes) -> str:
+    """The call id of a CANCEL frame: UTF-8, at most _MAX_CANCEL_ID bytes (else ProtocolError,
+    which ends that connection)."""
+    if len(payload) > _MAX_CANCEL_ID:
+        raise ProtocolError(f"{node} sent a CANCEL of {len(payload)} bytes", reason="bad_cancel")
+    try:
+        return bytes(payload).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{node} sent a CANCEL whose call id is not UTF-8", reason="bad_cancel") from None
 
 
 async def _until_done(fn: Any, scope: trio.CancelScope) -> None:

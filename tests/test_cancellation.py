@@ -1,0 +1,172 @@
+"""Cancellation crosses the wire on the native transports: a caller that stops waiting (its
+scope cancelled, its timeout fired) gets the callee's handler cancelled (a CANCEL frame,
+docs/protocol.md), in another process over TCP and in memory. Garbage CANCEL frames end at
+most that peer's connection."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+import nerve
+from nerve.frames import FrameType, encode_frame
+from test_tcp_cluster import Cluster
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+async def _stats(client: nerve.Broker) -> dict[str, int]:
+    return await client.call("work.hold_stats", node_id="w1", timeout=5)  # type: ignore[no-any-return]
+
+
+async def _until(client: nerve.Broker, pred: object, timeout: float = 5.0) -> dict[str, int]:
+    with trio.fail_after(timeout):
+        while True:
+            stats = await _stats(client)
+            if pred(stats):  # type: ignore[operator]
+                return stats
+            await trio.sleep(0.02)
+
+
+def test_a_cancelled_caller_cancels_the_handler_in_another_process(cluster: Cluster) -> None:
+    seed = cluster.start("w1")
+
+    async def main() -> None:
+        async with nerve.Broker("caller", transport="tcp://127.0.0.1:0", peers=[seed]) as client:
+            await client.wait_for_services("work")
+            async with trio.open_nursery() as nursery:
+                scopes = []
+                for _ in range(5):
+                    scope = trio.CancelScope()
+                    scopes.append(scope)
+
+                    async def one(scope: trio.CancelScope = scope) -> None:
+                        with scope:
+                            await client.call("work.hold", {"seconds": 30}, node_id="w1")
+
+                    nursery.start_soon(one)
+                await _until(client, lambda s: s["holding"] == 5)
+                for scope in scopes[:3]:
+                    scope.cancel()
+                stats = await _until(client, lambda s: s["cancelled"] == 3)
+                assert stats["holding"] == 2 and stats["finished"] == 0
+                nursery.cancel_scope.cancel()
+            stats = await _until(client, lambda s: s["cancelled"] == 5)
+            assert stats == {"holding": 0, "cancelled": 5, "finished": 0}
+
+    trio.run(main)
+
+
+def test_a_caller_timeout_cancels_the_handler_in_another_process(cluster: Cluster) -> None:
+    seed = cluster.start("w1")
+
+    async def main() -> None:
+        async with nerve.Broker("caller", transport="tcp://127.0.0.1:0", peers=[seed]) as client:
+            await client.wait_for_services("work")
+            with pytest.raises(nerve.errors.RequestTimeoutError):
+                # the handler itself sleeps longer than the call's timeout; the budget it got is
+                # cut by our CANCEL before (or as) its own deadline would fire
+                await client.call("work.hold", {"seconds": 30}, node_id="w1", timeout=0.3)
+            stats = await _until(client, lambda s: s["cancelled"] == 1)
+            assert stats["holding"] == 0 and stats["finished"] == 0
+            # a call that is answered sends no CANCEL: the next one finishes normally
+            assert await client.call("work.hold", {"seconds": 0.01}, node_id="w1", timeout=5) == "finished"
+            stats = await _stats(client)
+            assert stats == {"holding": 0, "cancelled": 1, "finished": 1}
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("remote_mw", [False, True], ids=["flat", "remote_action-middleware"])
+async def test_cancellation_in_memory_reaches_the_handler(remote_mw: bool) -> None:
+    state = {"cancelled": 0, "started": 0}
+    started = trio.Event()
+
+    class Slow(nerve.Service):
+        name = "slow"
+
+        @nerve.action
+        async def run(self, ctx: nerve.Context) -> None:
+            state["started"] += 1
+            started.set()
+            try:
+                await trio.sleep(100)
+            except trio.Cancelled:
+                state["cancelled"] += 1
+                raise
+
+    class Passing(nerve.Middleware):
+        def remote_action(self, next, action):  # type: ignore[no-untyped-def]
+            async def handler(ctx):  # type: ignore[no-untyped-def]
+                return await next(ctx)
+            return handler
+
+    mws = [Passing()] if remote_mw else []
+    async with nerve.Broker("srv", services=[Slow()]) as srv, nerve.Broker("cli", middlewares=mws) as cli:
+        await cli.wait_for_services("slow")
+        with trio.move_on_after(5) as guard:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: cli.call("slow.run", node_id="srv"))
+                await started.wait()
+                nursery.cancel_scope.cancel()
+        assert not guard.cancelled_caught
+        with trio.fail_after(2):
+            while state["cancelled"] < 1:
+                await trio.sleep(0.01)
+        assert srv.transit.stats["cancelled"] == 1
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return bytes(encode_frame(kind, payload))
+
+
+@pytest.mark.parametrize(("payload", "dropped"),
+                         [(b"\xff\xfe not utf-8", True), (b"x" * 5000, True), (b"", False), (b"no-such-call", False)],
+                         ids=["bad-utf8", "huge", "empty", "unknown-id"])
+async def test_garbage_cancel_frames_end_at_most_that_connection(payload: bytes, dropped: bool) -> None:
+    class Echo(nerve.Service):
+        name = "echo"
+
+        @nerve.action
+        async def it(self, ctx: nerve.Context) -> object:
+            return ctx.params
+
+    async with nerve.Broker("target", transport="tcp://127.0.0.1:0", services=[Echo()]) as target:
+        async with nerve.Broker("friend", transport="tcp://127.0.0.1:0", peers=[target.address]) as friend:
+            await friend.wait_for_services("echo")
+            host, port = target.address.removeprefix("tcp://").rsplit(":", 1)
+            import msgspec
+
+            hello = msgspec.msgpack.encode({"nodeID": "attacker", "namespace": "", "ver": "5", "cancel": True,
+                                            "window": 1 << 20, "maxChunk": 1 << 16})
+            s = await trio.open_tcp_stream(host, int(port))
+            await s.send_all(_frame(int(FrameType.HELLO), hello))
+            with trio.move_on_after(1):
+                await s.receive_some(65536)  # HELLO_ACK
+            with trio.fail_after(2):
+                while "attacker" not in target.transport.connections:
+                    await trio.sleep(0.01)
+            await s.send_all(_frame(int(FrameType.CANCEL), payload))
+            with trio.move_on_after(0.5):
+                try:
+                    while await s.receive_some(65536):
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+            assert ("attacker" not in target.transport.connections) is dropped
+            await s.aclose()
+            # the node and its other peer carry on
+            assert await friend.call("echo.it", {"x": 1}, timeout=5) == {"x": 1}
