@@ -12,6 +12,7 @@ from nerve.context import Context
 from nerve.middleware import ActionInfo, CallOptions, EventInfo, EventOptions, Middleware
 from nerve.registry import RandomStrategy, RoundRobinStrategy, Strategy
 from nerve.service import Service, action, event
+from nerve.strategies import CpuUsageStrategy, LatencyStrategy, ShardStrategy
 from nerve.streams import PacketStream
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "EventOptions",
     "Middleware",
     "Context",
+    "CpuUsageStrategy",
+    "LatencyStrategy",
+    "ShardStrategy",
     "PacketStream",
     "RandomStrategy",
     "RoundRobinStrategy",
