@@ -4,6 +4,7 @@ in-process call cost, with a JSON record, a Markdown table and PNG charts.
     python -m benches                 # full mode (tens of minutes)
     python -m benches --quick         # tiny counts, a couple of minutes: CI keeps it from rotting
     python -m benches --only rpc,slow --runs 3 --out /tmp/b
+    python -m benches --only rpc_1,rpc_64 --baseline 07b3f3e   # nerve at that commit, side by side
 
 ``benches/run.sh`` installs the peers first (bench extra, npm ci, NATS, MoleculerPy venv) and
 then runs this. Method: every run is a fresh server process and a fresh client process on
@@ -86,12 +87,23 @@ class Peer:
     chunk: int = 256 * 1024  # bytes per message in transfers
     nats: bool = False
     note: str = ""
+    pythonpath: str = ""  # prepended to PYTHONPATH (a baseline's tree: nerve is imported from there)
+    nerve_under: str = ""  # a nerve peer must report nerve.__file__ under this directory
+    probe: bool = False  # ask the peer (nerve_peer.py --probe) whether this nerve can run it
 
 
 PEERS: dict[str, Peer] = {p.id: p for p in [
     Peer("nerve", "nerve", "python", "nerve_peer.py",
          note="nerve Broker over its native TCP transport, msgpack, one connection; streams: "
               "PacketStream, 256 KiB chunks, 4 MiB credit window"),
+    Peer("nerve+3mw", "nerve + 3 no-op mw", "python", "nerve_peer.py", ("--middlewares", "3mw"),
+         probe=True,
+         note="nerve with three do-nothing middlewares on both brokers (each wraps call, local_action "
+              "and remote_action and just awaits next)"),
+    Peer("nerve+ft", "nerve + breaker/bulkhead", "python", "nerve_peer.py", ("--middlewares", "ft"),
+         probe=True,
+         note="nerve with nerve.middlewares.CircuitBreaker() on the client and "
+              "nerve.middlewares.Bulkhead() on the server (defaults)"),
     Peer("raw-trio", "raw trio+msgspec", "python", "raw_trio.py",
          note="length-prefixed msgspec frames on trio, reader task + batching writer task; "
               "one-way transfer of 256 KiB raw frames"),
@@ -119,11 +131,39 @@ PEERS: dict[str, Peer] = {p.id: p for p in [
          note="await handler(ctx) plus a msgspec msgpack round trip of the params, in process"),
 ]}
 
+NERVE_VARIANTS = ["nerve+3mw", "nerve+ft"]  # run right after nerve in rpc_1 and rpc_64
 RPC_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-json", "moljs-nats-json",
              "moleculerpy-nats-json"]
 TRANSFER_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", "moljs-nats-msgpack"]
 SLOW_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack"]
 TLS_PEERS = ["grpc-aio"]
+
+
+def _revisions(values: list[str] | None) -> list[str]:
+    revs: list[str] = []
+    for v in values or []:
+        revs += [r.strip() for r in v.split(",") if r.strip() and r.strip() not in revs]
+    return revs
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1].rstrip() + "…"
+
+
+def register_baseline(rev: str, core: str) -> Any:
+    """Prepare nerve at ``rev`` (see benches/baseline.py) and add it to PEERS as ``nerve@rev``."""
+    from benches.baseline import BaselineError, prepare
+
+    try:
+        b = prepare(rev, ROOT, core=core, log=lambda text: print(text, flush=True))
+    except BaselineError as exc:
+        raise SystemExit(f"--baseline {rev}: {exc}") from None
+    PEERS[b.peer_id] = Peer(
+        b.peer_id, b.peer_id, "python", "nerve_peer.py", pythonpath=str(b.python_path),
+        nerve_under=str(b.python_path / "nerve"), probe=True,
+        note=f"nerve at {_short(b.subject, 90)} ({b.sha[:12]}): its python/ from {b.tree}, "
+             f"{b.core_text()}; run by the current benches/peers/nerve_peer.py")
+    return b
 
 
 @dataclass
@@ -151,11 +191,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("rpc_1", "rpc", "RPC, 1 in flight, one connection",
              {"full": dict(scenario="rpc", inflight=1, duration=3.0, count=1_000_000, warmup=2000),
               "quick": dict(scenario="rpc", inflight=1, duration=0.4, count=20_000, warmup=200)},
-             RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
+             NERVE_VARIANTS + RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
     Scenario("rpc_64", "rpc", "RPC, 64 in flight, one connection",
              {"full": dict(scenario="rpc", inflight=64, duration=3.0, count=1_000_000, warmup=5000),
               "quick": dict(scenario="rpc", inflight=64, duration=0.4, count=50_000, warmup=500)},
-             RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
+             NERVE_VARIANTS + RPC_PEERS, [REQ_S, P50, P99, SRV_CPU_OP, CLI_CPU_OP]),
     Scenario("rpc_64_timeout", "rpc", "RPC, 64 in flight, one connection, timeout=30 s on every call",
              {"full": dict(scenario="rpc", inflight=64, duration=3.0, count=1_000_000, warmup=5000,
                            timeout=30.0),
@@ -209,9 +249,24 @@ class Target:
     scenario: str
     metric: str
     peer: str
-    op: str  # ">=" or "<="
+    op: str  # ">=", "<=", or "within" (|ratio - 1| <= goal)
     goal: float
     text: str
+
+    def met(self, ratio: float) -> bool:
+        if self.op == "within":
+            return abs(ratio - 1.0) <= self.goal
+        return ratio >= self.goal if self.op == ">=" else ratio <= self.goal
+
+    def goal_text(self) -> str:
+        return f"within ±{self.goal:.0%}" if self.op == "within" else f"{self.op} {self.goal:g}x"
+
+
+def baseline_targets(peer_id: str) -> list[Target]:
+    """A baseline build and this one, no middleware: within 5% of each other (issue 10)."""
+    return [Target(sc, "req_per_s", peer_id, "within", 0.05,
+                   f"RPC {n} in flight: nerve vs {peer_id} (same harness, no middleware)")
+            for sc, n in (("rpc_64", 64), ("rpc_1", 1))]
 
 
 TARGETS = [
@@ -362,6 +417,7 @@ class Env:
     versions: dict[str, str] = field(default_factory=dict)
     tls_dir: str | None = None  # certificates for the TLS scenarios (made by make_tls_dir)
     tls_skipped: str = ""  # why the TLS scenarios cannot run
+    nerve_files: dict[str, str] = field(default_factory=dict)  # nerve peer -> nerve.__file__ it imports
 
 
 def make_tls_dir() -> tuple[str | None, str]:
@@ -477,7 +533,60 @@ def probe_env(selected_peers: set[str]) -> Env:
             env.versions["moleculerpy"] = _cmd_output([py, "-c", "import moleculerpy; print(moleculerpy.__version__)"])
             env.versions["moleculerpy-python"] = _cmd_output(
                 [py, "-c", "import platform; print(platform.python_version())"])
+    for pid in sorted(selected_peers):
+        peer = PEERS[pid]
+        if peer.probe and pid not in env.skipped:
+            nerve_file, why = probe_nerve_peer(peer, env)
+            if nerve_file:
+                env.nerve_files[pid] = nerve_file
+            if why:
+                env.skipped[pid] = why
     return env
+
+
+def peer_env(peer: Peer) -> dict[str, str]:
+    """The environment of a peer's processes: ours, unbuffered, and a baseline's tree first on
+    PYTHONPATH (so ``import nerve`` finds that revision before the installed one)."""
+    env = dict(os.environ)
+    env.pop("NERVE_BENCH_NO_SYNC", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    if peer.pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (peer.pythonpath, env.get("PYTHONPATH")) if x)
+    return env
+
+
+def nerve_file_ok(peer: Peer, nerve_file: str | None) -> bool:
+    """Did a nerve peer import nerve from where it should (a baseline: from its own tree)?"""
+    if not peer.nerve_under:
+        return True
+    if not nerve_file:
+        return False
+    return Path(nerve_file).resolve().is_relative_to(Path(peer.nerve_under).resolve())
+
+
+def probe_nerve_peer(peer: Peer, env: Env) -> tuple[str | None, str]:
+    """Ask nerve_peer.py (``--probe``) whether the nerve this peer imports can run it:
+    (nerve.__file__, why it is skipped or ""). Only a clean answer skips a peer: one that lacks
+    the middleware API, or a baseline that did not import its own tree."""
+    cmd = command(peer, env, "server", ["--probe"])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=peer_env(peer))
+    except (OSError, subprocess.TimeoutExpired):
+        return None, ""
+    msg: dict[str, Any] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+    if not msg.get("probe"):
+        # a crash is not a reason to skip: its runs will fail and the report shows why
+        return None, ""
+    nerve_file = msg.get("nerve")
+    if not nerve_file_ok(peer, nerve_file):
+        return nerve_file, f"imports nerve from {nerve_file}, not from {peer.nerve_under}"
+    return nerve_file, msg.get("skipped", "")
 
 
 def _dist_version(mod: str) -> str:
@@ -519,9 +628,7 @@ def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> 
         opts.setdefault("chunk", peer.chunk)
     deadline = client_deadline(opts)
     opts["deadline"] = round(deadline, 1)
-    proc_env = dict(os.environ)
-    proc_env.pop("NERVE_BENCH_NO_SYNC", None)
-    proc_env["PYTHONUNBUFFERED"] = "1"
+    proc_env = peer_env(peer)
     namespace = f"nervebench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     server: Proc | None = None
     client: Proc | None = None
@@ -540,6 +647,8 @@ def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> 
             msg = server.next_json(time.monotonic() + 60)
             if not msg or not msg.get("ready"):
                 raise RunFailed("the server did not start:\n" + server.stderr_tail())
+            if "nerve" in msg:
+                out["server_nerve"] = msg["nerve"]
         args = list(common)
         for k, v in opts.items():
             args += [f"--{k}", str(int(v) if isinstance(v, float) and v.is_integer() and k != "duration" else v)]
@@ -568,6 +677,12 @@ def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> 
         if rc != 0 or result is None:
             raise RunFailed(f"the client failed (exit {rc}):\n" + client.stderr_tail())
         out.update(result)
+        if "nerve" in out:
+            out["client_nerve"] = out.pop("nerve")
+        for side in ("server", "client") if server is not None else ("client",):
+            if peer.nerve_under and not nerve_file_ok(peer, out.get(f"{side}_nerve")):
+                raise RunFailed(f"the {side} imported nerve from {out[f'{side}_nerve']}, "
+                                f"not from {peer.nerve_under}")
         if server is not None:
             if server.p.poll() is not None:
                 raise RunFailed("the server exited during the run:\n" + server.stderr_tail())
@@ -644,6 +759,8 @@ class Harness:
             if unknown:
                 raise SystemExit(f"unknown peers: {', '.join(sorted(unknown))}; known: {', '.join(PEERS)}")
             wanted &= keep
+        self.baselines = [register_baseline(rev, args.baseline_core) for rev in _revisions(args.baseline)]
+        wanted |= {b.peer_id for b in self.baselines}
         self.wanted = wanted
         self.env = probe_env(wanted)
         if any(s.tls for s in self.scenarios):
@@ -651,6 +768,7 @@ class Harness:
         self.results: dict[str, dict[str, Any]] = {}
         self.nerve_failed: list[str] = []
         self.started = dt.datetime.now().astimezone()
+        self.load_start = _loadavg()
         self.slow_rates: dict[str, float] = {}
 
     def log(self, text: str) -> None:
@@ -664,13 +782,18 @@ class Harness:
         return sc.full_runs or 5
 
     def peers_for(self, sc: Scenario) -> list[str]:
-        out = ["nerve"]
+        """nerve, the baseline builds (every scenario), then the scenario's peers, in this order
+        in every round."""
+        out = ["nerve", *(b.peer_id for b in self.baselines)]
         for p in sc.peers:
             if p in self.wanted:
                 out.append(p)
         return out
 
     def run(self) -> int:
+        for b in self.baselines:
+            self.log(f"baseline {b.peer_id}: {b.subject}; nerve from {self.env.nerve_files.get(b.peer_id, '?')}; "
+                     f"{b.core_text()}")
         self.log(f"nerve benchmarks, {self.mode} mode, on {socket.gethostname()} "
                  f"({os.cpu_count()} cores); peers skipped: "
                  + (", ".join(f"{k} ({v})" for k, v in self.env.skipped.items() if k in self.wanted) or "none"))
@@ -735,8 +858,14 @@ class Harness:
         failures: dict[str, int] = {p: 0 for p in peers}
         max_failures = 1 if self.mode == "quick" else 2
         self.log(f"\n== {sc.name}: {entry['title']} — {runs} run(s) of {', '.join(peers)}")
+        builds = [p for p in peers if p == "nerve" or p.startswith("nerve@")]
         for r in range(runs):
-            for pid in peers:
+            order = peers
+            if r % 2 and len(builds) > 1:
+                # nerve and its baseline revisions swap places every other round: neither always
+                # runs first (or right after another server's teardown)
+                order = builds[::-1] + [p for p in peers if p not in builds]
+            for pid in order:
                 if failures[pid] >= max_failures:
                     continue
                 peer = PEERS[pid]
@@ -789,15 +918,15 @@ class Harness:
 
     def targets(self) -> list[dict[str, Any]]:
         out = []
-        for t in TARGETS:
+        for t in TARGETS + [t for b in self.baselines for t in baseline_targets(b.peer_id)]:
             sc = self.results.get(t.scenario)
             if sc is None:
                 continue
             rec = sc["peers"].get(t.peer, {})
             ratio = rec.get("ratio", {}).get(t.metric)
-            met = None if ratio is None else (ratio >= t.goal if t.op == ">=" else ratio <= t.goal)
+            met = None if ratio is None else t.met(ratio)
             out.append({"target": t.text, "scenario": t.scenario, "metric": t.metric, "peer": t.peer,
-                        "ratio": ratio, "goal": f"{t.op} {t.goal:g}x", "met": met,
+                        "ratio": ratio, "goal": t.goal_text(), "met": met,
                         "why_missing": None if ratio is not None else rec.get("reason") or "not measured"})
         for name in ("slow_1g", "slow_4g"):
             sc = self.results.get(name)
@@ -836,7 +965,8 @@ class Harness:
         dirty = bool(_cmd_output(["git", "status", "--porcelain", "--", "python", "rust"]))
         return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
                 "kernel": platform.release(), "os": _os_name(),
-                "git_commit": commit + ("+dirty" if dirty else "")}
+                "git_commit": commit + ("+dirty" if dirty else ""),
+                "loadavg_start": self.load_start, "loadavg_end": _loadavg()}
 
     def write_outputs(self) -> None:
         args = self.args
@@ -862,8 +992,13 @@ class Harness:
             "method": ("fresh server + client processes per run on 127.0.0.1; rounds of nerve then "
                        "each peer; median and min-max over runs; ratio = nerve / peer"),
             "peers": {p.id: {"label": p.label, "note": p.note,
+                             **({"nerve_file": self.env.nerve_files[p.id]} if p.id in self.env.nerve_files else {}),
                              **({"skipped": self.env.skipped[p.id]} if p.id in self.env.skipped else {})}
                       for p in PEERS.values() if p.id in self.wanted},
+            "baselines": {b.peer_id: {"rev": b.rev, "commit": b.sha, "subject": b.subject, "tree": str(b.tree),
+                                      "core": b.core, "core_file": b.core_file, "core_text": b.core_text(),
+                                      "rust_differs_from_work_tree": b.rust_differs}
+                          for b in self.baselines},
             "scenarios": self.results,
             "targets": self.targets(),
             "nerve_failed": self.nerve_failed,
@@ -876,6 +1011,22 @@ class Harness:
         self.log(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}, "
                  f"{md_path.name}, {len(charts)} chart(s) in {out_dir}")
         self.log("\n" + markdown(doc, charts, md_path.parent, title=False))
+
+
+def _loadavg() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages: other work on the CPUs skews every figure."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _load_text(m: dict[str, Any]) -> str:
+    a, b = m.get("loadavg_start"), m.get("loadavg_end")
+    if not a or not b:
+        return ""
+    busy = " (**other work was running: compare with care**)" if a[0] > 0.5 * (m.get("cores") or 1) else ""
+    return f"Load average (1 min) {a[0]:g} before the run{busy}, {b[0]:g} after (with the run's own). "
 
 
 def _os_name() -> str:
@@ -924,7 +1075,7 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
         lines.append(f"# nerve benchmarks: {doc['started'][:10]} on {m['host']} ({doc['mode']} mode)")
         lines.append("")
     lines.append(f"Machine: {m['host']}, {m['cpu']}, {m['cores']} cores, {m['memory']}, {m['os']}, "
-                 f"kernel {m['kernel']}. nerve {m['git_commit']}. Run {doc['started']} "
+                 f"kernel {m['kernel']}. nerve {m['git_commit']}. {_load_text(m)}Run {doc['started']} "
                  f"({doc['duration_s']:.0f} s, `{doc['command']}`).")
     v = doc["versions"]
     vers = ", ".join(f"{k} {v[k]}" for k in ("python", "trio", "msgspec", "grpc", "zmq", "node", "npm:moleculer",
@@ -993,6 +1144,8 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
         for n in names:
             sc = scenarios[n]
             lines.append(f"- `{n}`: {sc['title']}. " + _options_text(sc))
+        if fam == "rpc":
+            lines.extend(_build_lines(doc, names))
         if fam == "tls":
             lines.extend(_tls_cost_lines(scenarios, names))
         if fam in charts:
@@ -1043,6 +1196,67 @@ FAMILY_TITLES = {
     "slow": "Slow consumer: memory",
     "inproc": "In-process call cost",
 }
+
+
+BUILD_REFERENCES = ("raw-trio", "moljs-tcp-json")  # each nerve build's req/s is divided by these
+
+
+def _is_nerve_build(pid: str) -> bool:
+    """nerve itself, a baseline revision (nerve@REV) or a middleware variant (nerve+...)."""
+    return pid == "nerve" or pid.startswith(("nerve@", "nerve+"))
+
+
+def _build_lines(doc: dict[str, Any], names: list[str]) -> list[str]:
+    """nerve, its baseline revisions and its middleware variants side by side: each one's
+    req/s against nerve (%), raw trio and moleculer.js (÷), and its CPU per call (client +
+    server) against nerve's, from the same runs as the tables above."""
+    scenarios = doc["scenarios"]
+    rows: list[str] = []
+    refs = [r for r in BUILD_REFERENCES if any(r in scenarios[n]["peers"] for n in names)]
+
+    def med(rec: dict[str, Any], key: str) -> float | None:
+        return (rec.get("summary") or {}).get(key, {}).get("median")
+
+    def cpu(rec: dict[str, Any]) -> float | None:
+        a, b = med(rec, "client_cpu_us_per_op"), med(rec, "server_cpu_us_per_op")
+        return None if a is None or b is None else a + b
+
+    for n in names:
+        sc = scenarios[n]
+        builds = [p for p in sc["peers"] if _is_nerve_build(p)]
+        if len(builds) < 2:
+            continue
+        nerve = sc["peers"].get("nerve", {})
+        n_rps, n_cpu = med(nerve, "req_per_s"), cpu(nerve)
+        for p in builds:
+            rec = sc["peers"][p]
+            label = doc["peers"].get(p, {}).get("label", p)
+            if rec.get("status") in ("skipped", "failed"):
+                why = (rec.get("reason") or doc["peers"].get(p, {}).get("skipped")
+                       or "; ".join(f["error"] for f in rec.get("failures", [])[:1]) or rec["status"])
+                rows.append(f"| {n} | {label} | {rec['status']}: {_short(_gist(why), 160)} |"
+                            + " |" * (5 + len(refs)))
+                continue
+            rps, c = med(rec, "req_per_s"), cpu(rec)
+            cells = [n, label, fmt(rps),
+                     "—" if p == "nerve" or rps is None or not n_rps else f"{(rps / n_rps - 1) * 100:+.1f}%"]
+            for r in refs:
+                b = med(sc["peers"].get(r, {}), "req_per_s")
+                cells.append("—" if rps is None or not b else f"{rps / b:.2f}×")
+            cells += [fmt(med(rec, "p50_us")), fmt(med(rec, "p99_us")), fmt(c),
+                      "—" if p == "nerve" or c is None or n_cpu is None else f"{c - n_cpu:+.2f}"]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    ref_labels = [doc["peers"].get(r, {}).get("label", r) for r in refs]
+    warn = [f"**{p}: {b['core_text']}.**" for p, b in (doc.get("baselines") or {}).items()
+            if b.get("core") == "current" and b.get("rust_differs_from_work_tree")]
+    return [*([""] + warn if warn else []), "", "nerve builds and middleware variants, from the runs above (medians): req/s against "
+            "nerve's, each build's req/s ÷ the reference peers' (as nerve's ratio in the table), and "
+            "CPU per call of client + server.", "",
+            "| scenario | build | req/s | vs nerve | " + "".join(f"÷ {x} | " for x in ref_labels)
+            + "p50 (µs) | p99 (µs) | CPU/call (µs) | Δ CPU/call vs nerve (µs) |",
+            "|---|---|---|---|" + "---|" * len(refs) + "---|---|---|---|", *rows]
 
 
 def _tls_cost_lines(scenarios: dict[str, Any], names: list[str]) -> list[str]:
@@ -1209,6 +1423,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    f"({', '.join(p for p in PEERS if p != 'nerve')})")
     p.add_argument("--runs", type=int, help="runs per peer and scenario (default: 5, slow consumer 3; quick 1)")
     p.add_argument("--out", help="output directory (default: benches/results, quick: benches/results/tmp)")
+    p.add_argument("--baseline", action="append", metavar="REV",
+                   help="also run nerve at this git revision, as peer nerve@REV in every scenario "
+                        "(its python/ exported to the cache, with the current Rust build); repeatable "
+                        "or comma-separated")
+    p.add_argument("--baseline-core", choices=["build", "current"], default="build",
+                   help="the baseline's Rust extension: built from that revision's rust/ (default; once, "
+                        "cached) or copied from the current build (only right while rust/ is unchanged)")
     p.add_argument("--slow-rate", type=float, help="slow consumer read rate in MB/s for every peer "
                                                    "(default: a quarter of each peer's download speed)")
     return p.parse_args(argv)

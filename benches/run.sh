@@ -2,7 +2,8 @@
 # nerve's benchmark harness, set-up included:
 #   ./benches/run.sh            full mode: writes benches/results/<date>-<host>.{json,md} and PNG charts
 #   ./benches/run.sh --quick    tiny counts (CI); results under benches/results/tmp/
-# Any other option goes to the harness (python -m benches --help): --only, --runs, --out, --peers.
+# Any other option goes to the harness (python -m benches --help): --only, --runs, --out, --peers,
+# --baseline REV (nerve at that git revision as the extra peer nerve@REV).
 #
 # Set-up, each step skipped when it cannot apply (the harness then reports the peers it lacks):
 #   1. the virtualenv .venv (made if missing) with nerve and its bench extra: pip install -e '.[bench]'

@@ -4,11 +4,22 @@ transport (one connection between the two nodes), plus the in-process call cost.
     python benches/peers/nerve_peer.py server --port P
     python benches/peers/nerve_peer.py client --port P --scenario rpc --inflight 64 ...
     python benches/peers/nerve_peer.py client --scenario inproc --count N
+    python benches/peers/nerve_peer.py server --middlewares 3mw --probe   # can this nerve run it?
+
+``--middlewares`` picks the variant: ``none`` (plain nerve), ``3mw`` (three do-nothing
+middlewares on both brokers: each wraps ``call``, ``local_action`` and ``remote_action`` and just
+awaits ``next``), ``ft`` (the client with ``nerve.middlewares.CircuitBreaker()``, the server with
+``nerve.middlewares.Bulkhead()``, both with their defaults). A nerve without that API (an older
+revision) makes ``--probe`` print the reason, which the harness reports as the variant skipped.
+Servers (in their READY line) and clients (in their result) report ``nerve.__file__``: the
+harness checks that a baseline peer imported the revision it asked for.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import logging
 import sys
 import time
@@ -80,6 +91,77 @@ class Storage(nerve.Service):
         return nerve.PacketStream.from_iterable(_chunks(int(p["size"]), int(p["chunk"])))
 
 
+class Unsupported(Exception):
+    """This nerve lacks what a variant needs (the message says what)."""
+
+
+def _passthrough_class() -> type:
+    """A middleware that wraps the three call hooks and only awaits the next handler: the cost
+    of one layer of the chain. Made at run time: older revisions have no ``nerve.Middleware``."""
+
+    class Passthrough(nerve.Middleware):  # type: ignore[name-defined,misc]
+        def call(self, next: Any) -> Any:
+            async def handler(action: str, params: Any, opts: Any) -> Any:
+                return await next(action, params, opts)
+
+            return handler
+
+        def local_action(self, next: Any, action: Any) -> Any:
+            async def handler(ctx: Any) -> Any:
+                return await next(ctx)
+
+            return handler
+
+        def remote_action(self, next: Any, action: Any) -> Any:
+            async def handler(ctx: Any) -> Any:
+                return await next(ctx)
+
+            return handler
+
+    return Passthrough
+
+
+def middleware_options(variant: str, side: str) -> dict[str, Any]:
+    """The Broker's ``middlewares=`` for ``--middlewares`` on ``side`` (none for the plain
+    variant, so any revision runs it); raises Unsupported when this nerve lacks the API."""
+    if variant == "none":
+        return {}
+    where = f"nerve at {Path(nerve.__file__).parent}"
+    if not hasattr(nerve, "Middleware"):
+        raise Unsupported(f"{where} has no nerve.Middleware (the middleware API)")
+    params = inspect.signature(nerve.Broker).parameters
+    if "middlewares" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise Unsupported(f"{where}: nerve.Broker takes no middlewares=")
+    if variant == "3mw":
+        cls = _passthrough_class()
+        return {"middlewares": [cls(), cls(), cls()]}
+    if variant == "ft":
+        try:
+            from nerve import middlewares as builtin
+        except ImportError as exc:
+            raise Unsupported(f"{where} has no nerve.middlewares ({exc})") from None
+        name = "CircuitBreaker" if side == "client" else "Bulkhead"
+        if not hasattr(builtin, name):
+            raise Unsupported(f"{where} has no nerve.middlewares.{name}")
+        return {"middlewares": [getattr(builtin, name)()]}
+    raise SystemExit(f"nerve peer: unknown --middlewares {variant}")
+
+
+async def probe(args: Any) -> None:
+    """Print whether this nerve can run ``--middlewares`` (building both sides' brokers, not
+    starting them) and where it was imported from."""
+    out: dict[str, Any] = {"probe": True, "nerve": nerve.__file__}
+    try:
+        for side in ("server", "client"):
+            nerve.Broker(f"bench-probe-{side}", **middleware_options(args.middlewares, side))
+    except Unsupported as exc:
+        out["skipped"] = str(exc)
+    except TypeError as exc:  # a Broker that refuses the option or these middlewares
+        out["skipped"] = f"nerve at {Path(nerve.__file__).parent} refused the middlewares: {exc}"
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
 def tls_options(args: Any, side: str) -> dict[str, Any]:
     """The Broker's TLS options with --tls-dir (certificates made by the harness: the server's
     names node ``bench-server``, 127.0.0.1 and localhost), else none. Not mutual."""
@@ -90,11 +172,15 @@ def tls_options(args: Any, side: str) -> dict[str, Any]:
 
 
 async def server(args: Any) -> None:
+    if args.probe:
+        await probe(args)
+        return
     with trio.move_on_after(args.deadline):
         async with nerve.Broker("bench-server", transport=f"tcp://{args.host}:{args.port}",
                                 services=[Echo(), Counter(), Storage()],
-                                **tls_options(args, "server")) as broker:
-            ready(address=broker.address)
+                                **tls_options(args, "server"),
+                                **middleware_options(args.middlewares, "server")) as broker:
+            ready(address=broker.address, nerve=nerve.__file__)
             await trio.sleep_forever()
 
 
@@ -194,14 +280,15 @@ async def inproc(args: Any) -> dict[str, Any]:
 
 async def client(args: Any) -> None:
     if args.scenario == "inproc":
-        result(**await inproc(args))
+        result(**await inproc(args), nerve=nerve.__file__)
         return
     # A process-level alarm, not trio.fail_after: under a trio deadline every call would carry
     # its remaining budget as the REQ timeout, which no peer here pays for.
     arm_deadline(args.deadline)
     async with nerve.Broker("bench-client", transport=f"tcp://{args.host}:0",
                             peers=[f"tcp://{args.host}:{args.port}"],
-                            **tls_options(args, "client")) as broker:
+                            **tls_options(args, "client"),
+                            **middleware_options(args.middlewares, "client")) as broker:
         await broker.wait_for_services("echo", "counter", "storage", timeout=15)
         if args.scenario == "rpc":
             out = await rpc(broker, args)
@@ -215,12 +302,17 @@ async def client(args: Any) -> None:
             out = await download(broker, args, rate=args.rate)
         else:
             raise SystemExit(f"nerve peer: unknown scenario {args.scenario}")
-    result(**out)
+    result(**out, nerve=nerve.__file__)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    args = parser(__doc__ or "").parse_args()
+    p = parser(__doc__ or "")
+    p.add_argument("--middlewares", choices=["none", "3mw", "ft"], default="none",
+                   help="the variant: none, three do-nothing middlewares, or circuit breaker + bulkhead")
+    p.add_argument("--probe", action="store_true",
+                   help="print whether this nerve can run --middlewares, and exit")
+    args = p.parse_args()
     trio.run(server if args.mode == "server" else client, args)
 
 
