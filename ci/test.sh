@@ -14,5 +14,7 @@ echo "== stubtest"
 ci/stubtest.sh
 echo "== mypy"
 python -m mypy python/nerve
+echo "== no module reads another module's underscore names (DESIGN.md 1b)"
+python ci/check_private_access.py
 echo "== benchmark harness, quick mode (keeps it from rotting; its figures are never quoted)"
 NERVE_BENCH_SKIP_PIP=1 benches/run.sh --quick

@@ -300,24 +300,24 @@ class Caller:
                 if scope.cancelled_caught:
                     raise request_timeout(spec.name, self.node_id)
         else:
-            reader = stream._pipe()
+            reader = stream.pipe()
             ctx.stream = reader
-            if stream._source is not None:
-                self.handlers.start_soon(stream._pump)
+            if stream.has_source:
+                self.handlers.start_soon(stream.pump)
             result = None
             try:
                 with trio.CancelScope() as scope:
                     if timeout is not None:
-                        stream._on_closed.append(
+                        stream.add_closed_callback(
                             lambda: setattr(scope, "deadline", trio.current_time() + timeout))
                     result = await serve(ctx)
             finally:
                 if isinstance(result, PacketStream):
-                    result._on_closed.append(lambda: finish_reader(reader))
+                    result.add_closed_callback(lambda: finish_reader(reader))
                 else:
                     finish_reader(reader)
-                    if not stream._tx_done:
-                        stream._abort_now(StreamError("the call ended before its request stream did"))
+                    if not stream.producer_done:
+                        stream.abort_untaken(StreamError("the call ended before its request stream did"))
             if scope.cancelled_caught:
                 raise request_timeout(spec.name, self.node_id)
         if isinstance(result, PacketStream):
@@ -327,13 +327,12 @@ class Caller:
         return result
 
     def local_response_stream(self, result: PacketStream) -> PacketStream:
-        reader = result._pipe()
-        if result._source is not None:
-            self.handlers.start_soon(result._pump)
+        reader = result.pipe()
+        if result.has_source:
+            self.handlers.start_soon(result.pump)
         return reader
 
 
 def finish_reader(reader: PacketStream) -> None:
     """The handler returned: a request stream it did not read to the end is stopped."""
-    if not reader._rx.finished:
-        reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
+    reader.end_reading(StreamError("the handler returned before reading the whole stream"))

@@ -33,7 +33,7 @@ from nerve.middleware import Chain, EventOptions, Middleware
 from nerve.packets import PROTOCOL_VERSION, Disconnect
 from nerve.registry import Registry, Strategy
 from nerve.serializers import Serializer, get_serializer
-from nerve.service import ActionSpec, EventSpec, Service
+from nerve.service import ActionSpec, EventSpec, Service, specs_of
 from nerve.streams import DEFAULT_MAX_CHUNK, DEFAULT_STREAM_WINDOW, PacketStream
 from nerve.transit import Transit
 from nerve.transports import Transport, make_transport
@@ -308,7 +308,7 @@ class Broker:
     def _register(self, svc: Service) -> None:
         if not isinstance(svc, Service):
             raise ServiceSchemaError(f"{svc!r} is not a nerve.Service")
-        actions, events = svc._specs()
+        actions, events = specs_of(svc)
         name = svc.full_name
         if name in self.services:
             raise ServiceSchemaError(f"service {name!r} is already registered on this broker")
@@ -355,7 +355,7 @@ class Broker:
     def _local_action(self, name: str) -> ActionSpec | None:
         return self._local_actions.get(name)
 
-    def _describe_services(self) -> list[dict[str, Any]]:
+    def describe_services(self) -> list[dict[str, Any]]:
         if self._stopping:
             return []
         return [svc.describe(*self._specs[name]) for name, svc in self.services.items()
@@ -585,7 +585,7 @@ class _Port:
         return self._broker._stopping
 
     def describe_services(self) -> list[dict[str, Any]]:
-        return self._broker._describe_services()
+        return self._broker.describe_services()
 
     def event_received(self, sender: str, pkt: Any) -> None:
         self._broker._server.remote_event(sender, pkt, self._broker)

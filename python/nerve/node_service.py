@@ -35,7 +35,7 @@ class NodeService(Service):
         for node in reg.nodes.values():
             if not node.available:
                 continue
-            svcs = self.broker._describe_services() if node.local else node.services
+            svcs = self.broker.describe_services() if node.local else node.services
             for svc in svcs:
                 name = svc.get("fullName") or svc.get("name")
                 entry = out.setdefault(name, {"name": svc.get("name"), "fullName": name,

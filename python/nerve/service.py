@@ -17,7 +17,7 @@ import msgspec
 
 from nerve.errors import ServiceSchemaError, ValidationError
 
-__all__ = ["Service", "action", "event", "ActionSpec", "EventSpec"]
+__all__ = ["Service", "action", "event", "ActionSpec", "EventSpec", "specs_of"]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -246,45 +246,6 @@ class Service:
     async def stopped(self) -> None:
         """Called when the broker stops or the service is removed."""
 
-    def _specs(self) -> tuple[list[ActionSpec], list[EventSpec]]:
-        if not self.name or not isinstance(self.name, str):
-            raise ServiceSchemaError(f"{type(self).__name__} has no 'name'")
-        if self.hooks:
-            _check_hooks(self.hooks, per_action=True)
-        for what, method in (("guards", "can_activate"), ("interceptors", "intercept"), ("pipes", "transform")):
-            _checked(f"{type(self).__name__}.{what}", getattr(self, what), method)
-        try:
-            msgspec.json.encode(self.properties)
-        except (TypeError, ValueError) as exc:
-            raise ServiceSchemaError(f"{type(self).__name__}.properties must be JSON-serializable: {exc}") from None
-        actions: list[ActionSpec] = []
-        events: list[EventSpec] = []
-        seen: set[str] = set()
-        for attr in dir(type(self)):
-            fn = getattr(type(self), attr, None)
-            if fn is None:
-                continue
-            mark = getattr(fn, _ACTION_ATTR, None)
-            if isinstance(mark, _ActionMark):
-                raw = mark.name or attr
-                full = f"{self.full_name}.{raw}"
-                if full in seen:
-                    raise ServiceSchemaError(f"action {full!r} is defined twice")
-                seen.add(full)
-                tp, wants = _inspect_handler(fn)
-                props = {**self.properties, **mark.properties}
-                actions.append(ActionSpec(full, raw, self, getattr(self, attr), tp, wants, mark, props))
-            emark = getattr(fn, _EVENT_ATTR, None)
-            if isinstance(emark, _EventMark):
-                if any(e.name == emark.name for e in events):
-                    # INFO keys a service's events by name (as Moleculer does): one per name.
-                    raise ServiceSchemaError(
-                        f"service {self.full_name!r} subscribes to event {emark.name!r} twice")
-                tp, wants = _inspect_handler(fn)
-                events.append(EventSpec(emark.name, emark.group or self.full_name, self,
-                                        getattr(self, attr), tp, wants))
-        return actions, events
-
     def describe(self, actions: list[ActionSpec], events: list[EventSpec]) -> dict[str, Any]:
         """The service's entry in an INFO packet, as Moleculer describes services."""
         out: dict[str, Any] = {
@@ -299,3 +260,44 @@ class Service:
         }
         return out
 
+
+def specs_of(svc: Service) -> tuple[list[ActionSpec], list[EventSpec]]:
+    """The actions and events ``svc`` defines, checked (the broker registers them). A function,
+    not a method, so it takes no name a service's own actions might use."""
+    if not svc.name or not isinstance(svc.name, str):
+        raise ServiceSchemaError(f"{type(svc).__name__} has no 'name'")
+    if svc.hooks:
+        _check_hooks(svc.hooks, per_action=True)
+    for what, method in (("guards", "can_activate"), ("interceptors", "intercept"), ("pipes", "transform")):
+        _checked(f"{type(svc).__name__}.{what}", getattr(svc, what), method)
+    try:
+        msgspec.json.encode(svc.properties)
+    except (TypeError, ValueError) as exc:
+        raise ServiceSchemaError(f"{type(svc).__name__}.properties must be JSON-serializable: {exc}") from None
+    actions: list[ActionSpec] = []
+    events: list[EventSpec] = []
+    seen: set[str] = set()
+    for attr in dir(type(svc)):
+        fn = getattr(type(svc), attr, None)
+        if fn is None:
+            continue
+        mark = getattr(fn, _ACTION_ATTR, None)
+        if isinstance(mark, _ActionMark):
+            raw = mark.name or attr
+            full = f"{svc.full_name}.{raw}"
+            if full in seen:
+                raise ServiceSchemaError(f"action {full!r} is defined twice")
+            seen.add(full)
+            tp, wants = _inspect_handler(fn)
+            props = {**svc.properties, **mark.properties}
+            actions.append(ActionSpec(full, raw, svc, getattr(svc, attr), tp, wants, mark, props))
+        emark = getattr(fn, _EVENT_ATTR, None)
+        if isinstance(emark, _EventMark):
+            if any(e.name == emark.name for e in events):
+                # INFO keys a service's events by name (as Moleculer does): one per name.
+                raise ServiceSchemaError(
+                    f"service {svc.full_name!r} subscribes to event {emark.name!r} twice")
+            tp, wants = _inspect_handler(fn)
+            events.append(EventSpec(emark.name, emark.group or svc.full_name, svc,
+                                    getattr(svc, attr), tp, wants))
+    return actions, events

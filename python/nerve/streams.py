@@ -4,6 +4,23 @@ The producer side writes chunks under a credit window (``nerve._core.CreditSende
 consumer side reads through a bounded reorder buffer (``nerve._core.StreamReceiver``) and
 grants credit as it reads, so memory per stream stays under window + one chunk. The same
 object works as an in-process pipe (a local call) or bound to a remote peer by the transit.
+
+Two named interfaces join a stream to what carries it (DESIGN.md 1b: no other module reads a
+stream's underscore names):
+
+- :class:`StreamLink` is how a stream reaches its connection: a producer's chunks, its end
+  and its failure go down through it, and it answers for room in the connection's queue.
+  The transit subclasses it (frames to a peer); ``_LoopbackLink`` here feeds a local reader.
+- :class:`StreamPort` is the port a transport-facing layer uses (the transit, and the
+  caller for a local call): the methods of :class:`PacketStream` under "the port" below.
+  Producer side: bind it to a link (``bind_producer``) or to a new local reader (``pipe``),
+  run its source (``has_source``, ``pump``), feed it credit (``on_credit``), fail it
+  (``fail_producer``, ``abort_untaken``), learn when it is over (``producer_done``,
+  ``add_closed_callback``, ``abort_before_bind``). Consumer side: make it a reader whose
+  credit goes to a callback (``bind_reader``), deliver what arrives (``deliver``,
+  ``deliver_end``, ``deliver_error``), drop it (``discard``) or stop it once its handler is
+  done with it (``end_reading``). They are plain methods of the stream: the per-chunk ones
+  (``deliver``, ``on_credit``) cost one call, as before, with no wrapper in between.
 """
 
 from __future__ import annotations
@@ -13,7 +30,7 @@ import os
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import trio
 
@@ -26,7 +43,7 @@ from nerve.errors import (
     StreamIdleTimeoutError,
 )
 
-__all__ = ["PacketStream", "DEFAULT_STREAM_WINDOW", "DEFAULT_MAX_CHUNK"]
+__all__ = ["PacketStream", "StreamLink", "StreamPort", "DEFAULT_STREAM_WINDOW", "DEFAULT_MAX_CHUNK"]
 
 DEFAULT_MAX_CHUNK = 256 * 1024
 DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
@@ -36,8 +53,9 @@ _READ_BATCH = 4  # chunks read per worker-thread hop in transfer_from
 PathLike = str | os.PathLike[str]
 
 
-class _Link:
-    """Where a producer's chunks go: the consumer's receiver here, or frames to a peer."""
+class StreamLink:
+    """Where a producer's chunks go: the consumer's receiver here, or frames to a peer (the
+    named interface through which a stream reaches its connection)."""
 
     def data(self, seq: int, chunk: Any) -> None:
         raise NotImplementedError
@@ -66,21 +84,51 @@ class _Link:
         await trio.lowlevel.checkpoint()
 
 
-class _LoopbackLink(_Link):
+class _LoopbackLink(StreamLink):
     """A producer and consumer in one process: chunks go straight to the reading side."""
 
     def __init__(self, stream: PacketStream) -> None:
         self.stream = stream
 
     def data(self, seq: int, chunk: Any) -> None:
-        self.stream._deliver(seq, chunk if isinstance(chunk, bytes) else bytes(chunk))
+        self.stream.deliver(seq, chunk if isinstance(chunk, bytes) else bytes(chunk))
 
     def end(self, seq: int) -> None:
-        self.stream._deliver_end(seq)
+        self.stream.deliver_end(seq)
 
     def fail(self, exc: BaseException) -> None:
-        self.stream._deliver_error(exc if isinstance(exc, NerveError) else
+        self.stream.deliver_error(exc if isinstance(exc, NerveError) else
                                    StreamError(f"stream aborted by its producer: {exc!r}"))
+
+
+class StreamPort(Protocol):
+    """The port a transport-facing layer (the transit; the caller, for a local call) uses on
+    a stream. :class:`PacketStream` implements it; see the module docstring."""
+
+    idle_timeout: float | None
+
+    # producer side
+    def bind_producer(self, link: StreamLink, window: int, max_chunk: int) -> None: ...
+    def pipe(self) -> PacketStream: ...
+    @property
+    def has_source(self) -> bool: ...
+    async def pump(self) -> None: ...
+    def on_credit(self, consumed: int, stop: bool = False) -> None: ...
+    def fail_producer(self, exc: BaseException) -> None: ...
+    def abort_untaken(self, exc: BaseException) -> None: ...
+    @property
+    def producer_done(self) -> bool: ...
+    @property
+    def abort_before_bind(self) -> BaseException | None: ...
+    def add_closed_callback(self, fn: Callable[[], None]) -> None: ...
+
+    # consumer side
+    def bind_reader(self, grant: Callable[[int, bool], None]) -> None: ...
+    def deliver(self, seq: int, chunk: Any) -> None: ...
+    def deliver_end(self, seq: int) -> None: ...
+    def deliver_error(self, exc: BaseException) -> None: ...
+    def discard(self, exc: BaseException) -> None: ...
+    def end_reading(self, exc: BaseException) -> None: ...
 
 
 class PacketStream:
@@ -123,7 +171,7 @@ class PacketStream:
         self._current: Any = None
         # producer side
         self._tx: CreditSender | None = None
-        self._link: _Link | None = None
+        self._link: StreamLink | None = None
         self._bound = trio.Event()
         self._credit_wakeup = trio.Event()
         self._tx_error: BaseException | None = None
@@ -337,7 +385,7 @@ class PacketStream:
         await self.close()
         return sent
 
-    async def _pump(self) -> None:
+    async def pump(self) -> None:
         """Send everything from the source given to from_file / from_iterable, then close.
 
         Stops (cancelling the source) as soon as the reader stops reading or goes away."""
@@ -376,12 +424,46 @@ class PacketStream:
             finally:
                 self._give_back_room()  # whatever way the pump ends
 
-    # --- binding (used by the broker/transit) -------------------------------------------
+    # --- the port (StreamPort: used by the transit, and by the caller for a local call) ---
+
+    @property
+    def has_source(self) -> bool:
+        """Made by from_file / from_iterable and not pumped yet: :meth:`pump` sends it."""
+        return self._source is not None
+
+    @property
+    def producer_done(self) -> bool:
+        """The producer side is over (closed, aborted, stopped by its reader, or failed)."""
+        return self._tx_done
+
+    @property
+    def abort_before_bind(self) -> BaseException | None:
+        """Why the stream was aborted before any call took it (None if it was not)."""
+        if self._tx_done and self._link is None:
+            return self._tx_error or StreamError("the request stream was aborted before the call")
+        return None
+
+    def add_closed_callback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the producer side ends (never, if it has ended already)."""
+        self._on_closed.append(fn)
+
+    def bind_reader(self, grant: Callable[[int, bool], None]) -> None:
+        """Make this stream a reader: ``grant(consumed, stop)`` is told of credit as it reads
+        (and ``stop=True`` once it stops reading)."""
+        self._grant = grant
+
+    def end_reading(self, exc: BaseException) -> None:
+        """Its reader is done with it: if the stream was not read to its end, stop it (the
+        producer is told; the next read raises ``exc``)."""
+        if not self._rx.finished:
+            self._stop_reading(exc)
+
 
     def _is_consumer(self) -> bool:
         return self._grant is not None
 
-    def _bind(self, link: _Link, window: int, max_chunk: int) -> None:
+    def bind_producer(self, link: StreamLink, window: int, max_chunk: int) -> None:
+        """Attach this producer to ``link`` under the reader's credit window and chunk size."""
         if self._link is not None:
             raise StreamError("this stream is already attached to a call")
         # (An abort before now set _bound already, to wake senders; the link learns of it below.)
@@ -391,15 +473,16 @@ class PacketStream:
         if self._pending_abort is not None:
             link.fail(self._pending_abort)
 
-    def _pipe(self) -> PacketStream:
+    def pipe(self) -> PacketStream:
         """Bind this producer to a new in-process reader (a local call) and return it."""
         reader = PacketStream(window=self.window, max_chunk=self.max_chunk,
                               idle_timeout=self.idle_timeout, max_reorder=self._max_reorder)
-        reader._grant = self._on_credit
-        self._bind(_LoopbackLink(reader), self.window, self.max_chunk)
+        reader.bind_reader(self.on_credit)
+        self.bind_producer(_LoopbackLink(reader), self.window, self.max_chunk)
         return reader
 
-    def _on_credit(self, consumed: int, stop: bool = False) -> None:
+    def on_credit(self, consumed: int, stop: bool = False) -> None:
+        """The reader consumed ``consumed`` bytes in all (``stop``: it stopped reading)."""
         if stop:
             if self._tx_error is None:
                 self._tx_error = StreamClosedError("the reader closed the stream")
@@ -414,7 +497,7 @@ class PacketStream:
                 self._tx_error = exc
         self._credit_wakeup.set()
 
-    def _fail_producer(self, exc: BaseException) -> None:
+    def fail_producer(self, exc: BaseException) -> None:
         """The peer is gone or broke the protocol: the next send raises ``exc``."""
         if self._tx_error is None:
             self._tx_error = exc
@@ -431,34 +514,37 @@ class PacketStream:
 
     # --- consumer side ------------------------------------------------------------------
 
-    def _deliver(self, seq: int, chunk: Any) -> None:
+    def deliver(self, seq: int, chunk: Any) -> None:
+        """Reader: chunk ``seq`` arrived."""
         if self._rx_error is not None or self._rx_stopped:
             return
         try:
             self._rx.push(seq, chunk)
         except FlowError as exc:
-            self._deliver_error(exc)
+            self.deliver_error(exc)
             self._notify_producer_stop()
             return
         self.bytes_received += len(chunk)
         self._rx_wakeup.set()
 
-    def _deliver_end(self, seq: int) -> None:
+    def deliver_end(self, seq: int) -> None:
+        """Reader: the producer ended the stream after chunk ``seq - 1``."""
         try:
             self._rx.push_end(seq)
         except FlowError as exc:
-            self._deliver_error(exc)
+            self.deliver_error(exc)
         self._rx_wakeup.set()
 
-    def _deliver_error(self, exc: BaseException) -> None:
+    def deliver_error(self, exc: BaseException) -> None:
+        """Reader: the producer failed the stream; the next read raises ``exc``."""
         if self._rx_error is None:
             self._rx_error = exc
         self._rx_wakeup.set()
 
-    def _discard(self, exc: BaseException) -> None:
+    def discard(self, exc: BaseException) -> None:
         """The producer is gone: fail the stream and free what it buffered (the reader's next
         read raises ``exc``; chunks not read yet are dropped)."""
-        self._deliver_error(exc)
+        self.deliver_error(exc)
         self._rx_stopped = True
         if self._rx.buffered_bytes:
             self._rx = StreamReceiver(self.window, self.max_chunk, self._max_reorder, 0)
@@ -659,3 +745,8 @@ async def _fileobj_chunks(f: IO[bytes], chunk: int) -> AsyncIterator[bytes]:
             return
         for b in batch:
             yield b
+
+
+def _as_port(stream: PacketStream) -> StreamPort:
+    """(Never called: mypy checks here that PacketStream is a StreamPort.)"""
+    return stream

@@ -63,7 +63,7 @@ from nerve.packets import (
     Request,
     Response,
 )
-from nerve.streams import PacketStream, _Link
+from nerve.streams import PacketStream, StreamLink
 
 if TYPE_CHECKING:
     from nerve._dispatch import HandlerPool
@@ -119,7 +119,7 @@ class Pending:
         await trio.lowlevel.wait_task_rescheduled(self.abort)
 
 
-class _RemoteLink(_Link):
+class _RemoteLink(StreamLink):
     """A producer's chunks as STREAM_DATA frames to a peer."""
 
     def __init__(self, transit: Transit, node_id: str, stream_id: str, flags: int) -> None:
@@ -224,10 +224,10 @@ class _Countdown:
 
 def _when_closed(stream: PacketStream, fn: Callable[[], None]) -> None:
     """Run ``fn`` once the producer side of ``stream`` is over (now, if it already is)."""
-    if stream._tx_done:
+    if stream.producer_done:
         fn()
     else:
-        stream._on_closed.append(fn)
+        stream.add_closed_callback(fn)
 
 
 class NodePort(Protocol):
@@ -415,9 +415,10 @@ class Transit:
         long upload is never cut by it (the stream's idle timeout is).
         """
         node_id = ep.node_id
-        if stream._tx_done and stream._link is None:  # aborted before any call took it: send nothing
+        aborted = stream.abort_before_bind
+        if aborted is not None:  # aborted before any call took it: send nothing
             await trio.lowlevel.checkpoint()
-            raise stream._tx_error or StreamError("the request stream was aborted before the call")
+            raise aborted
         slots = await self._stream_slot(node_id, timeout if timeout is not None else stream.idle_timeout)
         try:
             pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
@@ -433,24 +434,24 @@ class Transit:
                 window, max_chunk = self.transport.peer_stream_config(node_id)
                 if stream.idle_timeout is None:
                     stream.idle_timeout = self.node.stream_idle_timeout
-                stream._bind(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
+                stream.bind_producer(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
                 self.writers[key] = stream
-                stream._on_closed.append(lambda: self._forget_writer(key))
+                stream.add_closed_callback(lambda: self._forget_writer(key))
                 if timeout is not None:
-                    stream._on_closed.append(
+                    stream.add_closed_callback(
                         lambda: setattr(scope, "deadline", trio.current_time() + timeout))
-                if stream._source is not None:
+                if stream.has_source:
                     # In the background: a streaming answer (a transform) may arrive
                     # before the request stream ends, and the caller reads it meanwhile.
-                    self.handlers.start_soon(stream._pump)
+                    self.handlers.start_soon(stream.pump)
                 await pending.wait()
             if scope.cancelled_caught and not pending.settled:
                 pending.error = request_timeout(ep.name, node_id)
         finally:
             del self.pending[ctx.id]
-            if not stream._tx_done and not isinstance(pending.result, PacketStream):
+            if not stream.producer_done and not isinstance(pending.result, PacketStream):
                 self.writers.pop(key, None)
-                stream._abort_now(StreamError("the call ended before its request stream did"))
+                stream.abort_untaken(StreamError("the call ended before its request stream did"))
             elif not pending.answered:
                 self._cancel_remote(node_id, ctx.id)
             if slots is not None:
@@ -579,12 +580,12 @@ class Transit:
         for key, reader in list(self.readers.items()):
             if key[0] == node_id:
                 self._pop_reader(key)
-                reader._discard(StreamError(f"the stream's producer node '{node_id}' {reason}",
+                reader.discard(StreamError(f"the stream's producer node '{node_id}' {reason}",
                                             data={"nodeID": node_id}))
         for key, writer in list(self.writers.items()):
             if key[0] == node_id:
                 self.writers.pop(key, None)
-                writer._fail_producer(StreamError(f"the stream's reader node '{node_id}' {reason}",
+                writer.fail_producer(StreamError(f"the stream's reader node '{node_id}' {reason}",
                                                   data={"nodeID": node_id}))
         if was:
             log.info("node %s %s", node_id, reason)
@@ -819,8 +820,7 @@ class Transit:
     def _finish_request_stream(self, sender: str, call_id: str, reader: PacketStream) -> None:
         """The handler is done with its request stream: stop the producer if it is not over."""
         self._pop_reader((sender, call_id, False))
-        if not reader._rx.finished:
-            reader._stop_reading(StreamError("the handler returned before reading the whole stream"))
+        reader.end_reading(StreamError("the handler returned before reading the whole stream"))
 
     async def _serve_scoped(self, sender: str, pkt: Request, spec: ActionSpec, ctx: Context,
                             reader: PacketStream) -> Any:
@@ -877,16 +877,16 @@ class Transit:
             self.transport.send(sender, _RES, self.serializer.encode(res))
             window, max_chunk = self.transport.peer_stream_config(sender)
         except BrokerDisconnectedError:
-            stream._fail_producer(StreamError(f"node '{sender}' is gone"))
+            stream.fail_producer(StreamError(f"node '{sender}' is gone"))
             return
         key = (sender, call_id, True)
         if stream.idle_timeout is None:  # a peer that reads nothing holds it no longer than this
             stream.idle_timeout = self.node.stream_idle_timeout
-        stream._bind(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
+        stream.bind_producer(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
         self.writers[key] = stream
         _when_closed(stream, lambda: self._forget_writer(key))
-        if stream._source is not None:
-            await stream._pump()
+        if stream.has_source:
+            await stream.pump()
 
     def _on_response(self, sender: str, pkt: Response) -> None:
         pending = self.pending.get(pkt.id)
@@ -949,7 +949,7 @@ class Transit:
             except BrokerDisconnectedError:
                 pass
 
-        reader._grant = grant
+        reader.bind_reader(grant)
         self.readers[key] = reader
         return reader
 
@@ -964,17 +964,17 @@ class Transit:
             except ProtocolError as bad:
                 exc = StreamError(f"the producer failed the stream with an unreadable error: {bad}")
             self._pop_reader(key)
-            reader._deliver_error(exc)
+            reader.deliver_error(exc)
             if not key[2]:
                 scope = self.serving.get((sender, stream_id))
                 if scope is not None and isinstance(exc, StreamError):
                     scope.cancel()
             return
         if flags & STREAM_FLAG_END:
-            reader._deliver_end(seq)
+            reader.deliver_end(seq)
             self._pop_reader(key)
             return
-        reader._deliver(seq, chunk)
+        reader.deliver(seq, chunk)
 
     def on_stream_credit(self, sender: str, flags: int, stream_id: str, consumed: int) -> None:
         key = (sender, stream_id, bool(flags & STREAM_FLAG_RESPONSE))
@@ -983,9 +983,9 @@ class Transit:
             return
         if flags & STREAM_FLAG_END:
             self.writers.pop(key, None)
-            writer._on_credit(consumed, stop=True)
+            writer.on_credit(consumed, stop=True)
         else:
-            writer._on_credit(consumed)
+            writer.on_credit(consumed)
 
 
 def _budget_ms(timeout: float | None) -> int:
