@@ -1334,8 +1334,10 @@ def write_charts(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str
     charts: dict[str, str] = {}
     scenarios = doc["scenarios"]
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-              "#7f7f7f", "#bcbd22"]
-    color_of = {pid: colors[i % len(colors)] for i, pid in enumerate(PEERS)}
+              "#7f7f7f", "#bcbd22", "#ff9896", "#aec7e8", "#98df8a", "#c5b0d5", "#c49c94"]
+    # one color per peer of this run (the same in every chart): nerve, its baselines, the others
+    order = list(dict.fromkeys(["nerve", *(doc.get("baselines") or {}), *doc["peers"]]))
+    color_of = {pid: colors[i % len(colors)] for i, pid in enumerate(order)}
     for fam in FAMILIES:
         names = [n for n, s in scenarios.items() if s["family"] == fam]
         if not names:
@@ -1425,8 +1427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default: benches/results, quick: benches/results/tmp)")
     p.add_argument("--baseline", action="append", metavar="REV",
                    help="also run nerve at this git revision, as peer nerve@REV in every scenario "
-                        "(its python/ exported to the cache, with the current Rust build); repeatable "
-                        "or comma-separated")
+                        "(exported to the cache, see --baseline-core); repeatable or comma-separated")
     p.add_argument("--baseline-core", choices=["build", "current"], default="build",
                    help="the baseline's Rust extension: built from that revision's rust/ (default; once, "
                         "cached) or copied from the current build (only right while rust/ is unchanged)")
