@@ -595,3 +595,6 @@ class _Port:
 
     def services_changed(self) -> None:
         self._broker._services_changed.set()
+
+    def watch_stream(self, ctx: Context | None, stream: PacketStream) -> None:
+        self._broker.middlewares.watch(ctx, stream)

@@ -208,6 +208,15 @@ class Chain:
     def wrap_local_event(self, handler: EventHandler, info: EventInfo) -> EventHandler:
         return self._wrap("local_event", handler, info)  # type: ignore[no-any-return]
 
+    def watch(self, ctx: Context | None, stream: Any) -> None:
+        """Tell the stream hooks of every chunk ``stream`` sends or receives on this node."""
+        if not self.watches_streams or stream is None:
+            return
+        stream.watch(sent=lambda n: self.stream_sent(ctx, stream, n),
+                     received=lambda n: self.stream_received(ctx, stream, n))
+        if stream.bytes_received:  # a request stream's first chunks may arrive before its handler runs
+            self.stream_received(ctx, stream, stream.bytes_received)
+
     def stream_sent(self, ctx: Context | None, stream: PacketStream, nbytes: int) -> None:
         for mw in self._by_hook["stream_sent"]:
             mw.stream_sent(ctx, stream, nbytes)

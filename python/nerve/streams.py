@@ -182,6 +182,9 @@ class PacketStream:
         self._room: tuple[Any, int] | None = None  # (token, bytes) of queue room held
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: per-chunk observers (middlewares' stream_sent / stream_received), see ``watch``
+        self._on_sent: Callable[[int], None] | None = None
+        self._on_received: Callable[[int], None] | None = None
 
     # --- constructors -------------------------------------------------------------------
 
@@ -236,6 +239,8 @@ class PacketStream:
                     self._room = None
                     link.release(*room)
                 self.bytes_sent += n
+                if self._on_sent is not None:
+                    self._on_sent(n)
                 at += n
                 await trio.lowlevel.checkpoint()
         except BaseException:
@@ -385,6 +390,15 @@ class PacketStream:
         await self.close()
         return sent
 
+    def watch(self, sent: Callable[[int], None] | None = None,
+              received: Callable[[int], None] | None = None) -> None:
+        """Call ``sent(n)`` for every chunk of ``n`` bytes this producer sends, ``received(n)``
+        for every chunk that reaches this reader (the middlewares' stream hooks use it)."""
+        if sent is not None:
+            self._on_sent = sent
+        if received is not None:
+            self._on_received = received
+
     async def pump(self) -> None:
         """Send everything from the source given to from_file / from_iterable, then close.
 
@@ -525,6 +539,8 @@ class PacketStream:
             self._notify_producer_stop()
             return
         self.bytes_received += len(chunk)
+        if self._on_received is not None:
+            self._on_received(len(chunk))
         self._rx_wakeup.set()
 
     def deliver_end(self, seq: int) -> None:

@@ -268,6 +268,9 @@ class NodePort(Protocol):
     def services_changed(self) -> None:
         """The cluster's services changed (a node came, went or told its services)."""
 
+    def watch_stream(self, ctx: Context | None, stream: PacketStream) -> None:
+        """A call's stream on this node: the middlewares' stream hooks are told of its chunks."""
+
 
 class Transit:
     """Packets to and from the node; see the module's docstring."""
@@ -758,6 +761,7 @@ class Transit:
                 if reader is None:
                     result = await spec.serve(ctx)
                 else:
+                    self.node.watch_stream(ctx, reader)
                     result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
             except trio.Cancelled:
                 if trio.current_time() >= deadline:
@@ -784,6 +788,7 @@ class Transit:
                     f"'{pkt.action}' answered with a stream, which this transport does not carry"))
                 return
             if isinstance(result, PacketStream):
+                self.node.watch_stream(ctx, result)
                 if reader is not None:
                     _when_closed(result, lambda: self._finish_request_stream(sender, pkt.id, reader))
                 counted = False
@@ -915,7 +920,8 @@ class Transit:
         if not pkt.success:
             pending.error = error_from_wire(pkt.error, sender)
         elif pkt.stream:
-            pending.result = self._make_reader(sender, pkt.id, response=True)
+            pending.result = reader = self._make_reader(sender, pkt.id, response=True)
+            self.node.watch_stream(None, reader)  # before its first chunk (the caller is not back yet)
         else:
             pending.result = pkt.data
         pending.settle()
