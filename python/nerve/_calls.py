@@ -231,7 +231,7 @@ class Caller:
                  meta: dict[str, Any], headers: dict[str, Any]) -> Context:
         ctx = Context(self.options, id=call_id, request_id=request_id, parent_id=parent_id, level=level,
                       caller=caller, params=params, meta=meta, headers=headers, action=action,
-                      node_id=self.node_id)
+                      node_id=self.node_id, service=ep.service)
         ctx.endpoint = ep
         return ctx
 

@@ -75,19 +75,24 @@ class Server:
         svc = spec.service
         mark = spec.mark
         handler = spec.handler
-        if spec.wants_params:
-            convert = spec.convert_params
-
-            async def invoke(ctx: Context) -> Any:
-                return await handler(ctx, convert(ctx.params))
-        else:
-            async def invoke(ctx: Context) -> Any:
-                return await handler(ctx)
-        serve: Handler = invoke
-
         before, after, error = self._hooks(spec)
-        if before or after or error:
-            serve = _hooked(serve, before, after, error)
+        hooked = bool(before or after or error)
+        serve: Handler
+        if spec.wants_params and hooked and spec.params_type is not None:
+            # Params are validated before the hooks (a call with bad params runs none of them).
+            serve = _hooked_typed(handler, spec.convert_params, before, after, error)
+        else:
+            if spec.wants_params:
+                convert = spec.convert_params
+
+                async def invoke(ctx: Context) -> Any:
+                    return await handler(ctx, convert(ctx.params))
+            else:
+                async def invoke(ctx: Context) -> Any:
+                    return await handler(ctx)
+            serve = invoke
+            if hooked:
+                serve = _hooked(serve, before, after, error)
         pipes = [_method(p, "transform") for p in (*svc.pipes, *(mark.pipes if mark else ()))]
         if pipes:
             serve = _piped(serve, pipes)
@@ -104,8 +109,29 @@ class Server:
                     raise ServiceSchemaError(f"{spec.name}: fallback {mark.fallback!r} is not a method of the service")
             serve = _with_fallback(serve, fb)
         info = ActionInfo(spec.name, svc.full_name, self.node_id, True, spec.properties)
-        spec.serve = self.chain.wrap_local_action(serve, info)
+        wrapped = self.chain.wrap_local_action(serve, info)
+        if wrapped is not serve:
+            wrapped = self._with_endpoint(wrapped, spec)
+        spec.serve = wrapped
         spec.info = info
+
+    def _with_endpoint(self, inner: Handler, spec: ActionSpec) -> Handler:
+        """``local_action`` middlewares see ``ctx.endpoint`` for a remote caller too (a REQ's
+        context is built by the transit, which knows the spec, not the registry's endpoint)."""
+        registry = self.registry
+        found: list[Any] = []
+
+        async def with_endpoint(ctx: Context) -> Any:
+            if ctx.endpoint is None:
+                if not found:
+                    ep = next((ep for ep in registry.actions.get(spec.name, ()) if ep.spec is spec), None)
+                    if ep is None:
+                        return await inner(ctx)
+                    found.append(ep)
+                ctx.endpoint = found[0]
+            return await inner(ctx)
+
+        return with_endpoint
 
     def _hooks(self, spec: ActionSpec) -> tuple[list[Any], list[Any], list[Any]]:
         """Moleculer's order: before — service ``*``, service per action, the action's own;
@@ -210,15 +236,45 @@ def _hooked(inner: Handler, before: list[Any], after: list[Any], error: list[Any
         except Exception as exc:
             if not error:
                 raise
-            err: Exception = exc
-            for hook in error:  # the first that returns answers; one that raises passes it on
-                try:
-                    return await maybe_await(hook(ctx, err))
-                except Exception as again:
-                    err = again
-            raise err
+            return await _error_hooks(ctx, exc, error)
 
     return hooked
+
+
+def _hooked_typed(handler: Callable[..., Awaitable[Any]], convert: Callable[[Any], Any],
+                  before: list[Any], after: list[Any], error: list[Any]) -> Handler:
+    """Hooks around a typed handler: its params are validated first, outside the hooks (so
+    error hooks never see a ValidationError of the caller's params); the handler gets them
+    as the before hooks left them (validated again if there are before hooks)."""
+
+    async def hooked(ctx: Context) -> Any:
+        params = convert(ctx.params)
+        try:
+            if before:
+                for hook in before:
+                    await maybe_await(hook(ctx))
+                params = convert(ctx.params)
+            result = await handler(ctx, params)
+            for hook in after:
+                result = await maybe_await(hook(ctx, result))
+            return result
+        except Exception as exc:
+            if not error:
+                raise
+            return await _error_hooks(ctx, exc, error)
+
+    return hooked
+
+
+async def _error_hooks(ctx: Context, exc: Exception, error: list[Any]) -> Any:
+    """The first error hook that returns answers; one that raises passes its error on."""
+    err: Exception = exc
+    for hook in error:
+        try:
+            return await maybe_await(hook(ctx, err))
+        except Exception as again:
+            err = again
+    raise err
 
 
 def _piped(inner: Handler, pipes: list[Callable[..., Any]]) -> Handler:

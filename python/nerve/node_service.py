@@ -45,9 +45,14 @@ class NodeService(Service):
 
     @action
     async def actions(self, ctx: Context) -> builtins.list[dict[str, Any]]:
-        """Actions and their endpoints."""
-        return [{"name": name, "endpoints": [{"nodeID": ep.node_id, "local": ep.local} for ep in eps]}
-                for name, eps in sorted(self.broker.registry.actions.items())]
+        """Actions and their endpoints; ``action`` is the action's definition as it travels in
+        INFO (its properties included), from a local endpoint if there is one."""
+        out = []
+        for name, eps in sorted(self.broker.registry.actions.items()):
+            shown = next((ep for ep in eps if ep.local), eps[0])
+            out.append({"name": name, "action": dict(shown.definition),
+                        "endpoints": [{"nodeID": ep.node_id, "local": ep.local} for ep in eps]})
+        return out
 
     @action
     async def events(self, ctx: Context) -> builtins.list[dict[str, Any]]:

@@ -61,10 +61,7 @@ def action(fn: F | None = None, /, *, name: str | None = None, guards: Iterable[
     travels in INFO and middlewares on every node see it (``ActionInfo.properties``), e.g.
     ``@action(bulkhead={"concurrency": 2})``. See ``docs/middleware.md``.
     """
-    try:
-        msgspec.json.encode(properties)
-    except (TypeError, ValueError) as exc:
-        raise ServiceSchemaError(f"action properties must be JSON-serializable (they travel in INFO): {exc}") from None
+    _check_properties(properties, "action properties")
     if hooks is not None:
         _check_hooks(hooks, per_action=False)
     if fallback is not None and not (callable(fallback) or isinstance(fallback, str)):
@@ -83,6 +80,22 @@ def action(fn: F | None = None, /, *, name: str | None = None, guards: Iterable[
 
 
 _HOOK_KINDS = ("before", "after", "error")
+
+#: keys of an action's definition in INFO that are not properties (a remote node cannot tell
+#: a property of these names from the definition's own)
+_DEFINITION_KEYS = ("name", "rawName", "params")
+
+
+def _check_properties(properties: Any, what: str) -> None:
+    """Properties travel in INFO: JSON-serializable, and no key INFO uses itself."""
+    try:
+        msgspec.json.encode(properties)
+    except (TypeError, ValueError) as exc:
+        raise ServiceSchemaError(f"{what} must be JSON-serializable (they travel in INFO): {exc}") from None
+    clash = [k for k in _DEFINITION_KEYS if k in properties]
+    if clash:
+        raise ServiceSchemaError(f"{what}: {clash[0]!r} is not a property name (INFO's action "
+                                 f"definitions use it; typed params replace a 'params' schema)")
 
 
 def _checked(what: str, items: Iterable[Any], method: str) -> tuple[Any, ...]:
@@ -270,10 +283,7 @@ def specs_of(svc: Service) -> tuple[list[ActionSpec], list[EventSpec]]:
         _check_hooks(svc.hooks, per_action=True)
     for what, method in (("guards", "can_activate"), ("interceptors", "intercept"), ("pipes", "transform")):
         _checked(f"{type(svc).__name__}.{what}", getattr(svc, what), method)
-    try:
-        msgspec.json.encode(svc.properties)
-    except (TypeError, ValueError) as exc:
-        raise ServiceSchemaError(f"{type(svc).__name__}.properties must be JSON-serializable: {exc}") from None
+    _check_properties(svc.properties, f"{type(svc).__name__}.properties")
     actions: list[ActionSpec] = []
     events: list[EventSpec] = []
     seen: set[str] = set()
