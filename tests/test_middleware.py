@@ -979,9 +979,6 @@ async def test_started_runs_only_once_dependencies_appear_and_peers_see_it_after
             stop_first.set()
 
 
-@pytest.mark.xfail(strict=True, raises=BaseExceptionGroup,
-                   reason="broker.py: start() raises the RequestTimeoutError inside an ExceptionGroup "
-                          "(the nursery of dependent services); reported, to be unwrapped there")
 async def test_dependency_timeout_fails_the_broker_start() -> None:
     b = nerve.Broker("mw-dep-timeout", namespace=namespace(), services=[Dependent()],
                      dependency_timeout=0.2)

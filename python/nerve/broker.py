@@ -235,9 +235,21 @@ class Broker:
                     await self._start_service(svc)
             await self._nursery.start(self.transport.serve, self.transit)
             if waiting:
+                failures: list[BaseException] = []
+
+                async def start_one(svc: Service, scope: trio.CancelScope) -> None:
+                    try:
+                        await self._start_dependent(svc)
+                    except Exception as exc:  # the first failure is the start's error, not a group
+                        if not failures:
+                            failures.append(exc)
+                        scope.cancel()
+
                 async with trio.open_nursery() as starting:
                     for svc in waiting:
-                        starting.start_soon(self._start_dependent, svc)
+                        starting.start_soon(start_one, svc, starting.cancel_scope)
+                if failures:
+                    raise failures[0]
         except BaseException:
             await self._teardown()
             raise
