@@ -194,6 +194,8 @@ class Caller:
                                             params, call_meta, call_headers)
                         ctx.stream = stream
                         ctx.timeout = timeout
+                        if stream is not None:
+                            self.chain.watch(ctx, stream)
                         handler = ep.handler
                         if handler is None:
                             handler = ep.handler = self._remote_handler(ep)
@@ -302,6 +304,8 @@ class Caller:
         else:
             reader = stream.pipe()
             ctx.stream = reader
+            self.chain.watch(ctx, stream)
+            self.chain.watch(ctx, reader)
             if stream.has_source:
                 self.handlers.start_soon(stream.pump)
             result = None
@@ -321,13 +325,15 @@ class Caller:
             if scope.cancelled_caught:
                 raise request_timeout(spec.name, self.node_id)
         if isinstance(result, PacketStream):
-            return self.local_response_stream(result)
+            return self.local_response_stream(result, ctx)
         if isinstance(result, msgspec.Struct):
             return msgspec.to_builtins(result)
         return result
 
-    def local_response_stream(self, result: PacketStream) -> PacketStream:
+    def local_response_stream(self, result: PacketStream, ctx: Context | None = None) -> PacketStream:
         reader = result.pipe()
+        self.chain.watch(ctx, result)
+        self.chain.watch(ctx, reader)
         if result.has_source:
             self.handlers.start_soon(result.pump)
         return reader
