@@ -71,10 +71,20 @@ class Outer(nerve.Service):
         return dict(ctx.meta)
 
 
-@pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
-async def test_nested_call_meta_is_a_merged_copy_and_merges_back_on_result(remote: bool) -> None:
+class _PassRemote(nerve.Middleware):
+    """A remote_action middleware: remote calls take the Context lane, not the flat one."""
+
+    def remote_action(self, next: Any, action: Any) -> Any:
+        async def handler(ctx: nerve.Context) -> Any:
+            return await next(ctx)
+        return handler
+
+
+@pytest.mark.parametrize("remote", [False, True, "context-lane"], ids=["local", "remote", "remote-context-lane"])
+async def test_nested_call_meta_is_a_merged_copy_and_merges_back_on_result(remote: bool | str) -> None:
     inner, outer = Inner(), Outer()
-    async with nerve.Broker("meta-a", services=[outer] + ([] if remote else [inner])) as a, \
+    mws = [_PassRemote()] if remote == "context-lane" else []
+    async with nerve.Broker("meta-a", services=[outer] + ([] if remote else [inner]), middlewares=mws) as a, \
             nerve.Broker("meta-b", services=[inner] if remote else []):
         await a.wait_for_services("inner", "outer")
         top = {"top": True, "overwrite": "top"}

@@ -18,8 +18,10 @@ import nerve
 from nerve.errors import (
     BrokerOptionsError,
     ClientError,
+    ForbiddenError,
     NerveError,
     RequestTimeoutError,
+    ServiceNotFoundError,
     ServiceSchemaError,
 )
 from nerve.middleware import ActionInfo, CallOptions, EventInfo, EventOptions
@@ -998,3 +1000,106 @@ async def test_dependencies_met_locally_start_at_once() -> None:
                             dependency_timeout=2) as b:
         assert dep.events == ["started", "other.value=42", "started done"]
         assert await b.call("dependent.use") == 43
+
+
+def _named(name: str, deps: list[str], log: list[str]) -> nerve.Service:
+    class Named(nerve.Service):
+        async def started(self) -> None:
+            log.append(f"started {self.name}")
+
+        async def stopped(self) -> None:
+            log.append(f"stopped {self.name}")
+
+        @nerve.action
+        async def x(self, ctx: nerve.Context) -> str:
+            return self.name
+
+    svc = Named()
+    svc.name = name
+    svc.dependencies = deps
+    return svc
+
+
+async def test_several_services_waiting_on_dependencies_all_wake() -> None:
+    log: list[str] = []
+    ns = namespace()
+    first = nerve.Broker("mw-deps-many", namespace=ns, dependency_timeout=5,
+                         services=[_named("d1", ["s1"], log), _named("d2", ["s2"], log)])
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def run() -> None:
+            async with first:
+                done.set()
+                await trio.sleep_forever()
+
+        nursery.start_soon(run)
+        await trio.sleep(0.2)
+        async with nerve.Broker("mw-deps-provider", namespace=ns,
+                                services=[_named("s1", [], log), _named("s2", [], log)]):
+            with trio.fail_after(3):
+                await done.wait()
+        assert sorted(x for x in log if x.startswith("started d")) == ["started d1", "started d2"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_chain_of_local_dependencies_starts_in_order_and_unstarted_services_are_not_callable() -> None:
+    log: list[str] = []
+    b = nerve.Broker("mw-deps-chain", namespace=namespace(), dependency_timeout=0.5,
+                     services=[_named("a", ["b"], log), _named("b", ["c"], log)])
+    with pytest.raises(RequestTimeoutError):
+        async with b:
+            pass
+    assert log == []  # "c" never came: neither b nor a (which waits for b) started
+    async with nerve.Broker("mw-deps-late", namespace=namespace(), dependency_timeout=5) as b2:
+        b2.add_service(_named("late", ["s9"], log))
+        await trio.sleep(0.1)
+        with pytest.raises(ServiceNotFoundError):
+            await b2.call("late.x")
+        assert "late" not in [s["name"] for s in b2.describe_services()]
+        b2.add_service(_named("s9", [], log))  # a local dependency added later wakes the waiter
+        await b2.wait_for_services("late", timeout=3)
+        assert await b2.call("late.x") == "late"
+        assert log == ["started s9", "started late"]
+
+
+async def test_a_service_removed_while_it_waits_never_starts_nor_stops_and_stop_does_not_wait_for_it() -> None:
+    log: list[str] = []
+    async with nerve.Broker("mw-deps-rm", namespace=namespace(), dependency_timeout=30,
+                            graceful_stop_timeout=10) as b:
+        b.add_service(_named("dep2", ["s9"], log))
+        b.add_service(_named("dep3", ["never"], log))
+        await trio.sleep(0.1)
+        await b.remove_service("dep2")
+        b.add_service(_named("s9", [], log))
+        await trio.sleep(0.3)
+        assert log == ["started s9"]
+        start = trio.current_time()
+    assert trio.current_time() - start < 2  # dep3's wait did not hold up the graceful stop
+    assert log == ["started s9", "stopped s9"]  # dep3 never started: nothing to stop
+
+
+async def test_a_call_middleware_that_refuses_fails_the_request_stream_feeder_at_once() -> None:
+    class Refuse(nerve.Middleware):
+        def call(self, next: Any) -> Any:
+            async def handler(action: str, params: Any, opts: nerve.CallOptions) -> Any:
+                raise ForbiddenError("nope")
+            return handler
+
+    async with nerve.Broker("mw-refuse", namespace=namespace(), services=[Echo()], middlewares=[Refuse()]) as b:
+        stream = b.create_stream()
+        fed: list[BaseException] = []
+
+        async def feed() -> None:
+            try:
+                while True:
+                    await stream.send(b"x" * 1000)
+            except nerve.errors.StreamError as exc:
+                fed.append(exc)
+
+        with trio.fail_after(3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                with pytest.raises(ForbiddenError):
+                    await b.call("echo.hello", stream=stream)
+        assert fed and "nope" in str(fed[0])

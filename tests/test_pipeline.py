@@ -722,3 +722,26 @@ async def test_an_unknown_action_without_fallback_still_fails() -> None:
     async with local() as b:
         with pytest.raises(ServiceNotFoundError):
             await b.call("nowhere.at.all")
+
+
+async def test_an_interceptor_that_runs_the_rest_twice_pipes_from_the_same_params() -> None:
+    seen: list[int] = []
+
+    async def twice(ctx: nerve.Context, next: Any) -> Any:
+        await next()
+        return await next()
+
+    def double(params: Any, ctx: nerve.Context) -> Any:
+        return {"n": params["n"] * 2}
+
+    class Retrying(nerve.Service):
+        name = "retrying"
+
+        @nerve.action(interceptors=[twice], pipes=[double])
+        async def run(self, ctx: nerve.Context) -> int:
+            seen.append(ctx.params["n"])
+            return int(ctx.params["n"])
+
+    async with nerve.Broker("pipe-twice", services=[Retrying()]) as b:
+        assert await b.call("retrying.run", {"n": 1}) == 2
+    assert seen == [2, 2]

@@ -104,12 +104,21 @@ class Caller:
                    node_id: str | None, stream: PacketStream | None, idle_timeout: float | None,
                    parent_ctx: Context | None, fallback: Any) -> Any:
         """``broker.call`` (see its docstring for the meaning of each option)."""
-        if not self.running():
-            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
-        if self._wrapped is not None:
-            opts = CallOptions(meta=meta, headers=headers, timeout=timeout, retries=retries, node_id=node_id,
-                               stream=stream, parent_ctx=parent_ctx, fallback=fallback, idle_timeout=idle_timeout)
-            return await self._wrapped(action, params, opts)
+        if self._wrapped is not None or not self.running():
+            try:
+                if not self.running():
+                    raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+                opts = CallOptions(meta=meta, headers=headers, timeout=timeout, retries=retries, node_id=node_id,
+                                   stream=stream, parent_ctx=parent_ctx, fallback=fallback,
+                                   idle_timeout=idle_timeout)
+                return await self._wrapped(action, params, opts)
+            except BaseException as exc:
+                if stream is not None and not stream.taken:
+                    # A middleware (or the stopped broker) ended the call before it took its
+                    # request stream: whoever feeds that stream learns now.
+                    stream.abort_untaken(exc if isinstance(exc, NerveError) else
+                                         StreamError("the call ended before it took its request stream"))
+                raise
         return await self._call(action, params, meta, headers, timeout, retries, node_id, stream,
                                 idle_timeout, parent_ctx, fallback)
 
@@ -202,8 +211,10 @@ class Caller:
                         try:
                             result = await handler(ctx)
                         finally:
-                            if merge_into is not None:
-                                merge_into.update(ctx.meta)
+                            # As the flat lane: what the callee answered with (nothing if it
+                            # never answered), not what we sent.
+                            if merge_into is not None and ctx.reply_meta:
+                                merge_into.update(ctx.reply_meta)
                     if idle_timeout is not None and isinstance(result, PacketStream):
                         result.idle_timeout = idle_timeout
                     return result
@@ -281,6 +292,7 @@ class Caller:
                 ctx.stream = None  # the handler's view: a caller's context has no incoming stream
                 pending = await transit.request(the_ep, ctx, timeout=timeout, stream=stream)
             if pending.meta:
+                ctx.reply_meta = pending.meta
                 ctx.meta.update(pending.meta)
             if pending.error is not None:
                 raise pending.error

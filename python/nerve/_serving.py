@@ -303,7 +303,13 @@ def _guarded(inner: Handler, guards: list[Any], action: str) -> Handler:
 
 def _intercepted(inner: Handler, intercept: Callable[..., Any]) -> Handler:
     async def intercepted(ctx: Context) -> Any:
-        return await intercept(ctx, lambda: inner(ctx))
+        params = ctx.params
+
+        def next_() -> Any:
+            ctx.params = params  # each run of the rest starts from the params this layer saw
+            return inner(ctx)
+
+        return await intercept(ctx, next_)
 
     return intercepted
 

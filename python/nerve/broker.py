@@ -187,6 +187,8 @@ class Broker:
         self._broadcast_chain = self.middlewares.wrap_broadcast(self._broadcast_core)
         #: services not started yet, hidden from peers (they wait for their dependencies)
         self._unstarted: set[str] = set()
+        #: the dependency waits of services not started yet
+        self._waits: dict[str, trio.CancelScope] = {}
         for svc in services:
             self._register(svc)
         from nerve.node_service import NodeService
@@ -228,10 +230,9 @@ class Broker:
             if callable(strategy_run):
                 self._nursery.start_soon(strategy_run, self, name="nerve strategy")
             await self.middlewares.started(self)
-            waiting = [svc for svc in self.services.values() if svc.dependencies]
-            self._unstarted.update(svc.full_name for svc in waiting)
+            waiting = [svc for svc in self.services.values() if svc.full_name in self._unstarted]
             for svc in list(self.services.values()):
-                if not svc.dependencies:
+                if svc.full_name not in self._unstarted:
                     await self._start_service(svc)
             await self._nursery.start(self.transport.serve, self.transit)
             if waiting:
@@ -261,6 +262,8 @@ class Broker:
         if not self._running or self._stopping:
             return
         self._stopping = True
+        for wait in list(self._waits.values()):
+            wait.cancel()  # services still waiting for their dependencies never start
         with trio.CancelScope(shield=True):
             self.transit.announce()
             with trio.move_on_after(self.graceful_stop_timeout) as drain:
@@ -269,6 +272,8 @@ class Broker:
                 log.warning("broker %s: %d handlers still running after %ss; cancelling them",
                             self.node_id, self._handlers.active, self.graceful_stop_timeout)
             for svc in list(self.services.values()):
+                if svc.full_name in self._unstarted:
+                    continue  # never started
                 try:
                     await svc.stopped()
                 except Exception:
@@ -310,12 +315,44 @@ class Broker:
 
     async def _start_dependent(self, svc: Service) -> None:
         """A service with ``dependencies``: its ``started()`` runs once they are all available
-        (local or remote; ``dependency_timeout``: RequestTimeoutError after that), and peers
-        learn of it only then."""
-        await self.wait_for_services(*svc.dependencies, timeout=self.dependency_timeout)
+        (local or remote; ``dependency_timeout``: RequestTimeoutError after that); until then
+        it is not published: not in the registry (local calls and ``wait_for_services`` do not
+        see it) nor in INFO (peers do not)."""
+        name = svc.full_name
+        with trio.CancelScope() as scope:  # cancelled by remove_service / stop
+            self._waits[name] = scope
+            try:
+                await self.wait_for_services(*svc.dependencies, timeout=self.dependency_timeout)
+            finally:
+                if self._waits.get(name) is scope:
+                    del self._waits[name]
+        if scope.cancelled_caught or self.services.get(name) is not svc:
+            return  # removed (or the broker stops) while it waited
         await self._start_service(svc)
-        self._unstarted.discard(svc.full_name)
+        self._unstarted.discard(name)
+        self._publish(svc)
         self.transit.announce()
+
+    async def _start_added_dependent(self, svc: Service) -> None:
+        try:
+            await self._start_dependent(svc)
+        except Exception:
+            log.exception("service %s was added but did not start", svc.full_name)
+
+    def _publish(self, svc: Service) -> None:
+        """The service's actions and events become callable (locally and, with the next
+        INFO, by peers)."""
+        name = svc.full_name
+        actions, events = self._specs[name]
+        for a in actions:
+            self._local_actions[a.name] = a
+        self.registry.add_local(name, actions, events)
+        self._services_updated()
+
+    def _services_updated(self) -> None:
+        """Wake every ``wait_for_services`` (each looks again; the next wait gets a new event)."""
+        event, self._services_changed = self._services_changed, trio.Event()
+        event.set()
 
     def _register(self, svc: Service) -> None:
         if not isinstance(svc, Service):
@@ -331,21 +368,23 @@ class Broker:
         svc.broker = self
         self.services[name] = svc
         self._specs[name] = (actions, events)
-        for a in actions:
-            self._local_actions[a.name] = a
-        self.registry.add_local(name, actions, events)
+        if svc.dependencies:
+            self._unstarted.add(name)  # published once started (see _start_dependent)
+        else:
+            self._publish(svc)
 
     def add_service(self, svc: Service) -> None:
-        """Add a service; on a running broker its ``started()`` runs and peers learn of it."""
+        """Add a service; on a running broker its ``started()`` runs and peers learn of it
+        (for a service with ``dependencies``, once they are available)."""
         self._register(svc)
         if self._running:
-            self._handlers.start_soon(self._start_added, svc)
+            assert self._nursery is not None
+            if svc.dependencies:  # in the broker's nursery: its wait must not hold up a graceful stop
+                self._nursery.start_soon(self._start_added_dependent, svc)
+            else:
+                self._handlers.start_soon(self._start_added, svc)
 
     async def _start_added(self, svc: Service) -> None:
-        if svc.dependencies:
-            self._unstarted.add(svc.full_name)
-            await self._start_dependent(svc)
-            return
         await self._start_service(svc)
         self.transit.announce()
 
@@ -358,7 +397,14 @@ class Broker:
         for a in actions:
             self._local_actions.pop(a.name, None)
         self.registry.remove_local(name)
-        self._unstarted.discard(name)
+        self._services_updated()
+        if name in self._unstarted:  # never started: its wait ends, and there is nothing to stop
+            self._unstarted.discard(name)
+            wait = self._waits.pop(name, None)
+            if wait is not None:
+                wait.cancel()
+            await trio.lowlevel.checkpoint()
+            return
         if self._running:
             self.transit.announce()
         await svc.stopped()
@@ -383,7 +429,6 @@ class Broker:
 
         with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
             while missing():
-                self._services_changed = trio.Event()
                 await self._services_changed.wait()
         if scope.cancelled_caught:
             raise RequestTimeoutError(f"services not available after {timeout}s: {missing()}",
@@ -546,7 +591,7 @@ class Broker:
         for ep in self.registry.event_endpoints(name):
             if ep.local:
                 self._server.spawn_event(ep.spec, name, data, {}, None, self.node_id, None, self)
-        self._services_changed.set()
+        self._services_updated()
 
     async def ping(self, node_id: str, timeout: float = 2.0) -> float:
         """Round-trip time to ``node_id`` in seconds (PING/PONG packets)."""
@@ -606,7 +651,7 @@ class _Port:
         self._broker._node_event(name, node_id, unexpected=unexpected)
 
     def services_changed(self) -> None:
-        self._broker._services_changed.set()
+        self._broker._services_updated()
 
     def watch_stream(self, ctx: Context | None, stream: PacketStream) -> None:
         self._broker.middlewares.watch(ctx, stream)

@@ -42,6 +42,7 @@ class Context:
         "service",
         "endpoint",
         "timeout",
+        "reply_meta",
         "_locals",
     )
 
@@ -83,6 +84,8 @@ class Context:
         self.endpoint: Any = None
         #: a call's timeout in seconds (remote_action middlewares may change it), None: none
         self.timeout: float | None = None
+        #: a remote call's answer meta (the callee's final meta), once it answered
+        self.reply_meta: dict[str, Any] | None = None
         self._locals: dict[str, Any] | None = None
 
     @property

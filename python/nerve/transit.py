@@ -532,6 +532,7 @@ class Transit:
         scope = self.serving.get((sender, call_id))
         if scope is not None:
             scope.cancel()
+            self.stats["cancelled"] += 1
         elif self.handlers.cancel((sender, call_id)):
             self.stats["cancelled"] += 1
 
