@@ -475,8 +475,9 @@ class Broker:
         copy of the parent's and merges back into it. ``fallback``: a value, or a callable
         given ``(parent_ctx, error)`` (sync or async), answers in place of the final error.
 
-        Cancelling a call may leave the callee running (there is no cancel packet), except that
-        a call with a request stream aborts that stream, which cancels the handler.
+        A caller that stops waiting (its cancel scope, its ``timeout``) cancels the callee's
+        handler on the native transports (a CANCEL frame); over NATS the handler runs on until
+        its budget ends, as in Moleculer. A call with a request stream aborts that stream.
         """
         return await self._caller.call(action, params, meta, headers, timeout, retries, node_id, stream,
                                        idle_timeout, parent_ctx, fallback)
