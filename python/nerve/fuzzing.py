@@ -4,9 +4,14 @@ It speaks the wire itself (frames, HELLO handshake and HMAC auth, packets, strea
 sends what a broken or malicious peer could: a recorded legitimate session, mutated; generated
 frames of every type with wrong-typed fields, invalid UTF-8, huge and deeply nested values and
 odd addresses; stateful sequences from a hypothesis ``RuleBasedStateMachine``; bursts of
-connections, streams and requests. Oracles watch the target throughout: the process is alive,
+connections, streams and requests; CANCEL frames (for its own calls in flight, queued, finished
+or not yet made, for streams still flowing, garbage ones, floods, from peers that did or did not
+offer ``cancel``). Oracles watch the target throughout: the process is alive,
 a real :class:`nerve.Broker` keeps calling an action within a latency bound, and the target's
 RSS and open descriptors come back to their baseline once the hostile connections are closed.
+After each cancel case a burst of calls from the same node id must all be answered (a request
+count left behind by a cancelled call shows as ``QueueIsFullError``), and a connection that sent
+only valid frames must stay open.
 :func:`fuzz_service` fuzzes one action's params from its msgspec Struct (or JSON schema).
 
 Reached through :mod:`nerve.testing` and ``nerve fuzz``; it needs ``hypothesis`` (the
@@ -47,6 +52,7 @@ import nerve
 from nerve.errors import NerveError, RequestTimeoutError
 from nerve.frames import (
     DEFAULT_MAX_FRAME_SIZE,
+    HEADER_LEN,
     STREAM_FLAG_END,
     STREAM_FLAG_ERROR,
     STREAM_FLAG_RESPONSE,
@@ -183,7 +189,9 @@ class Step:
     ``op`` is ``"connect"`` (open the TCP connection), ``"handshake"`` (send ``payload`` as the
     HELLO frame, wait for HELLO_ACK and, when the fuzzer has a secret, answer the auth proof),
     ``"frame"`` (a frame of ``type`` carrying ``payload``), ``"raw"`` (``payload`` as is: a
-    truncated or bit-flipped frame) or ``"close"``. A frame or raw step on a connection not yet
+    truncated or bit-flipped frame, or many frames at once), ``"sync"`` (send what is pending,
+    then a PING, and wait for its PONG: the target has read everything before; nothing on a
+    connection without a handshake) or ``"close"``. A frame or raw step on a connection not yet
     open opens it (with no handshake). Consecutive frame and raw steps on one connection go out
     in one write, so the target may read them in one piece.
     """
@@ -222,7 +230,8 @@ class Reproducer:
 
     steps: list[Step]
     how: str = ("steps in order; consecutive frame/raw steps on one connection in one write; "
-                "handshake = HELLO (+ HMAC proof with the secret); every connection closed at the end")
+                "handshake = HELLO (+ HMAC proof with the secret); sync = PING, then wait for its PONG; "
+                "every connection closed at the end")
 
     def to_json(self) -> dict[str, Any]:
         return {"how": self.how, "steps": [s.to_json() for s in self.steps]}
@@ -247,9 +256,12 @@ class Reproducer:
 class Finding:
     """A defect: ``kind`` is ``crash`` (the node died or stopped accepting connections),
     ``hang`` (alive but not answering within the latency bound), ``leak`` (RSS or descriptors
-    above their baseline after the run), ``legit_call_failed`` (the legitimate client's call
-    failed while the node was up) or ``internal_error`` (an action answered a 5xx or a
-    non-nerve exception: :func:`fuzz_service`)."""
+    above their baseline after the run; or a peer's request count left behind: after a cancel
+    case, calls from its node id are refused with ``QueueIsFullError`` while a fresh node's are
+    answered), ``legit_call_failed`` (the legitimate client's call failed while the node was
+    up), ``misbehaved`` (a cancel case's connection that sent only valid frames was closed, or
+    a call no CANCEL of its own named was not answered with success) or ``internal_error``
+    (an action answered a 5xx or a non-nerve exception: :func:`fuzz_service`)."""
 
     kind: str
     category: str
@@ -495,6 +507,16 @@ _EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Excep
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+\b")
 
 
+def _node_of(case: Sequence[Step], conn: int) -> str:
+    """The node id a case's connection said in its HELLO (or "?")."""
+    for s in case:
+        if s.conn == conn and s.op == "handshake":
+            hello = _loads(s.payload)
+            if isinstance(hello, dict) and isinstance(hello.get("nodeID"), str):
+                return str(hello["nodeID"])
+    return "?"
+
+
 def _proc_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -563,6 +585,8 @@ class _Conn:
         self.received = 0
         self.handshaken = False
         self.response_streams: deque[str] = deque(maxlen=32)
+        #: call id -> "ok" or the error's name, for the RES frames received (the first 65536)
+        self.answers: dict[str, str] = {}
         self.pending = bytearray()
         self.ends_raw = False  # the last thing written was raw bytes (perhaps half a frame)
         self._arrived = trio.Event()
@@ -606,8 +630,13 @@ class _Conn:
                 self.pongs.add(obj["id"])
         elif kind == FrameType.RESPONSE:
             obj = _loads(payload)
-            if isinstance(obj, dict) and obj.get("stream") and isinstance(obj.get("id"), str):
-                self.response_streams.append(obj["id"])
+            if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+                if obj.get("stream"):
+                    self.response_streams.append(obj["id"])
+                if len(self.answers) < 65536:
+                    error = obj.get("error")
+                    name = error.get("name") if isinstance(error, dict) else None
+                    self.answers[obj["id"]] = "ok" if obj.get("success") is True else str(name or "error")
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with trio.move_on_after(timeout):
@@ -713,6 +742,11 @@ class _Runner:
                 await conn.close()
             return
         conn = self.conns.get(step.conn)
+        if step.op == "sync":
+            if conn is not None and conn.handshaken and not conn.eof:
+                self.outcome.frames += 1
+                await self.sync(conn)
+            return
         if conn is None or step.op == "connect" or (conn.eof and step.op == "handshake"):
             conn = await self._open(step.conn)
             if conn is None or step.op == "connect":
@@ -755,6 +789,15 @@ class _Runner:
     async def flush_all(self) -> None:
         for conn in list(self.conns.values()):
             self.outcome.bytes += await conn.flush()
+
+    async def sync(self, conn: _Conn, timeout: float | None = None) -> bool:
+        """Send what is pending and a PING; True once its PONG is back (the target has read
+        all that came before), False if the connection ended or the bound passed first."""
+        ping_id = uuid.uuid4().hex
+        conn.pending += encode_frame(FrameType.PING, _MSGPACK.encode(Ping(sender=conn.node_id, id=ping_id)))
+        conn.ends_raw = False
+        self.outcome.bytes += await conn.flush()
+        return await conn.wait_for(lambda: ping_id in conn.pongs, self.bound if timeout is None else timeout)
 
     async def finish(self, canary_timeout: float) -> _Outcome:
         """Flush, check with a PING that the last handshaken connection was processed (PONG)
@@ -993,6 +1036,7 @@ async def _record_session(address: str, *, secret: bytes | None, namespace: str,
 # --- what a hostile peer sends: strategies ----------------------------------------------
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_NO_TIMEOUT = object()  # a REQ without a timeout field
 
 
 def _wrong_values() -> st.SearchStrategy[Any]:
@@ -1032,17 +1076,108 @@ def _packet_kinds() -> list[PacketType]:
     return list(PacketType)
 
 
+# --- CANCEL frames ----------------------------------------------------------------------
+
+_MAX_CANCEL_ID = 256  # docs/protocol.md: a CANCEL payload is the call id, UTF-8, at most 256 bytes
+
+#: CANCEL payloads that are not UTF-8: a lone continuation or lead byte, a truncated sequence,
+#: an overlong NUL, an encoded surrogate, code points above U+10FFFF, a good prefix, bad tail
+_BAD_UTF8: tuple[bytes, ...] = (b"\xff", b"\xfe\xff", b"\x80", b"\xc3", b"\xe2\x82", b"\xc0\x80", b"\xed\xa0\x80",
+                                b"\xed\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"call-1\xff",
+                                b"\x00\xff", b"a" * 255 + b"\xc3")
+
+#: payloads at the 256-byte limit: just under, at and over it, counted in bytes, not characters
+_EDGE_IDS: tuple[bytes, ...] = (
+    b"a" * 255, b"a" * 256, b"a" * 257, "\u00e9".encode() * 128, b"a" + "\u00e9".encode() * 128,
+    "\u20ac".encode() * 85 + b"a", "\u20ac".encode() * 86, "\U0001f600".encode() * 64, "\U0001f600".encode() * 64 + b"a",
+    b"", b"\x00", b" ", "\u2028".encode(), b"\xef\xbb\xbfid",
+)
+
+#: huge payloads: 4 KiB, 64 KiB, 1 MiB, the largest frame there is, and one byte more
+_HUGE_CANCELS: tuple[int, ...] = (4096, 1 << 16, 1 << 20, DEFAULT_MAX_FRAME_SIZE - HEADER_LEN,
+                                  DEFAULT_MAX_FRAME_SIZE - HEADER_LEN + 1)
+
+
+class _Absent:
+    """A HELLO field left out (a marker: no strategy draws it)."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+#: what a HELLO may say in ``cancel`` besides true and false: the wrong types
+_BAD_CANCEL_FLAGS: tuple[Any, ...] = (1, 0, -1, 2**64 - 1, 1.0, "true", "false", "", b"\x01", BadStr(b"\xff"),
+                                      None, [], [True], {}, {"cancel": True})
+
+
+def _cancel_payloads(ids: Sequence[str] = ()) -> st.SearchStrategy[bytes]:
+    """CANCEL payloads: the given call ids (the sender's own), ids of no call, invalid UTF-8,
+    empty, at and around the 256-byte limit (in bytes: multi-byte characters at the edge),
+    random bytes and text, and now and then a huge one (up to the largest frame and beyond)."""
+    known = [i.encode("utf-8", "surrogatepass") for i in ids]
+    return st.one_of(  # (a branch is drawn as often as any other: the known ids have two)
+        st.sampled_from(known) if known else st.just(b"no-such-call"),
+        st.sampled_from(known) if known else st.uuids().map(lambda u: u.hex.encode()),
+        st.sampled_from(_BAD_UTF8),
+        st.sampled_from(_EDGE_IDS),
+        st.binary(max_size=300),
+        st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        st.integers(0, 19).flatmap(lambda n: st.sampled_from(_HUGE_CANCELS) if n == 0 else st.just(300))
+        .map(lambda n: b"c" * n),
+    )
+
+
+def _cancel_flags() -> st.SearchStrategy[Any]:
+    """What a HELLO says in ``cancel``: mostly true, else false, nothing (the field left out:
+    :data:`_ABSENT`) or a value of the wrong type."""
+    return st.integers(0, 9).flatmap(lambda n: st.sampled_from([True, True, True, False, _ABSENT]) if n < 8
+                                     else st.one_of(st.sampled_from(_BAD_CANCEL_FLAGS), _wrong_values()))
+
+
+def _valid_cancel(payload: bytes) -> bool:
+    if len(payload) > _MAX_CANCEL_ID:
+        return False
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _Case(list[Step]):
+    """The steps of a cancel case, with what the target promised about them: the connections
+    that must still be open at the end (they sent only valid frames), the calls ``(conn, id)``
+    that must have been answered with success (no CANCEL of their own connection named them),
+    and the node id whose request count is checked afterwards."""
+
+    def __init__(self, steps: Sequence[Step] = (), *, node_id: str | None = None) -> None:
+        super().__init__(steps)
+        self.keep_open: set[int] = set()
+        self.expect_ok: list[tuple[int, str]] = []
+        self.node_id = node_id
+
+
 class _Generator:
     """Builds cases (lists of :class:`Step`) from hypothesis draws, for each category."""
 
     def __init__(self, session: _Session, *, secret: bool, namespace: str, ver: str,
-                 stream_actions: list[str], call_actions: list[str]) -> None:
+                 stream_actions: list[str], call_actions: list[str], legit_params: Any = None,
+                 upload_action: str | None = None, download_action: str | None = None,
+                 download_params: Any = None) -> None:
         self.session = session
         self.auth = secret
         self.namespace = namespace
         self.ver = ver
         self.stream_actions = stream_actions or call_actions
         self.call_actions = call_actions
+        #: the legitimate client's action and params: a call of it must succeed
+        self.legit_action = call_actions[0] if call_actions else "$node.health"
+        self.legit_params = legit_params
+        self.upload_action = upload_action
+        self.download_action = download_action
+        self.download_params = download_params
         self.counter = 0
 
     def prefix(self) -> str:
@@ -1054,12 +1189,25 @@ class _Generator:
     def hello(self, node_id: str, **overrides: Any) -> bytes:
         return _hello_payload(node_id, namespace=self.namespace, ver=self.ver, auth=self.auth, **overrides)
 
+    def hello_flag(self, node_id: str, flag: Any, **overrides: Any) -> bytes:
+        """A HELLO whose ``cancel`` says ``flag`` (left out for :data:`_ABSENT`)."""
+        if flag is not _ABSENT:
+            overrides["cancel"] = flag
+        return self.hello(node_id, **overrides)
+
     # handshake: what comes first on a connection
     def handshake_case(self, data: st.DataObject, prefix: str) -> list[Step]:
         me = f"{prefix}-0"
         kind = data.draw(st.sampled_from(["fields", "fields", "address", "address", "first_frame",
-                                          "garbage", "partial", "early_frames", "bad_proof", "second_hello"]))
-        base: dict[Any, Any] = _loads(self.hello(me)) or {}
+                                          "garbage", "partial", "early_frames", "bad_proof", "second_hello",
+                                          "cancel_flag"]))
+        base: dict[Any, Any] = _loads(self.hello(me, cancel=True)) or {}
+        if kind == "cancel_flag":
+            # cancel true, false, left out or of a wrong type; then CANCEL frames on what was agreed
+            steps = [Step(0, "handshake", FrameType.HELLO, self.hello_flag(me, data.draw(_cancel_flags())))]
+            for _ in range(data.draw(st.integers(0, 2))):
+                steps.append(Step(0, "frame", FrameType.CANCEL, data.draw(_cancel_payloads())))
+            return steps
         if kind == "fields":
             return [Step(0, "handshake", FrameType.HELLO, pack(_mutate_fields(data, base)))]
         if kind == "address":
@@ -1108,8 +1256,10 @@ class _Generator:
             elif data.draw(st.integers(0, 9)) == 0:
                 payload = bytes([flags, data.draw(st.integers(0, 255))]) + sid
             return Step(conn, "frame", t, payload)
+        if t == FrameType.CANCEL:
+            return Step(conn, "frame", t, data.draw(_cancel_payloads(stream_ids)))
         if t in (FrameType.HELLO, FrameType.HELLO_ACK):
-            base = _loads(self.hello(f"{prefix}-{conn}")) or {}
+            base = _loads(self.hello(f"{prefix}-{conn}", cancel=True)) or {}
             return Step(conn, "frame", t, pack(_mutate_fields(data, base)))
         if t == FrameType.PEERS:
             nodes = data.draw(st.dictionaries(
@@ -1249,6 +1399,225 @@ class _Generator:
                     params=self.session_params(), timeout=5000))))
         return steps
 
+    # CANCEL (docs/protocol.md, Cancellation): for the sender's own calls and others'
+    def cancel_case(self, data: st.DataObject, prefix: str) -> list[Step]:
+        """A HELLO whose ``cancel`` is true, false, left out or garbage (a peer that did not offer
+        ``cancel`` sends CANCEL all the same), then one of: ``own`` (calls, request streams and
+        response streams of its own, each CANCELled in the same write as its REQ, before it,
+        twice, once it finished, or while in flight with frames of the stream after the
+        CANCEL), ``garbage`` (CANCEL payloads not UTF-8, empty, around and over 256 bytes,
+        huge; beside a connection that must not notice), ``cross`` (CANCELs for another
+        connection's calls, which must still succeed) or ``flood`` (many REQs and CANCELs in
+        one write, from several connections). See :class:`_Case` for what is checked."""
+        me = f"{prefix}-0"
+        flag = data.draw(_cancel_flags())
+        agreed = isinstance(flag, bool) or flag is _ABSENT
+        # a small window keeps a response stream waiting for credit: a CANCEL finds it in flight
+        window = data.draw(st.sampled_from([None, None, 16384, 65536]))
+        sizes = {} if window is None else {"window": window, "maxChunk": window // 4}
+        case = _Case([Step(0, "handshake", FrameType.HELLO, self.hello_flag(me, flag, **sizes))],
+                     node_id=me if agreed else None)
+        kind = data.draw(st.sampled_from(["own", "own", "own", "garbage", "cross", "flood"]))
+        if kind == "own":
+            valid = self._cancel_own(data, 0, me, case, window)
+        elif kind == "garbage":
+            valid = self._cancel_garbage(data, prefix, case)
+        elif kind == "cross":
+            valid = self._cancel_cross(data, prefix, case)
+        else:
+            valid = self._cancel_flood(data, prefix, case)
+        if agreed and valid:
+            case.keep_open.add(0)
+        return case
+
+    def _call_id(self, data: st.DataObject, any_id: bool) -> str:
+        """A fresh call id; with ``any_id`` now and then one at the edges: empty, a NUL, 256
+        bytes of multi-byte characters, 256 or 257 bytes (a CANCEL of it is refused)."""
+        if any_id and data.draw(st.integers(0, 3)) == 0:
+            return data.draw(st.sampled_from(["", "1", "\x00", "\u00e9" * 128, "\u20ac" * 85 + "a",
+                                              "\U0001f600" * 64, "a" * 256, "a" * 257]))
+        return uuid.uuid4().hex
+
+    def _cancel_request(self, data: st.DataObject, c: int, sender: str, what: str, call_id: str,
+                        grant: int = 0) -> tuple[list[Step], list[Step]]:
+        """A call of kind ``what`` (``call``, ``stream``: a request stream, ``download``: a response
+        stream) on connection ``c``: the steps that make it (the REQ, the first chunks) and
+        those that would finish it (the rest of the chunks and END; credit: a STOP, or
+        ``grant`` consumed bytes, which the caller knows were sent)."""
+        timeout = data.draw(st.sampled_from([_NO_TIMEOUT, _NO_TIMEOUT, 0, 50, 5000]))
+        extra: dict[str, Any] = {} if timeout is _NO_TIMEOUT else {"timeout": timeout}
+        if what == "stream" and self.stream_actions:
+            action = self.upload_action or data.draw(st.sampled_from(self.stream_actions))
+            sid = call_id.encode()
+            head = [Step(c, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+                ver=self.ver, sender=sender, id=call_id, action=action, stream=True, seq=0, **extra)))]
+            size = data.draw(st.sampled_from([1, 100, 4096]))
+            n = data.draw(st.integers(0, 3))
+            head += [Step(c, "frame", FrameType.STREAM_DATA, _stream_payload(0, sid, i, b"u" * size)) for i in range(n)]
+            more = data.draw(st.integers(0, 2))
+            tail = [Step(c, "frame", FrameType.STREAM_DATA, _stream_payload(0, sid, n + i, b"v" * size))
+                    for i in range(more)]
+            if data.draw(st.integers(0, 4)) == 0:
+                body = _MSGPACK.encode_value({"name": "StreamError", "message": "fuzz", "code": 500})
+                tail.append(Step(c, "frame", FrameType.STREAM_DATA, _stream_payload(STREAM_FLAG_ERROR, sid, n + more, body)))
+            else:
+                tail.append(Step(c, "frame", FrameType.STREAM_DATA, _stream_payload(STREAM_FLAG_END, sid, n + more)))
+            return head, tail
+        if what == "download" and self.download_action:
+            head = [Step(c, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+                ver=self.ver, sender=sender, id=call_id, action=self.download_action,
+                params=self.download_params, **extra)))]
+            sid = call_id.encode()
+            credit = data.draw(st.sampled_from(["grant", "grant", "stop", "none"]))
+            if credit == "stop":
+                tail = [Step(c, "frame", FrameType.STREAM_CREDIT,
+                             _stream_payload(STREAM_FLAG_RESPONSE | STREAM_FLAG_END, sid, 0))]
+            elif credit == "grant":
+                tail = [Step(c, "frame", FrameType.STREAM_CREDIT, _stream_payload(STREAM_FLAG_RESPONSE, sid, grant))]
+            else:
+                tail = []
+            return head, tail
+        action = data.draw(st.sampled_from(self.call_actions or [self.legit_action]))
+        params = self.legit_params if action == self.legit_action else self.session_params()
+        return [Step(c, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+            ver=self.ver, sender=sender, id=call_id, action=action, params=params, **extra)))], []
+
+    def _cancel_own(self, data: st.DataObject, c: int, sender: str, case: _Case,
+                    window: int | None = None) -> bool:
+        """Calls of ``sender`` on connection ``c``, each CANCELled in a drawn way; False if a
+        frame sent is one the target may refuse (a CANCEL over 256 bytes). ``window``: the one
+        its HELLO said, when small (a response stream then waits for credit after it)."""
+        valid = True
+        for _ in range(data.draw(st.integers(1, 4))):
+            what = data.draw(st.sampled_from(["call", "call", "stream", "stream", "download"]))
+            how = data.draw(st.sampled_from(["race", "race", "before", "twice", "finished", "inflight",
+                                             "inflight", "reuse"]))
+            # stream ids travel in stream frames (at most 255 bytes): those stay plain
+            call_id = self._call_id(data, what == "call")
+            # credit for a response stream only once the target has sent what it grants (after a sync)
+            grant = (window or 0) if how in ("finished", "inflight") else 0
+            head, tail = self._cancel_request(data, c, sender, what, call_id, grant)
+            cancel = Step(c, "frame", FrameType.CANCEL, call_id.encode("utf-8", "surrogatepass"))
+            valid = valid and _valid_cancel(cancel.payload)
+            sync = Step(c, "sync")
+            if how == "race":  # the REQ and its CANCEL in one write: the handler is still queued
+                case += [*head, cancel, *tail]
+            elif how == "before":  # a CANCEL for a call not made yet is ignored; the call runs
+                case += [cancel, *head, *tail]
+            elif how == "twice":
+                case += [*head, cancel, cancel, *tail]
+            elif how == "finished":  # the call is over (or nearly) when its CANCEL comes
+                case += [*head, sync, *tail, sync, cancel]
+                if data.draw(st.booleans()):
+                    case += [sync, cancel]
+            elif how == "inflight":  # read by the target, running or streaming; frames of its stream after
+                case += [*head, sync, cancel]
+                if data.draw(st.booleans()):
+                    case += [sync]
+                case += tail
+                if data.draw(st.booleans()):
+                    case += [cancel]
+            else:  # the id again after its CANCEL (a new call: request streams may not reuse an id in progress)
+                case += [*head, cancel, *tail]
+                if what != "stream":
+                    again, rest = self._cancel_request(data, c, sender, what, call_id)
+                    case += [*again, *rest]
+        return valid
+
+    def _cancel_garbage(self, data: st.DataObject, prefix: str, case: _Case) -> bool:
+        """Bad CANCEL payloads (each ends the connection that sent it, nothing else): a bystander
+        connection beside it stays open and its call succeeds."""
+        me = f"{prefix}-0"
+        bystander = data.draw(st.booleans())
+        if bystander:
+            case.insert(0, Step(1, "handshake", FrameType.HELLO, self.hello(f"{prefix}-1", cancel=True)))
+            case.keep_open.add(1)
+        valid = True
+        if data.draw(st.booleans()):
+            valid = self._cancel_own(data, 0, me, case)
+        for _ in range(data.draw(st.integers(1, 3))):
+            payload = data.draw(st.one_of(_cancel_payloads(), st.sampled_from(_BAD_UTF8),
+                                          st.sampled_from(_EDGE_IDS), st.sampled_from(_HUGE_CANCELS[:3]).map(lambda n: b"h" * n)))
+            case.append(Step(0, "frame", FrameType.CANCEL, payload))
+            valid = valid and _valid_cancel(payload)
+        if data.draw(st.booleans()):
+            # the same node id again (its old connection may not be gone yet), and a CANCEL on it
+            case += [Step(0, "close"), Step(0, "handshake", FrameType.HELLO, self.hello(me, cancel=True)),
+                     Step(0, "frame", FrameType.CANCEL, data.draw(_cancel_payloads()))]
+            valid = False
+        if bystander:
+            call_id = uuid.uuid4().hex
+            case += [Step(1, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+                ver=self.ver, sender=f"{prefix}-1", id=call_id, action=self.legit_action, params=self.legit_params))),
+                Step(1, "sync")]
+            case.expect_ok.append((1, call_id))
+        return valid
+
+    def _cancel_cross(self, data: st.DataObject, prefix: str, case: _Case) -> bool:
+        """CANCELs naming another connection's calls (a call is known by its peer and id): its
+        call and its request stream in flight must still succeed."""
+        other = f"{prefix}-1"
+        case.insert(0, Step(1, "handshake", FrameType.HELLO, self.hello(other, cancel=True)))
+        case.keep_open.add(1)
+        call_id = uuid.uuid4().hex
+        case.append(Step(1, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+            ver=self.ver, sender=other, id=call_id, action=self.legit_action, params=self.legit_params))))
+        case.expect_ok.append((1, call_id))
+        ids = [call_id]
+        tail: list[Step] = []
+        if self.upload_action:
+            up = uuid.uuid4().hex
+            ids.append(up)
+            case += [Step(1, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+                ver=self.ver, sender=other, id=up, action=self.upload_action, stream=True, seq=0))),
+                Step(1, "frame", FrameType.STREAM_DATA, _stream_payload(0, up.encode(), 0, b"x" * 100))]
+            tail = [Step(1, "frame", FrameType.STREAM_DATA, _stream_payload(0, up.encode(), 1, b"y" * 100)),
+                    Step(1, "frame", FrameType.STREAM_DATA, _stream_payload(STREAM_FLAG_END, up.encode(), 2))]
+            case.expect_ok.append((1, up))
+        case.append(Step(1, "sync"))
+        valid = True
+        for _ in range(data.draw(st.integers(1, 3))):
+            payload = data.draw(st.one_of(st.sampled_from(ids).map(str.encode), _cancel_payloads(ids)))
+            case.append(Step(0, "frame", FrameType.CANCEL, payload))
+            valid = valid and _valid_cancel(payload)
+        if data.draw(st.booleans()):  # its own call of the same id: that one may be cancelled
+            case += [Step(0, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+                ver=self.ver, sender=f"{prefix}-0", id=ids[-1], action=self.legit_action, params=self.legit_params))),
+                Step(0, "frame", FrameType.CANCEL, ids[-1].encode())]
+        case += [Step(0, "sync"), *tail, Step(1, "sync")]
+        return valid
+
+    def _cancel_flood(self, data: st.DataObject, prefix: str, case: _Case) -> bool:
+        """Many REQs and CANCELs in one write, from one to four connections, for a few rounds:
+        each REQ followed by its CANCEL, all REQs then all their CANCELs (once or twice), or
+        the REQs then CANCELs of calls that do not exist."""
+        # (hypothesis draws the first of a list most: the large sizes come first)
+        conns = data.draw(st.integers(1, 4))
+        calls = data.draw(st.sampled_from([256, 1024, 64, 16, 1]))
+        cancels = data.draw(st.sampled_from([5000, 20000, 1000, 64, 0]))
+        rounds = data.draw(st.integers(1, 3))
+        how = data.draw(st.sampled_from(["unknown", "interleaved", "own", "twice"]))
+        for c in range(1, conns):
+            case.insert(c - 1, Step(c, "handshake", FrameType.HELLO, self.hello(f"{prefix}-{c}", cancel=True)))
+            case.keep_open.add(c)
+        for r in range(rounds):
+            for c in range(conns):
+                sender = f"{prefix}-{c}"
+                ids = [f"{r}.{i}" for i in range(calls)]
+                reqs = [encode_frame(FrameType.REQUEST, _MSGPACK.encode(Request(
+                    ver=self.ver, sender=sender, id=i, action=self.legit_action, params=self.legit_params)))
+                    for i in ids]
+                own = [encode_frame(FrameType.CANCEL, i.encode()) for i in ids]
+                if how == "interleaved":
+                    payload = b"".join(q + x for q, x in zip(reqs, own, strict=True))
+                elif how in ("own", "twice"):
+                    payload = b"".join(reqs) + b"".join(own) * (2 if how == "twice" else 1)
+                else:
+                    payload = b"".join(reqs) + encode_frame(FrameType.CANCEL, b"z") * cancels
+                case.append(Step(c, "raw", 0, payload))
+        case += [Step(c, "sync") for c in range(conns)]
+        return True
+
     def session_params(self) -> Any:
         for kind, payload in self.session.frames:
             if kind == FrameType.REQUEST:
@@ -1263,8 +1632,9 @@ class _Generator:
 
 def _machine(engine: _Engine) -> type[RuleBasedStateMachine]:
     """A RuleBasedStateMachine whose rules act on live connections to the target: open,
-    handshake, send a frame of any kind, open a stream, send a chunk with a seq, skip or
-    rewind a seq, end or fail a stream, grant credit, call, close, reconnect."""
+    handshake (offering ``cancel`` or not), send a frame of any kind, open a stream, send a
+    chunk with a seq, skip or rewind a seq, end or fail a stream, grant credit, call, CANCEL a
+    call or stream of the connection (or anything else), close, reconnect."""
     gen = engine.gen
     actions = gen.stream_actions
 
@@ -1277,6 +1647,7 @@ def _machine(engine: _Engine) -> type[RuleBasedStateMachine]:
                                   prefix=self.prefix)
             self.open: set[int] = set()
             self.streams: list[list[Any]] = []  # [conn, id, next seq]
+            self.calls: deque[tuple[int, str]] = deque(maxlen=16)  # (conn, id) of recent calls
             self.skip = engine.time_up()
 
         def do(self, *steps: Step) -> None:
@@ -1292,9 +1663,9 @@ def _machine(engine: _Engine) -> type[RuleBasedStateMachine]:
 
             trio.from_thread.run(run)
 
-        @rule(c=st.integers(0, 3))
-        def connect_and_handshake(self, c: int) -> None:
-            self.do(Step(c, "handshake", FrameType.HELLO, gen.hello(f"{self.prefix}-{c}")))
+        @rule(c=st.integers(0, 3), offer=st.booleans())
+        def connect_and_handshake(self, c: int, offer: bool) -> None:
+            self.do(Step(c, "handshake", FrameType.HELLO, gen.hello(f"{self.prefix}-{c}", cancel=offer)))
             self.open.add(c)
 
         @rule(c=st.integers(0, 3))
@@ -1354,9 +1725,18 @@ def _machine(engine: _Engine) -> type[RuleBasedStateMachine]:
         @rule(data=st.data())
         def call(self, data: st.DataObject) -> None:
             c = data.draw(st.sampled_from(sorted(self.open)))
+            call_id = uuid.uuid4().hex
+            self.calls.append((c, call_id))
             self.do(Step(c, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
-                ver=gen.ver, sender=f"{self.prefix}-{c}", id=uuid.uuid4().hex,
+                ver=gen.ver, sender=f"{self.prefix}-{c}", id=call_id,
                 action=data.draw(st.sampled_from(gen.call_actions)), params=gen.session_params()))))
+
+        @precondition(lambda self: bool(self.open))
+        @rule(data=st.data())
+        def cancel(self, data: st.DataObject) -> None:
+            c = data.draw(st.sampled_from(sorted(self.open)))
+            ids = [s[1] for s in self.streams if s[0] == c] + [i for k, i in self.calls if k == c]
+            self.do(Step(c, "frame", FrameType.CANCEL, data.draw(_cancel_payloads(ids))))
 
         @precondition(lambda self: bool(self.open))
         @rule(data=st.data())
@@ -1390,7 +1770,11 @@ def _machine(engine: _Engine) -> type[RuleBasedStateMachine]:
 # --- the engine -------------------------------------------------------------------------
 
 
-_CATEGORIES = ("handshake", "session", "generated", "stateful", "burst", "service")
+_CATEGORIES = ("handshake", "session", "generated", "stateful", "burst", "cancel", "service")
+
+#: calls sent in one write to check a peer's request count after a cancel case (fewer when
+#: the target serves fewer at once for one peer: measured once, on a fresh node id)
+_PEER_CALLS = 256
 
 
 class _Engine:
@@ -1429,6 +1813,8 @@ class _Engine:
         self.gen: _Generator
         self.nursery: trio.Nursery
         self.baseline: dict[str, int | None] = {}
+        self.peer_calls: int | None = None  # see count_check
+        self.downs = 0  # times the target was found down (crashed or hanging)
 
     # --- state of the target
 
@@ -1490,14 +1876,132 @@ class _Engine:
         return outcome
 
     async def case(self, category: str, steps: list[Step]) -> None:
-        """Run one case, count it, check the oracles."""
+        """Run one case, count it, check the oracles (and for a cancel case what the target
+        promised: :meth:`promises`, :meth:`count_check`)."""
+        problems: list[tuple[str, str]] = []
+        downs = self.downs
         async with trio.open_nursery() as nursery:
             runner = _Runner(self.address, nursery, secret=self.secret, bound=self.bound,
                              prefix=f"fuzz-{uuid.uuid4().hex[:10]}")
             for s in steps:
                 await runner.apply(s)
+            if isinstance(steps, _Case):
+                problems = await self.promises(runner, steps)
             await self.conclude(category, steps, runner)
             nursery.cancel_scope.cancel()
+        if not isinstance(steps, _Case) or self.stopped or self.dead() or self.downs != downs:
+            return  # (a connection closed by a crash is that crash)
+        if problems:
+            self.add_finding(Finding(
+                kind="misbehaved", category=category, summary=problems[0][1],
+                detail="\n".join(p for _, p in problems), reproducer=Reproducer(list(steps)),
+                signature=f"misbehaved:{problems[0][0]}"))
+        if steps.node_id is not None and not self.time_up():
+            await self.count_check(category, steps, steps.node_id)
+
+    async def promises(self, runner: _Runner, case: _Case) -> list[tuple[str, str]]:
+        """What the target promised about a cancel case: its connections that sent only valid
+        frames are still open (a PING is answered), and the calls no CANCEL of their own
+        connection named were answered with success. Returns (signature, text) of each broken
+        promise."""
+        problems: list[tuple[str, str]] = []
+        await runner.flush_all()
+        for c in sorted(case.keep_open):
+            conn = runner.conns.get(c)
+            if conn is None or not conn.handshaken:
+                continue  # refused, or never opened: nothing was promised
+            await runner.sync(conn)
+            if conn.eof:
+                problems.append(("closed", f"the target closed connection {c} ({_node_of(case, c)}), which sent "
+                                 "only valid frames (CANCELs of UTF-8 call ids of at most 256 bytes)"))
+        for c, call_id in case.expect_ok:
+            conn = runner.conns.get(c)
+            if conn is None or not conn.handshaken or (conn.eof and call_id not in conn.answers):
+                continue
+            answers = conn.answers
+            await conn.wait_for(lambda: call_id in answers, self.bound)  # noqa: B023 - awaited here
+            if call_id not in answers and not await runner.sync(conn):
+                continue  # the target is slow or gone (the other oracles tell), not silent on this call
+            answer = answers.get(call_id)
+            if answer != "ok":
+                problems.append((f"answer:{answer}", f"the call {call_id} of connection {c} ({_node_of(case, c)}) "
+                                 f"was {'not answered' if answer is None else f'answered {answer}'} "
+                                 f"within {self.bound}s (no CANCEL of that connection named it)"))
+        return problems
+
+    async def calls_from(self, node_id: str, n: int) -> tuple[int, int, int] | None:
+        """``n`` calls of the legitimate action in one write, from a new connection as
+        ``node_id``: (answered with success, answered QueueIsFullError, other answers or none
+        within the bound); None when the handshake was refused (the node id is still taken)."""
+        result: tuple[int, int, int] | None = None
+        async with trio.open_nursery() as nursery:
+            runner = _Runner(self.address, nursery, secret=self.secret, bound=self.bound,
+                             prefix=f"fuzz-count-{uuid.uuid4().hex[:8]}")
+            await runner.apply(Step(0, "handshake", FrameType.HELLO, self.gen.hello(node_id, cancel=True)))
+            conn = runner.conns.get(0)
+            if conn is not None and conn.handshaken and not conn.eof:
+                ids = [uuid.uuid4().hex for _ in range(n)]
+                for call_id in ids:
+                    conn.pending += encode_frame(FrameType.REQUEST, _MSGPACK.encode(Request(
+                        ver=self.ver, sender=node_id, id=call_id, action=self.legit_action, params=self.legit_params)))
+                await conn.flush()
+                await conn.wait_for(lambda: all(i in conn.answers for i in ids), self.bound)
+                ok = sum(conn.answers.get(i) == "ok" for i in ids)
+                full = sum(conn.answers.get(i) == "QueueIsFullError" for i in ids)
+                result = (ok, full, n - ok - full)
+            for c in list(runner.conns.values()):
+                await c.close()
+            nursery.cancel_scope.cancel()
+        return result
+
+    async def count_check(self, category: str, case: list[Step], node_id: str) -> None:
+        """After a cancel case (its connections closed), calls from its node id in one write
+        must all be answered: a request count the case left behind shows as QueueIsFullError.
+        Several tries within the bound (calls of the case may still run); a failure counts only
+        if a fresh node id's calls are all answered just after (so the limit is not lower now)."""
+        if self.peer_calls is None:
+            measured = await self.calls_from(f"fuzz-{uuid.uuid4().hex[:12]}-m", _PEER_CALLS)
+            if measured is None or measured[2] or not measured[0]:
+                return  # the target is busy: measure again next time
+            self.peer_calls = measured[0]  # the per-peer limit when it is lower
+        n = self.peer_calls
+        # once that leak is known, a shorter wait (it only counts another sighting)
+        end = trio.current_time() + (0.5 if "leak:peer_requests" in self.signatures else self.bound)
+        last: tuple[int, int, int] | None = None
+        while not self.dead():
+            last = await self.calls_from(node_id, n)
+            if last is not None and last[0] == n:
+                return
+            if trio.current_time() >= end:
+                break
+            await trio.sleep(0.1)
+        if last is None or not last[1] or self.dead():
+            return  # refused throughout, or slow answers: not a count left behind
+        fresh = await self.calls_from(f"fuzz-{uuid.uuid4().hex[:12]}-f", n)
+        if fresh is None or fresh[0] < n:
+            if fresh is not None and fresh[1] and not fresh[2]:
+                self.peer_calls = max(1, fresh[0])  # the limit is lower now (fewer peers' share)
+            return
+        steps = [*case, *(Step(c, "close") for c in sorted({s.conn for s in case})),
+                 Step(99, "handshake", FrameType.HELLO, self.gen.hello(node_id, cancel=True))]
+        steps += [Step(99, "frame", FrameType.REQUEST, _MSGPACK.encode(Request(
+            ver=self.ver, sender=node_id, id=f"count-{i}", action=self.legit_action, params=self.legit_params)))
+            for i in range(n)]
+        sent: dict[tuple[int, Any, Any], int] = {}
+        for s in case:
+            if s.op == "frame" and s.type == FrameType.REQUEST:
+                req = _loads(s.payload)
+                if isinstance(req, dict):
+                    key = (s.conn, req.get("id"), req.get("action"))
+                    sent[key] = sent.get(key, 0) + 1
+        again = [f"{call_id!r:.40} ({action}, conn {c})" for (c, call_id, action), k in sent.items() if k > 1]
+        self.add_finding(Finding(
+            kind="leak", category=category, signature="leak:peer_requests", reproducer=Reproducer(steps),
+            summary=f"after a cancel case, {n} calls in one write from its node id got {last[1]} "
+                    f"QueueIsFullError ({last[2]} other or no answer) for {self.bound}s, while {n} from "
+                    "a fresh node id were all answered: a request count of that peer was left behind",
+            detail=f"node id {node_id!r}; the reproducer ends with the calls (conn 99); call ids the case "
+                   f"sent more than once: {', '.join(again) or 'none'}"))
 
     async def conclude(self, category: str, steps: list[Step], runner: _Runner) -> None:
         outcome = await runner.finish(self.bound / 4)
@@ -1555,6 +2059,7 @@ class _Engine:
         return Reproducer(steps)
 
     async def on_target_down(self, category: str, symptom: str) -> None:
+        self.downs += 1
         detail = ""
         signature = symptom
         pid = self.current_pid()
@@ -1789,7 +2294,11 @@ async def fuzz_node(
     actions are ever called: point the fuzzer at a test node, not at one with real data.
 
     ``categories`` picks among ``handshake``, ``session``, ``generated``, ``stateful``,
-    ``burst`` and ``service``; the time is shared round-robin. After the run, with the hostile
+    ``burst``, ``cancel`` and ``service``; the time is shared round-robin. After each cancel
+    case, calls from its node id in one write must all be answered (a request count a
+    cancelled call left behind shows as ``QueueIsFullError``): up to 256 of them, or the
+    target's per-peer limit when it is lower (``max_peer_requests``; a target serving many
+    more per peer shows only a large leak that way). After the run, with the hostile
     connections closed, the target's RSS and descriptors must come back within
     ``rss_tolerance`` bytes / ``fd_tolerance`` descriptors of their baseline within ``settle``
     seconds.
@@ -1827,7 +2336,9 @@ async def fuzz_node(
             engine.target_id = session.target_id
             engine.gen = _Generator(session, secret=secret_b is not None, namespace=namespace,
                                     ver=protocol_version, stream_actions=stream_actions,
-                                    call_actions=call_actions)
+                                    call_actions=call_actions, legit_params=legit_params,
+                                    upload_action=upload_action, download_action=download_action,
+                                    download_params=download_params)
             await engine.start_legit()
             await trio.sleep(0.5)
             engine.take_baseline()
@@ -1853,9 +2364,9 @@ async def _campaign(engine: _Engine, session: _Session) -> None:
     gen = engine.gen
     builders: dict[str, Callable[[st.DataObject, str], list[Step]]] = {
         "handshake": gen.handshake_case, "session": gen.session_case,
-        "generated": gen.generated_case, "burst": gen.burst_case,
+        "generated": gen.generated_case, "burst": gen.burst_case, "cancel": gen.cancel_case,
     }
-    sizes = {"handshake": 40, "session": 40, "generated": 40, "burst": 3, "stateful": 3, "service": 0}
+    sizes = {"handshake": 40, "session": 40, "generated": 40, "burst": 3, "stateful": 3, "cancel": 20, "service": 0}
     round_no = 0
     services = [a for a in engine.call_actions if not a.startswith("$") and session.actions.get(a, {}).get("params")]
     service_fuzzers: list[_ServiceFuzzer] = []
