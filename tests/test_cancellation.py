@@ -170,3 +170,150 @@ async def test_garbage_cancel_frames_end_at_most_that_connection(payload: bytes,
             await s.aclose()
             # the node and its other peer carry on
             assert await friend.call("echo.it", {"x": 1}, timeout=5) == {"x": 1}
+
+
+# --- raw peers: the callee's side of CANCEL ---------------------------------------------------
+
+from nerve.packets import Request, Response  # noqa: E402
+from nerve.serializers import get_serializer  # noqa: E402
+
+_MSGPACK = get_serializer("msgpack")
+
+
+class Held(nerve.Service):
+    """Handlers that record how they ended."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    @nerve.action
+    async def wait(self, ctx: nerve.Context) -> str:
+        try:
+            await trio.sleep(30)
+        except trio.Cancelled:
+            self.ended.append("cancelled")
+            raise
+        self.ended.append("finished")
+        return "finished"
+
+    @nerve.action
+    async def upload(self, ctx: nerve.Context) -> int:
+        try:
+            assert ctx.stream is not None
+            return sum([len(c) async for c in ctx.stream])
+        except BaseException as exc:
+            self.ended.append(type(exc).__name__)
+            raise
+
+    @nerve.action
+    async def download(self, ctx: nerve.Context) -> nerve.PacketStream:
+        async def gen() -> object:
+            yield b"x" * 10
+
+        return nerve.PacketStream.from_iterable(gen())
+
+
+class RawPeer:
+    """A hand-driven peer on one TCP connection (HELLO with cancel=true)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = __import__("nerve.frames", fromlist=["FrameDecoder"]).FrameDecoder(1 << 24)
+
+    @classmethod
+    async def connect(cls, target: nerve.Broker, node_id: str = "raw") -> RawPeer:
+        import msgspec
+
+        host, port = target.address.removeprefix("tcp://").rsplit(":", 1)  # type: ignore[union-attr]
+        s = await trio.open_tcp_stream(host, int(port))
+        hello = msgspec.msgpack.encode({"nodeID": node_id, "namespace": "", "ver": "5", "cancel": True,
+                                        "window": 1 << 20, "maxChunk": 1 << 16})
+        await s.send_all(_frame(int(FrameType.HELLO), hello))
+        peer = cls(s)
+        with trio.fail_after(2):
+            while not any(f[0] == int(FrameType.HELLO_ACK) for f in await peer.frames()):
+                pass
+        with trio.fail_after(2):
+            while node_id not in target.transport.connections:  # type: ignore[attr-defined]
+                await trio.sleep(0.01)
+        return peer
+
+    async def frames(self) -> list[tuple]:  # type: ignore[type-arg]
+        data = await self.stream.receive_some(1 << 16)
+        if not data:
+            raise EOFError
+        return list(self.decoder.feed(data))
+
+    async def send(self, *frames: bytes) -> None:
+        await self.stream.send_all(b"".join(frames))
+
+
+def _req(call_id: str, action: str, **kw: object) -> bytes:
+    return _frame(int(FrameType.REQUEST), _MSGPACK.encode(Request(ver="5", sender="raw", id=call_id,
+                                                                  action=action, **kw)))  # type: ignore[arg-type]
+
+
+def _cancel(call_id: str) -> bytes:
+    return _frame(int(FrameType.CANCEL), call_id.encode())
+
+
+async def test_a_request_id_reused_while_in_service_ends_that_connection_only() -> None:
+    held = Held()
+    async with nerve.Broker("target", transport="tcp://127.0.0.1:0", services=[held]) as target:
+        peer = await RawPeer.connect(target)
+        await peer.send(_req("dup", "held.wait", params={}), _req("dup", "held.download", params={}))
+        with trio.fail_after(3):
+            while "raw" in target.transport.connections:
+                await trio.sleep(0.01)
+        with trio.fail_after(3):  # its handler is cancelled with it: nobody will read its answer
+            while target.transit.peer_requests.get("raw"):
+                await trio.sleep(0.01)
+        assert held.ended == ["cancelled"]
+        assert not [k for k in target.transit.in_service if k[0] == "raw"]
+        friend = await RawPeer.connect(target, "friend")
+        await friend.send(_req("ok-1", "held.download", params={}))
+        with trio.fail_after(3):
+            got: list[tuple] = []  # type: ignore[type-arg]
+            while not any(f[0] == int(FrameType.RESPONSE) for f in got):
+                got += await friend.frames()
+
+
+async def test_a_stream_request_cancelled_before_its_handler_starts_is_cancelled_and_answered() -> None:
+    held = Held()
+    async with nerve.Broker("target", transport="tcp://127.0.0.1:0", services=[held]) as target:
+        peer = await RawPeer.connect(target)
+        # REQ (with a request stream) and its CANCEL in one write: the handler is still queued
+        await peer.send(_req("s-1", "held.upload", params={}, stream=True, seq=0), _cancel("s-1"))
+        answer = None
+        with trio.fail_after(3):
+            while answer is None:
+                for f in await peer.frames():
+                    if f[0] == int(FrameType.RESPONSE):
+                        answer = _MSGPACK.decode(int(FrameType.RESPONSE), f[1])
+        assert isinstance(answer, Response) and answer.id == "s-1" and answer.success is False
+        assert answer.error["name"] == "StreamError"
+        assert held.ended == ["Cancelled"]  # the handler was cancelled as it started
+        assert target.transit.stats["cancelled"] == 1
+        with trio.fail_after(2):
+            while target.transit.peer_requests.get("raw") or target.transit.peer_streams.get("raw"):
+                await trio.sleep(0.01)
+
+
+async def test_a_response_stream_for_an_id_too_long_to_name_it_is_refused_with_an_error() -> None:
+    async with nerve.Broker("target", transport="tcp://127.0.0.1:0", services=[Held()]) as target:
+        peer = await RawPeer.connect(target)
+        long_id = "L" * 300
+        await peer.send(_req(long_id, "held.download", params={}))
+        answer = None
+        with trio.fail_after(3):
+            while answer is None:
+                for f in await peer.frames():
+                    if f[0] == int(FrameType.RESPONSE):
+                        answer = _MSGPACK.decode(int(FrameType.RESPONSE), f[1])
+        assert isinstance(answer, Response) and answer.success is False and not answer.stream
+        assert "longer than 255 bytes" in answer.error["message"]
+        with trio.fail_after(2):
+            while target.transit.peer_requests.get("raw"):
+                await trio.sleep(0.01)

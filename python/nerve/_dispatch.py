@@ -83,8 +83,11 @@ class HandlerPool:
         self._queue: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], float, Any]] = deque()
         #: keyed items running now, with the scope that runs them (see ``cancel``)
         self._running: dict[Any, trio.CancelScope] = {}
-        #: keyed items cancelled while still queued
-        self._dropped: set[Any] = set()
+        #: keyed items cancelled while still queued (how many of that key's queued items, the
+        #: first ones, are cancelled as they start)
+        self._dropped: dict[Any, int] = {}
+        #: keyed items queued now (so ``cancel`` never scans the queue)
+        self._queued_keys: dict[Any, int] = {}
         self._idle: list[Any] = []
         #: workers that will look at the queue without a wake-up (woken, spawned, or
         #: running an item that has not blocked)
@@ -102,6 +105,7 @@ class HandlerPool:
             self._queue.clear()
             self._running.clear()
             self._dropped.clear()
+            self._queued_keys.clear()
             self._available = 0
             self.workers = 0
 
@@ -117,11 +121,12 @@ class HandlerPool:
         """Cancel the item started with ``key`` (running: its scope is cancelled; queued: it
         is cancelled as it starts). False if no such item is running."""
         scope = self._running.get(key)
-        if scope is not None:
+        if scope is not None and not scope.cancel_called:
             scope.cancel()
             return True
-        if any(item[3] == key for item in self._queue):
-            self._dropped.add(key)
+        dropped = self._dropped.get(key, 0)
+        if self._queued_keys.get(key, 0) > dropped:
+            self._dropped[key] = dropped + 1
             return True
         return False
 
@@ -135,6 +140,8 @@ class HandlerPool:
         if self._drained.is_set():
             self._drained = trio.Event()
         self._queue.append((fn, args, deadline, key))
+        if key is not None:
+            self._queued_keys[key] = self._queued_keys.get(key, 0) + 1
         if self._available == 0:
             self._wake_one()
 
@@ -174,17 +181,22 @@ class HandlerPool:
                 if deadline != current:
                     scope.deadline = current = deadline
                 if key is not None:
+                    left = self._queued_keys.pop(key) - 1
+                    if left:
+                        self._queued_keys[key] = left
                     self._running[key] = scope
                     if self._dropped and key in self._dropped:
-                        self._dropped.discard(key)
+                        dropped = self._dropped.pop(key) - 1
+                        if dropped:
+                            self._dropped[key] = dropped
                         scope.cancel()
                 try:
                     await _run_in_context(fn(*args), base.copy(), self)  # type: ignore[arg-type]
                 except Exception:
                     log.exception("handler task %r failed", fn)
                 finally:
-                    if key is not None:
-                        self._running.pop(key, None)
+                    if key is not None and self._running.get(key) is scope:
+                        del self._running[key]
                     self.active -= 1
                     if self.active == 0:
                         self._drained.set()

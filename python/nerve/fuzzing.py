@@ -1517,11 +1517,13 @@ class _Generator:
                 case += tail
                 if data.draw(st.booleans()):
                     case += [cancel]
-            else:  # the id again after its CANCEL (a new call: request streams may not reuse an id in progress)
+            else:  # the id again right after its CANCEL: the target may still hold the first
+                # call (its handler has not ended yet), and an id reused while in service is a
+                # protocol error (docs/protocol.md): the connection may be closed
                 case += [*head, cancel, *tail]
-                if what != "stream":
-                    again, rest = self._cancel_request(data, c, sender, what, call_id)
-                    case += [*again, *rest]
+                again, rest = self._cancel_request(data, c, sender, what, call_id)
+                case += [*again, *rest]
+                valid = False
         return valid
 
     def _cancel_garbage(self, data: st.DataObject, prefix: str, case: _Case) -> bool:

@@ -81,6 +81,8 @@ _INF = float("inf")
 #: REQ budgets at or beyond this (or not finite) mean no budget: 100 days, in ms
 _MAX_BUDGET_MS = 100 * 86400 * 1000
 _RES = int(PacketType.RES)
+#: a stream is named by its call's id in the stream frame header (one length byte)
+_MAX_STREAM_ID = 255
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 _DISCOVER = int(PacketType.DISCOVER)
 _INFO = int(PacketType.INFO)
@@ -295,6 +297,11 @@ class Transit:
         self.serving: dict[tuple[str, str], trio.CancelScope] = {}
         #: requests (and, of them, request streams) being served per peer
         self.peer_requests: dict[str, int] = {}
+        #: (peer, call id) of every request admitted and not yet answered (response stream
+        #: included): an id reused meanwhile is a protocol error
+        self.in_service: set[tuple[str, str]] = set()
+        #: stream requests whose CANCEL came before their handler started
+        self._cancel_early: set[tuple[str, str]] = set()
         self.peer_streams: dict[str, int] = {}
         #: nodes connected now (as the transport reports them)
         self.peers: set[str] = set()
@@ -529,11 +536,17 @@ class Transit:
     def on_cancel(self, sender: str, call_id: str) -> None:
         """``sender`` stopped waiting for its call ``call_id``: cancel its handler if it is still
         running here (a handler with a request stream fails it: the caller gets its answer)."""
-        scope = self.serving.get((sender, call_id))
+        key = (sender, call_id)
+        scope = self.serving.get(key)
         if scope is not None:
             scope.cancel()
             self.stats["cancelled"] += 1
-        elif self.handlers.cancel((sender, call_id)):
+        elif self.handlers.cancel(key):
+            self.stats["cancelled"] += 1
+        elif key in self.in_service and (sender, call_id, False) in self.readers:
+            # A stream handler still queued: cancelled as it starts (it answers, failing its
+            # stream, so the caller frees its slot).
+            self._cancel_early.add(key)
             self.stats["cancelled"] += 1
 
     async def ping(self, node_id: str, timeout: float) -> float:
@@ -575,6 +588,9 @@ class Transit:
         for serving_key, scope in list(self.serving.items()):
             if serving_key[0] == node_id:
                 scope.cancel()
+        for call in [k for k in self.in_service if k[0] == node_id]:
+            # Nobody will read their answers: as if the caller had cancelled them.
+            self.handlers.cancel(call)
         for pending in list(self.pending.values()):
             if pending.node_id == node_id and not pending.settled:
                 pending.error = RequestRejectedError(
@@ -663,6 +679,10 @@ class Transit:
                            or (sender, pkt.id, False) in self._reader_done):
             raise ProtocolError(f"{sender} reused the id of a request stream in progress: {pkt.id[:80]!r}",
                                 reason="stream_id_reused")
+        if (sender, pkt.id) in self.in_service:
+            # Its answer (or response stream) would be confused with the other's.
+            raise ProtocolError(f"{sender} reused the id of a request in progress: {pkt.id[:80]!r}",
+                                reason="request_id_reused")
         node = self.node
         handlers = self.handlers
         spec = node.local_action(pkt.action)
@@ -695,6 +715,7 @@ class Transit:
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
         self.peer_requests[sender] = mine + 1
+        self.in_service.add((sender, pkt.id))
         if not mine and not self.peers:  # a transport that reports no peers: count by requests
             self._peer_limit = self.peer_request_limit()
         if pkt.stream:
@@ -724,8 +745,11 @@ class Transit:
             return node.max_peer_requests
         return max(1, node.max_pending_requests // max(1, len(self.peers), len(self.peer_requests)))
 
-    def _answered(self, sender: str, stream_part: Callable[[], None] | None) -> None:
+    def _answered(self, sender: str, call_id: str, stream_part: Callable[[], None] | None) -> None:
         """A request of ``sender`` is answered (its response stream too), or dropped."""
+        self.in_service.discard((sender, call_id))
+        if self._cancel_early:
+            self._cancel_early.discard((sender, call_id))
         left = self.peer_requests.get(sender, 0) - 1
         if left > 0:
             self.peer_requests[sender] = left
@@ -788,12 +812,18 @@ class Transit:
                 self._respond_error(sender, pkt.id, ctx.meta, StreamError(
                     f"'{pkt.action}' answered with a stream, which this transport does not carry"))
                 return
+            if isinstance(result, PacketStream) and len(pkt.id.encode("utf-8", "surrogatepass")) > _MAX_STREAM_ID:
+                result.abort_untaken(StreamError("the call's id is too long to name a stream"))
+                self._respond_error(sender, pkt.id, ctx.meta, StreamError(
+                    f"'{pkt.action}' answered with a stream, but the call's id is longer than "
+                    f"{_MAX_STREAM_ID} bytes and cannot name it"))
+                return
             if isinstance(result, PacketStream):
                 self.node.watch_stream(ctx, result)
                 if reader is not None:
                     _when_closed(result, lambda: self._finish_request_stream(sender, pkt.id, reader))
                 counted = False
-                _when_closed(result, lambda: self._answered(sender, stream_part))
+                _when_closed(result, lambda: self._answered(sender, pkt.id, stream_part))
                 if deadline == _INF:
                     await self._send_response_stream(sender, pkt.id, ctx.meta, result)
                 else:  # out of the budget's reach: a call's timeout never bounds its transfer
@@ -804,7 +834,7 @@ class Transit:
             self._respond(sender, pkt.id, ctx.meta, result)
         finally:
             if counted:
-                self._answered(sender, stream_part)
+                self._answered(sender, pkt.id, stream_part)
 
     def _respond_timeout(self, sender: str, pkt: Request, ctx: Context) -> None:
         self._respond_error(sender, pkt.id, ctx.meta, request_timeout(pkt.action, self.node_id, by=None))
@@ -813,6 +843,8 @@ class Transit:
         """Settle every waiting call with RequestRejectedError (the broker is stopping), and
         forget what peers held (handlers still queued are dropped with the broker's nursery)."""
         self.peer_requests.clear()
+        self.in_service.clear()
+        self._cancel_early.clear()
         self.peer_streams.clear()
         self._peer_limit = self.peer_request_limit()
         self._reader_done.clear()
@@ -835,6 +867,9 @@ class Transit:
         key = (sender, pkt.id)
         scope = trio.CancelScope()
         self.serving[key] = scope
+        if key in self._cancel_early:  # its CANCEL came while it was queued
+            self._cancel_early.discard(key)
+            scope.cancel()
         try:
             with scope:
                 return await spec.serve(ctx)
