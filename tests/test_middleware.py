@@ -1103,3 +1103,44 @@ async def test_a_call_middleware_that_refuses_fails_the_request_stream_feeder_at
                 with pytest.raises(ForbiddenError):
                     await b.call("echo.hello", stream=stream)
         assert fed and "nope" in str(fed[0])
+
+
+async def test_event_properties_reach_local_event_middlewares_and_travel_in_info() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class Watch(nerve.Middleware):
+        def local_event(self, next: Any, event: EventInfo) -> Any:
+            seen.append(dict(event.properties))
+            return next
+
+    class Sub(nerve.Service):
+        name = "sub"
+
+        @nerve.event("thing.happened", bulkhead={"concurrency": 1}, tag="x")
+        async def on_thing(self, ctx: nerve.Context) -> None:
+            pass
+
+    with pytest.raises(ServiceSchemaError):
+        nerve.event("bad", when=object())
+    async with nerve.Broker("mw-evprops", services=[Sub()], middlewares=[Watch()],
+                            transport="tcp://127.0.0.1:0") as a:
+        assert seen == [{"bulkhead": {"concurrency": 1}, "tag": "x"}]
+        async with nerve.Broker("mw-evprops-2", transport="tcp://127.0.0.1:0", peers=[a.address]) as b:
+            await b.wait_for_services("sub")
+            node = b.registry.nodes["mw-evprops"]
+            (svc,) = [s for s in node.services if s["name"] == "sub"]
+            assert svc["events"]["thing.happened"] == {"name": "thing.happened", "group": "sub",
+                                                       "bulkhead": {"concurrency": 1}, "tag": "x"}
+
+
+async def test_an_endpoint_kept_off_by_a_middleware_stays_off_across_a_new_info() -> None:
+    async with nerve.Broker("mw-avail-1", transport="tcp://127.0.0.1:0", services=[Echo()]) as a:
+        async with nerve.Broker("mw-avail-2", transport="tcp://127.0.0.1:0", peers=[a.address]) as b:
+            await b.wait_for_services("echo")
+            (ep,) = b.registry.actions["echo.hello"]
+            ep.available = False
+            a.add_service(Other())  # a new INFO from a: its endpoints are rebuilt
+            await b.wait_for_services("other")
+            (ep2,) = b.registry.actions["echo.hello"]
+            assert ep2 is not ep and ep2.available is False
+            assert all(e.available for e in b.registry.actions["other.value"])

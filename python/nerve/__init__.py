@@ -6,7 +6,7 @@ Start with :class:`Broker`, :class:`Service`, :func:`action`, :func:`event` and
 
 from __future__ import annotations
 
-from nerve import errors
+from nerve import errors, middlewares
 from nerve.broker import Broker
 from nerve.context import Context
 from nerve.middleware import ActionInfo, CallOptions, EventInfo, EventOptions, Middleware
@@ -33,5 +33,6 @@ __all__ = [
     "Strategy",
     "action",
     "errors",
+    "middlewares",
     "event",
 ]

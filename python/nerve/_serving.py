@@ -174,7 +174,7 @@ class Server:
         else:
             async def core(ctx: Context) -> None:
                 await handler(ctx)
-        info = EventInfo(spec.name, spec.group, spec.service.full_name, {})
+        info = EventInfo(spec.name, spec.group, spec.service.full_name, spec.properties)
         spec.serve = self.chain.wrap_local_event(core, info)
 
     def spawn_event(self, spec: EventSpec | None, event: str, data: Any, meta: dict[str, Any],

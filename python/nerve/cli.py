@@ -208,7 +208,7 @@ def _fuzz_parser(sub: Any) -> None:
     f.add_argument("--latency", type=float, default=2.0, help="latency bound of legitimate calls (s)")
     f.add_argument("--minimize-budget", type=float, default=120.0, help="seconds for minimizing findings")
     f.add_argument("--category", action="append",
-                   choices=["handshake", "session", "generated", "stateful", "burst", "service"],
+                   choices=["handshake", "session", "generated", "stateful", "burst", "cancel", "service"],
                    help="fuzz only these categories (repeatable; default all)")
 
 

@@ -205,6 +205,10 @@ class Registry:
         if address is not None:
             node.address = address
         node.last_seen = time.monotonic()
+        # Endpoints are rebuilt from the INFO; what middlewares set on the old ones (a circuit
+        # breaker's ``available``) carries over to the new endpoint of the same action.
+        unavailable = {name for name, eps in self.actions.items()
+                       for ep in eps if ep.node_id == node_id and not ep.available}
         self._remove(lambda ep: ep.node_id == node_id)
         for svc in services:
             if not isinstance(svc, dict):
@@ -213,8 +217,10 @@ class Registry:
             for aname, adef in (svc.get("actions") or {}).items():
                 if isinstance(adef, dict) and adef.get("protected"):
                     continue
-                self.actions.setdefault(aname, []).append(
-                    ActionEndpoint(aname, node_id, False, sname, None, adef if isinstance(adef, dict) else {}))
+                endpoint = ActionEndpoint(aname, node_id, False, sname, None, adef if isinstance(adef, dict) else {})
+                if aname in unavailable:
+                    endpoint.available = False
+                self.actions.setdefault(aname, []).append(endpoint)
             for ename, edef in (svc.get("events") or {}).items():
                 group = (edef.get("group") if isinstance(edef, dict) else None) or sname
                 self.events.append(EventEndpoint(ename, group, node_id, False, sname))

@@ -40,6 +40,7 @@ class _ActionMark:
 class _EventMark:
     name: str
     group: str | None
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 @overload
@@ -86,13 +87,13 @@ _HOOK_KINDS = ("before", "after", "error")
 _DEFINITION_KEYS = ("name", "rawName", "params")
 
 
-def _check_properties(properties: Any, what: str) -> None:
+def _check_properties(properties: Any, what: str, reserved: tuple[str, ...] = _DEFINITION_KEYS) -> None:
     """Properties travel in INFO: JSON-serializable, and no key INFO uses itself."""
     try:
         msgspec.json.encode(properties)
     except (TypeError, ValueError) as exc:
         raise ServiceSchemaError(f"{what} must be JSON-serializable (they travel in INFO): {exc}") from None
-    clash = [k for k in _DEFINITION_KEYS if k in properties]
+    clash = [k for k in reserved if k in properties]
     if clash:
         raise ServiceSchemaError(f"{what}: {clash[0]!r} is not a property name (INFO's action "
                                  f"definitions use it; typed params replace a 'params' schema)")
@@ -126,17 +127,20 @@ def _check_hooks(hooks: Any, *, per_action: bool) -> None:
                     raise ServiceSchemaError(f"{kind} hook {hook!r} is neither callable nor a method name")
 
 
-def event(name: str, *, group: str | None = None) -> Callable[[F], F]:
+def event(name: str, *, group: str | None = None, **properties: Any) -> Callable[[F], F]:
     """Mark a method of a :class:`Service` as the handler of event ``name``.
 
     ``group`` defaults to the service's name: an ``emit`` reaches one handler per group.
-    ``name`` may use ``*`` (one dot-separated segment) and ``**`` (any) wildcards.
+    ``name`` may use ``*`` (one dot-separated segment) and ``**`` (any) wildcards. Any other
+    keyword is a property of the subscription (JSON-serializable; it travels in INFO and
+    ``local_event`` middlewares see it in ``EventInfo.properties``, e.g. ``bulkhead={...}``).
     """
+    _check_properties(properties, f"event {name!r} properties", reserved=("name", "group"))
 
     def mark(f: F) -> F:
         if not inspect.iscoroutinefunction(f):
             raise ServiceSchemaError(f"event handler {getattr(f, '__qualname__', f)} must be an 'async def'")
-        setattr(f, _EVENT_ATTR, _EventMark(name, group))
+        setattr(f, _EVENT_ATTR, _EventMark(name, group, dict(properties)))
         return f  # type: ignore[return-value]  # mypy narrows F in iscoroutinefunction
 
     return mark
@@ -203,9 +207,13 @@ class EventSpec:
     wants_data: bool = False
     #: ``async (ctx) -> None``: the serving pipeline, built by the broker's Server
     serve: Any = None
+    #: the subscription's properties (they travel in INFO)
+    properties: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "group": self.group}
+        out: dict[str, Any] = dict(self.properties)
+        out.update(name=self.name, group=self.group)
+        return out
 
 
 def _inspect_handler(fn: Callable[..., Any]) -> tuple[Any, bool]:
@@ -309,5 +317,5 @@ def specs_of(svc: Service) -> tuple[list[ActionSpec], list[EventSpec]]:
                     f"service {svc.full_name!r} subscribes to event {emark.name!r} twice")
             tp, wants = _inspect_handler(fn)
             events.append(EventSpec(emark.name, emark.group or svc.full_name, svc,
-                                    getattr(svc, attr), tp, wants))
+                                    getattr(svc, attr), tp, wants, properties=dict(emark.properties)))
     return actions, events
