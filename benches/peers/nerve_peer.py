@@ -9,7 +9,8 @@ transport (one connection between the two nodes), plus the in-process call cost.
 ``--middlewares`` picks the variant: ``none`` (plain nerve), ``3mw`` (three do-nothing
 middlewares on both brokers: each wraps ``call``, ``local_action`` and ``remote_action`` and just
 awaits ``next``), ``ft`` (the client with ``nerve.middlewares.CircuitBreaker()``, the server with
-``nerve.middlewares.Bulkhead()``, both with their defaults). A nerve without that API (an older
+``nerve.middlewares.Bulkhead(concurrency=128, max_queue_size=128)``: sized above the
+harness's 64 in flight, so the figure is their cost, not the queueing a smaller bulkhead adds). A nerve without that API (an older
 revision) makes ``--probe`` print the reason, which the harness reports as the variant skipped.
 Servers (in their READY line) and clients (in their result) report ``nerve.__file__``: the
 harness checks that a baseline peer imported the revision it asked for.
@@ -143,7 +144,10 @@ def middleware_options(variant: str, side: str) -> dict[str, Any]:
         name = "CircuitBreaker" if side == "client" else "Bulkhead"
         if not hasattr(builtin, name):
             raise Unsupported(f"{where} has no nerve.middlewares.{name}")
-        return {"middlewares": [getattr(builtin, name)()]}
+        # The bulkhead sized above the deepest pipeline the harness runs (64 in flight), so the
+        # figure is what the two cost, not the queueing a smaller bulkhead would (by design) add.
+        options = {"concurrency": 128, "max_queue_size": 128} if name == "Bulkhead" else {}
+        return {"middlewares": [getattr(builtin, name)(**options)]}
     raise SystemExit(f"nerve peer: unknown --middlewares {variant}")
 
 
