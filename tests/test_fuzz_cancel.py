@@ -248,7 +248,7 @@ def test_every_frame_type_is_generated_after_a_handshake() -> None:
     """frame_step once raised ValueError for CANCEL (not a packet type): every batch that drew it
     ended, silently, with a note. Every frame type, CANCEL included, must build."""
     gen = generator()
-    steps = draw(lambda data: gen.frame_step(data, 0, "fuzz-p", ["a-stream"]), 150, seed=15)
+    steps = draw(lambda data: gen.frame_step(data, 0, "fuzz-p", ["a-stream"]), 600, seed=15)
     types = Counter(s.type for s in steps)
     assert set(types) == {int(t) for t in FrameType}, sorted(set(FrameType) - set(types))
     cases = draw(lambda data: gen.handshake_case(data, gen.prefix()), 120, seed=16)
