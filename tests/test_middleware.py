@@ -1144,3 +1144,31 @@ async def test_an_endpoint_kept_off_by_a_middleware_stays_off_across_a_new_info(
             (ep2,) = b.registry.actions["echo.hello"]
             assert ep2 is not ep and ep2.available is False
             assert all(e.available for e in b.registry.actions["other.value"])
+
+
+async def test_a_service_added_to_a_running_broker_is_reachable_only_once_started() -> None:
+    release = trio.Event()
+    log: list[str] = []
+
+    class Slow(nerve.Service):
+        name = "slowstart"
+
+        async def started(self) -> None:
+            await release.wait()
+            log.append("started")
+
+        @nerve.action
+        async def x(self, ctx: nerve.Context) -> str:
+            return "ok"
+
+    async with nerve.Broker("mw-add-slow", namespace=namespace()) as b:
+        b.add_service(Slow())
+        await trio.sleep(0.1)
+        with pytest.raises(ServiceNotFoundError):
+            await b.call("slowstart.x")
+        with trio.move_on_after(0.2) as waited:
+            await b.wait_for_services("slowstart")
+        assert waited.cancelled_caught  # not available while its started() runs
+        release.set()
+        await b.wait_for_services("slowstart", timeout=2)
+        assert await b.call("slowstart.x") == "ok" and log == ["started"]

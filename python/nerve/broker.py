@@ -368,10 +368,12 @@ class Broker:
         svc.broker = self
         self.services[name] = svc
         self._specs[name] = (actions, events)
-        if svc.dependencies:
-            self._unstarted.add(name)  # published once started (see _start_dependent)
+        if svc.dependencies or self._running:
+            # Published once started (see _start_dependent, _start_added): a caller or a
+            # dependent never reaches a service whose started() has not run.
+            self._unstarted.add(name)
         else:
-            self._publish(svc)
+            self._publish(svc)  # started by start(), before the transport and the dependents
 
     def add_service(self, svc: Service) -> None:
         """Add a service; on a running broker its ``started()`` runs and peers learn of it
@@ -386,7 +388,13 @@ class Broker:
 
     async def _start_added(self, svc: Service) -> None:
         await self._start_service(svc)
-        self.transit.announce()
+        if self.services.get(svc.full_name) is svc:
+            self._unstarted.discard(svc.full_name)
+            self._publish(svc)
+            self.transit.announce()
+        else:  # removed while its started() ran: it is stopped now that it has started
+            await svc.stopped()
+            await self.middlewares.service_stopped(svc)
 
     async def remove_service(self, name: str) -> None:
         """Remove a service by (full) name; peers stop routing to it."""
