@@ -98,6 +98,8 @@ class Caller:
         self.calls = 0
         self._context_for_strategy = bool(getattr(registry.strategy, "needs_context", False))
         self._wrapped: Any = chain.wrap_call(self._from_options) if chain.wraps_call else None
+        #: no call middleware: ``Broker.call`` goes straight to :meth:`attempts` when it can
+        self.direct = self._wrapped is None
 
     async def call(self, action: str, params: Any, meta: dict[str, Any] | None,
                    headers: dict[str, Any] | None, timeout: float | None, retries: int | None,
@@ -131,17 +133,17 @@ class Caller:
                     node_id: str | None, stream: PacketStream | None, idle_timeout: float | None,
                     parent_ctx: Context | None, fallback: Any) -> Any:
         if fallback is None:
-            return await self._attempts(action, params, meta, headers, timeout, retries, node_id, stream,
+            return await self.attempts(action, params, meta, headers, timeout, retries, node_id, stream,
                                         idle_timeout, parent_ctx)
         try:
-            return await self._attempts(action, params, meta, headers, timeout, retries, node_id, stream,
+            return await self.attempts(action, params, meta, headers, timeout, retries, node_id, stream,
                                         idle_timeout, parent_ctx)
         except Exception as exc:
             if callable(fallback):
                 return await maybe_await(fallback(parent_ctx, exc))
             return fallback
 
-    async def _attempts(self, action: str, params: Any, meta: dict[str, Any] | None,
+    async def attempts(self, action: str, params: Any, meta: dict[str, Any] | None,
                         headers: dict[str, Any] | None, timeout: float | None, retries: int | None,
                         node_id: str | None, stream: PacketStream | None, idle_timeout: float | None,
                         parent: Context | None) -> Any:
@@ -195,9 +197,32 @@ class Caller:
                             if merge_into is not None:
                                 merge_into.update(ctx.meta)
                     elif stream is None and not self.chain.wraps_remote:
-                        result = await self._remote_flat(ep, action, call_id, params, call_meta, call_headers,
-                                                         level, request_id, parent_id, caller, timeout,
-                                                         merge_into)
+                        # The flat lane, inline (each coroutine frame costs the 64-in-flight
+                        # figure): no Context; the timeout is an entry in the transit's deadline
+                        # queue, not a cancel scope.
+                        transit = self.transit
+                        pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
+                                                       request_id or call_id, parent_id, caller, timeout=timeout)
+                        if timeout is None:
+                            due, expiry = _INF, None
+                        else:
+                            due = trio.current_time() + timeout
+                            expiry = transit.expire_at(pending, due, action)
+                        try:
+                            if pending.settled:
+                                await trio.lowlevel.checkpoint()
+                            else:
+                                pending.task = trio.lowlevel.current_task()
+                                await trio.lowlevel.wait_task_rescheduled(pending.abort)
+                        finally:
+                            transit.done_waiting(call_id, pending, expiry)
+                        if isinstance(pending.error, RequestTimeoutError):
+                            await yield_to_own_deadline(due)
+                        if pending.meta and merge_into is not None:
+                            merge_into.update(pending.meta)
+                        if pending.error is not None:
+                            raise pending.error
+                        result = pending.result
                     else:
                         ctx = self._context(ep, action, call_id, request_id, parent_id, level, caller,
                                             params, call_meta, call_headers)
@@ -249,25 +274,6 @@ class Caller:
         return ctx
 
     # --- remote -----------------------------------------------------------------------------
-
-    async def _remote_flat(self, ep: ActionEndpoint, action: str, call_id: str, params: Any,
-                           meta: dict[str, Any], headers: dict[str, Any], level: int, request_id: str | None,
-                           parent_id: str | None, caller: str | None, timeout: float | None,
-                           merge_into: dict[str, Any] | None) -> Any:
-        """The common remote call: no Context, no extra frames; the timeout is an entry in the
-        transit's deadline queue, not a cancel scope."""
-        transit = self.transit
-        pending = transit.send_request(ep, call_id, params, meta, headers, level, request_id or call_id,
-                                       parent_id, caller, timeout=timeout)
-        due = _INF if timeout is None else trio.current_time() + timeout
-        await transit.wait_response(call_id, pending, due, action)
-        if isinstance(pending.error, RequestTimeoutError):
-            await yield_to_own_deadline(due)
-        if pending.meta and merge_into is not None:
-            merge_into.update(pending.meta)
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
 
     def _remote_handler(self, ep: ActionEndpoint) -> Any:
         """The remote_action chain of ``ep``, built on its first call (an INFO that changes the

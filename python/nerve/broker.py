@@ -487,8 +487,12 @@ class Broker:
         handler on the native transports (a CANCEL frame); over NATS the handler runs on until
         its budget ends, as in Moleculer. A call with a request stream aborts that stream.
         """
-        return await self._caller.call(action, params, meta, headers, timeout, retries, node_id, stream,
-                                       idle_timeout, parent_ctx, fallback)
+        caller = self._caller
+        if caller.direct and fallback is None and self._running:  # one coroutine frame fewer
+            return await caller.attempts(action, params, meta, headers, timeout, retries, node_id, stream,
+                                         idle_timeout, parent_ctx)
+        return await caller.call(action, params, meta, headers, timeout, retries, node_id, stream,
+                                 idle_timeout, parent_ctx, fallback)
 
     async def mcall(self, calls: Mapping[str, Any] | Sequence[Any], *, settled: bool = False,
                     parent_ctx: Context | None = None) -> Any:

@@ -92,7 +92,7 @@ _DISCONNECT = int(PacketType.DISCONNECT)
 class Pending:
     """A call waiting for its RES: settled once, waking the one task that waits."""
 
-    __slots__ = ("node_id", "settled", "answered", "result", "error", "meta", "_task")
+    __slots__ = ("node_id", "settled", "answered", "result", "error", "meta", "task")
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -101,23 +101,23 @@ class Pending:
         self.result: Any = None
         self.error: BaseException | None = None
         self.meta: dict[str, Any] | None = None
-        self._task: Any = None
+        self.task: Any = None
 
     def settle(self) -> None:
         self.settled = True
-        task, self._task = self._task, None
+        task, self.task = self.task, None
         if task is not None:
             trio.lowlevel.reschedule(task)
 
     def abort(self, _: Any) -> Any:
-        self._task = None
+        self.task = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def wait(self) -> None:
         if self.settled:
             await trio.lowlevel.checkpoint()
             return
-        self._task = trio.lowlevel.current_task()
+        self.task = trio.lowlevel.current_task()
         await trio.lowlevel.wait_task_rescheduled(self.abort)
 
 
@@ -516,14 +516,20 @@ class Transit:
             if pending.settled:
                 await trio.lowlevel.checkpoint()
             else:
-                pending._task = trio.lowlevel.current_task()
+                pending.task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(pending.abort)
         finally:
-            del self.pending[call_id]
-            if expiry is not None:
-                self.timers.discard(expiry, pending)
-            if not pending.answered and (not pending.settled or isinstance(pending.error, RequestTimeoutError)):
-                self._cancel_remote(pending.node_id, call_id)
+            self.done_waiting(call_id, pending, expiry)
+
+    def done_waiting(self, call_id: str, pending: Pending, expiry: int | None) -> None:
+        """The caller of ``pending`` stopped waiting (settled, or cancelled): unregister it, drop
+        its timer and, if it was never answered, tell its node (CANCEL). The flat lane of
+        ``nerve._calls`` waits inline (``expire_at``, park on ``pending.task``, then this)."""
+        del self.pending[call_id]
+        if expiry is not None:
+            self.timers.discard(expiry, pending)
+        if not pending.answered and (not pending.settled or isinstance(pending.error, RequestTimeoutError)):
+            self._cancel_remote(pending.node_id, call_id)
 
     def _cancel_remote(self, node_id: str, call_id: str) -> None:
         """We stopped waiting for ``call_id`` (cancelled, or our timeout fired): the callee's
@@ -618,6 +624,13 @@ class Transit:
         except ProtocolError:
             self.stats["protocol_errors"] += 1
             raise
+        if pkt.ver == self.ver:  # the two hot kinds without one more frame
+            if kind == _RES:
+                self._on_response(sender, pkt)  # type: ignore[arg-type]
+                return
+            if kind == _REQ:
+                self._on_request(sender, pkt)  # type: ignore[arg-type]
+                return
         self._on_packet(sender, kind, pkt)
 
     def _on_packet(self, sender: str, kind: int, pkt: Packet) -> None:
