@@ -87,10 +87,9 @@ class Server:
 
                 async def invoke(ctx: Context) -> Any:
                     return await handler(ctx, convert(ctx.params))
+                serve = invoke
             else:
-                async def invoke(ctx: Context) -> Any:
-                    return await handler(ctx)
-            serve = invoke
+                serve = handler  # ``handler(ctx)`` is the pipeline's own signature: no frame of ours
             if hooked:
                 serve = _hooked(serve, before, after, error)
         pipes = [_method(p, "transform") for p in (*svc.pipes, *(mark.pipes if mark else ()))]
