@@ -434,22 +434,6 @@ def test_cpu_meter_sees_this_process_spinning() -> None:
 # --- end to end: real brokers over TCP ----------------------------------------------------
 
 
-def core_wires_strategies() -> bool:
-    """True once ``Registry`` binds its strategy (the core's half of the contract)."""
-    bound: list[Any] = []
-
-    class Probe:
-        def bind(self, registry: Any) -> None:
-            bound.append(registry)
-
-        def select(self, key: str, endpoints: list[Any], ctx: Any) -> Any:
-            return endpoints[0]
-
-    Registry("probe", strategy=Probe())
-    return bool(bound)
-
-
-wired = pytest.mark.skipif(not core_wires_strategies(), reason="the core does not bind strategies yet")
 
 
 class Users(nerve.Service):
@@ -469,7 +453,6 @@ async def wait_for_nodes(broker: nerve.Broker, count: int, timeout: float = 15) 
 HEARTBEAT: dict[str, Any] = dict(heartbeat_interval=0.2, heartbeat_timeout=1.5)
 
 
-@wired
 @pytest.mark.anyio
 async def test_shard_keyed_calls_stick_to_one_node_across_tcp_brokers() -> None:
     shard = ShardStrategy("user_id")
@@ -499,7 +482,6 @@ async def test_shard_keyed_calls_stick_to_one_node_across_tcp_brokers() -> None:
                     assert now in ("shard-a", "shard-b")
 
 
-@wired
 @pytest.mark.anyio
 async def test_latency_strategy_measures_peers_of_a_running_broker() -> None:
     latency = LatencyStrategy(ping_interval=0.5, lowest_latency=0)  # loopback is under any mark
@@ -516,3 +498,40 @@ async def test_latency_strategy_measures_peers_of_a_running_broker() -> None:
             assert latency.latency("lat-a") is None  # never pings itself
             # The local node (0 ms) is the lowest: every call stays here.
             assert {(await a.call(ACTION, {}))["node"] for _ in range(10)} == {"lat-a"}
+
+
+class Points(nerve.Service):
+    name = "points"
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    @nerve.event("user.scored")
+    async def scored(self, ctx: nerve.Context) -> None:
+        self.got.append(ctx.params["user_id"])
+
+
+@pytest.mark.anyio
+async def test_shard_keyed_events_land_on_the_node_that_owns_the_key() -> None:
+    shard = ShardStrategy("user_id")
+    here, there = Points(), Points()
+    async with nerve.Broker("evshard-a", transport="tcp://127.0.0.1:0", services=[here],
+                            strategy=shard, prefer_local=False, **HEARTBEAT) as a:
+        assert a.address is not None
+        async with nerve.Broker("evshard-b", transport="tcp://127.0.0.1:0", peers=[a.address],
+                                services=[there], **HEARTBEAT):
+            with trio.fail_after(10):
+                while len({ep.node_id for ep in a.registry.event_endpoints("user.scored")}) < 2:
+                    await trio.sleep(0.05)
+            for user in range(20):
+                for _ in range(3):
+                    await a.emit("user.scored", {"user_id": user})
+            with trio.fail_after(5):
+                while len(here.got) + len(there.got) < 60:
+                    await trio.sleep(0.02)
+    nodes = ["evshard-a", "evshard-b"]
+    for user in range(20):
+        owner = here if shard.node_for(str(user), nodes) == "evshard-a" else there
+        other = there if owner is here else here
+        assert owner.got.count(user) == 3 and user not in other.got, user
+    assert here.got and there.got

@@ -167,6 +167,7 @@ class Broker:
             self.max_peer_streams = self.transport.max_streams
         self.dependency_timeout = dependency_timeout
         self.middlewares = Chain(list(middlewares))
+        self._strategy_reads_calls = bool(getattr(self.registry.strategy, "needs_context", False))
         self._handlers = HandlerPool()
         self._server = Server(self.node_id, self.middlewares, self._handlers, self.registry)
         self.services: dict[str, Service] = {}
@@ -565,17 +566,21 @@ class Broker:
     async def _send_event(self, event: str, data: Any, opts: EventOptions, *, broadcast: bool) -> None:
         groups, meta, parent = opts.groups, opts.meta, opts.parent_ctx
         group_list = [groups] if isinstance(groups, str) else (list(groups) if groups else None)
+        endpoints: list[Any] = []
         if broadcast:
             endpoints = [ep for ep in self.registry.event_endpoints(event)
                          if group_list is None or ep.group in group_list]
-        else:
-            endpoints = self.registry.pick_per_group(event, group_list, parent)
         if parent is not None:
             event_meta = dict(parent.meta)
             if meta:
                 event_meta.update(meta)
         else:
             event_meta = dict(meta) if meta else {}
+        if not broadcast:
+            # A strategy that reads the call (shard) sees the event's data and meta, not the
+            # context that emits it.
+            view = _EventView(event, data, event_meta) if self._strategy_reads_calls else parent
+            endpoints = self.registry.pick_per_group(event, group_list, view)  # type: ignore[arg-type]
         remote: dict[str, list[str]] = {}
         for ep in endpoints:
             if ep.local:
@@ -627,6 +632,17 @@ def _call_spec(item: Any) -> tuple[str, Any, dict[str, Any]]:
     if not isinstance(options, Mapping):
         raise BrokerOptionsError(f"mcall: 'options' must be a dict, not {options!r}")
     return action, params, dict(options)
+
+
+class _EventView:
+    """What a strategy with ``needs_context`` sees of an emitted event."""
+
+    __slots__ = ("event", "params", "meta")
+
+    def __init__(self, event: str, params: Any, meta: dict[str, Any]) -> None:
+        self.event = event
+        self.params = params
+        self.meta = meta
 
 
 class _Port:
