@@ -317,3 +317,37 @@ async def test_a_response_stream_for_an_id_too_long_to_name_it_is_refused_with_a
         with trio.fail_after(2):
             while target.transit.peer_requests.get("raw"):
                 await trio.sleep(0.01)
+
+
+async def test_a_gone_peers_queued_handlers_plain_and_stream_are_cancelled_as_they_start() -> None:
+    """The peer is lost before any worker picked its requests up (no checkpoint between)."""
+    ended: list[str] = []
+
+    class Slow(nerve.Service):
+        name = "slowq"
+
+        @nerve.action
+        async def run(self, ctx: nerve.Context) -> int:
+            try:
+                await trio.sleep(1.0)  # does not read its request stream
+            except trio.Cancelled:
+                ended.append(f"cancelled {ctx.id}")
+                raise
+            ended.append(f"finished {ctx.id}")
+            return 1
+
+    async with nerve.Broker("gone-q", services=[Slow()]) as s:
+        t = s.transit
+
+        def req(call_id: str, stream: bool) -> bytes:
+            return t.serializer.encode(Request(ver=t.ver, sender="ghost", id=call_id, action="slowq.run",
+                                               params={}, meta={}, timeout=0, level=1, stream=stream))
+
+        t.on_frame("ghost", int(FrameType.REQUEST), req("plain-1", False))
+        t.on_frame("ghost", int(FrameType.REQUEST), req("stream-1", True))
+        t.on_disconnected("ghost", graceful=False)
+        with trio.fail_after(0.5):
+            while len(ended) < 2:
+                await trio.sleep(0.01)
+        assert sorted(ended) == ["cancelled plain-1", "cancelled stream-1"]
+        assert not t.in_service and not t.peer_requests

@@ -1129,3 +1129,54 @@ async def test_on_tcp_an_open_endpoint_is_skipped_then_probed_and_closed(anyio_b
             assert "cbt-bad" in seen and "fail" not in seen
             assert cb.statistics("flaky.work", "cbt-bad").state == "closed"
             assert sorted(await failures(client, 4)) == ["cbt-bad", "cbt-bad", "cbt-good", "cbt-good"]
+
+
+async def test_an_open_endpoint_whose_node_sends_a_new_info_is_probed_again_after_half_open_time() -> None:
+    """The registry keeps the endpoint object of an action its node describes as before, so the
+    breaker's half-open move reaches the endpoint that selection sees."""
+    from nerve.errors import NerveError as _NerveError
+
+    failing = {"ft-info-b": True}
+    served: list[str] = []
+
+    def work(node: str) -> nerve.Service:
+        class Work(nerve.Service):
+            name = "ftinfo"
+
+            @nerve.action
+            async def do(self, ctx: nerve.Context) -> str:
+                served.append(node)
+                if failing.get(node):
+                    raise _NerveError("boom", code=500)
+                return node
+
+        return Work()
+
+    class Extra(nerve.Service):
+        name = "ftinfo_extra"
+
+        @nerve.action
+        async def x(self, ctx: nerve.Context) -> int:
+            return 1
+
+    cb = CircuitBreaker(threshold=0.5, min_request_count=2, window_time=1.0, half_open_time=0.3)
+    async with nerve.Broker("ft-info-a", middlewares=[cb]) as a, \
+            nerve.Broker("ft-info-b", services=[work("ft-info-b")]) as b, \
+            nerve.Broker("ft-info-c", services=[work("ft-info-c")]):
+        with trio.fail_after(5):
+            while len(a.registry.actions.get("ftinfo.do", [])) < 2:
+                await trio.sleep(0.01)
+        for _ in range(3):
+            with pytest.raises(_NerveError):
+                await a.call("ftinfo.do", node_id="ft-info-b")
+        assert cb.statistics("ftinfo.do", "ft-info-b").state == "open"
+        failing["ft-info-b"] = False
+        b.add_service(Extra())  # a new INFO from b while its circuit is open
+        await a.wait_for_services("ftinfo_extra", timeout=5)
+        served.clear()
+        end = trio.current_time() + 1.5
+        while trio.current_time() < end:
+            await a.call("ftinfo.do")
+            await trio.sleep(0.01)
+        assert served.count("ft-info-b") > 0, served[:10]
+        assert cb.statistics("ftinfo.do", "ft-info-b").state == "closed"

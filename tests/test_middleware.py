@@ -1133,7 +1133,7 @@ async def test_event_properties_reach_local_event_middlewares_and_travel_in_info
                                                        "bulkhead": {"concurrency": 1}, "tag": "x"}
 
 
-async def test_an_endpoint_kept_off_by_a_middleware_stays_off_across_a_new_info() -> None:
+async def test_an_endpoint_kept_off_by_a_middleware_stays_off_across_a_new_info_that_describes_it_as_before() -> None:
     async with nerve.Broker("mw-avail-1", transport="tcp://127.0.0.1:0", services=[Echo()]) as a:
         async with nerve.Broker("mw-avail-2", transport="tcp://127.0.0.1:0", peers=[a.address]) as b:
             await b.wait_for_services("echo")
@@ -1142,7 +1142,8 @@ async def test_an_endpoint_kept_off_by_a_middleware_stays_off_across_a_new_info(
             a.add_service(Other())  # a new INFO from a: its endpoints are rebuilt
             await b.wait_for_services("other")
             (ep2,) = b.registry.actions["echo.hello"]
-            assert ep2 is not ep and ep2.available is False
+            # described as before: the same endpoint object, with what middlewares set on it
+            assert ep2 is ep and ep2.available is False
             assert all(e.available for e in b.registry.actions["other.value"])
 
 
@@ -1172,3 +1173,28 @@ async def test_a_service_added_to_a_running_broker_is_reachable_only_once_starte
         release.set()
         await b.wait_for_services("slowstart", timeout=2)
         assert await b.call("slowstart.x") == "ok" and log == ["started"]
+
+
+
+async def test_a_dependent_removed_while_its_started_runs_is_stopped_and_the_broker_starts() -> None:
+    log: list[str] = []
+    holder: dict[str, nerve.Broker] = {}
+
+    class Dep(nerve.Service):
+        name = "deprm"
+        dependencies = ["other"]
+
+        async def started(self) -> None:
+            log.append("started deprm")
+            await holder["b"].remove_service("deprm")  # removed while its started() runs
+
+        async def stopped(self) -> None:
+            log.append("stopped deprm")
+
+    b = nerve.Broker("mw-deprm", namespace=namespace(), services=[Other(), Dep()], dependency_timeout=2)
+    holder["b"] = b
+    async with b:
+        assert "deprm" not in b.services
+        with pytest.raises(ServiceNotFoundError):
+            await b.call("deprm.x")
+    assert log == ["started deprm", "stopped deprm"]

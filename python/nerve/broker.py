@@ -330,6 +330,10 @@ class Broker:
         if scope.cancelled_caught or self.services.get(name) is not svc:
             return  # removed (or the broker stops) while it waited
         await self._start_service(svc)
+        if self.services.get(name) is not svc:  # removed while its started() ran
+            await svc.stopped()
+            await self.middlewares.service_stopped(svc)
+            return
         self._unstarted.discard(name)
         self._publish(svc)
         self.transit.announce()

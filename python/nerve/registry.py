@@ -205,10 +205,11 @@ class Registry:
         if address is not None:
             node.address = address
         node.last_seen = time.monotonic()
-        # Endpoints are rebuilt from the INFO; what middlewares set on the old ones (a circuit
-        # breaker's ``available``) carries over to the new endpoint of the same action.
-        unavailable = {name for name, eps in self.actions.items()
-                       for ep in eps if ep.node_id == node_id and not ep.available}
+        # An action the INFO describes as before keeps its endpoint object: what middlewares
+        # hold or set on it (a circuit breaker's ``available``, the cached remote_action chain)
+        # stays valid. A changed definition gets a fresh endpoint.
+        previous = {(ep.name, ep.service): ep for eps in self.actions.values()
+                    for ep in eps if ep.node_id == node_id}
         self._remove(lambda ep: ep.node_id == node_id)
         for svc in services:
             if not isinstance(svc, dict):
@@ -217,9 +218,10 @@ class Registry:
             for aname, adef in (svc.get("actions") or {}).items():
                 if isinstance(adef, dict) and adef.get("protected"):
                     continue
-                endpoint = ActionEndpoint(aname, node_id, False, sname, None, adef if isinstance(adef, dict) else {})
-                if aname in unavailable:
-                    endpoint.available = False
+                definition = adef if isinstance(adef, dict) else {}
+                endpoint = previous.get((aname, sname))
+                if endpoint is None or endpoint.definition != definition:
+                    endpoint = ActionEndpoint(aname, node_id, False, sname, None, definition)
                 self.actions.setdefault(aname, []).append(endpoint)
             for ename, edef in (svc.get("events") or {}).items():
                 group = (edef.get("group") if isinstance(edef, dict) else None) or sname

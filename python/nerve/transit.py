@@ -595,8 +595,10 @@ class Transit:
             if serving_key[0] == node_id:
                 scope.cancel()
         for call in [k for k in self.in_service if k[0] == node_id]:
-            # Nobody will read their answers: as if the caller had cancelled them.
-            self.handlers.cancel(call)
+            # Nobody will read their answers: as if the caller had cancelled them (a stream
+            # handler still queued is cancelled as it starts).
+            if not self.handlers.cancel(call) and (node_id, call[1], False) in self.readers:
+                self._cancel_early.add(call)
         for pending in list(self.pending.values()):
             if pending.node_id == node_id and not pending.settled:
                 pending.error = RequestRejectedError(
@@ -692,7 +694,10 @@ class Transit:
                            or (sender, pkt.id, False) in self._reader_done):
             raise ProtocolError(f"{sender} reused the id of a request stream in progress: {pkt.id[:80]!r}",
                                 reason="stream_id_reused")
-        if (sender, pkt.id) in self.in_service:
+        if (sender, pkt.id) in self.in_service and self.transport.native_streams:
+            # (Over Moleculer transports a retry may resend a context's id while its first
+            # attempt still runs, as moleculer.js does: tolerated there, where no stream is
+            # named by it.)
             # Its answer (or response stream) would be confused with the other's.
             raise ProtocolError(f"{sender} reused the id of a request in progress: {pkt.id[:80]!r}",
                                 reason="request_id_reused")
