@@ -263,6 +263,7 @@ class Broker:
         if not self._running or self._stopping:
             return
         self._stopping = True
+        self.transit.stopping = True
         for wait in list(self._waits.values()):
             wait.cancel()  # services still waiting for their dependencies never start
         with trio.CancelScope(shield=True):
@@ -670,9 +671,6 @@ class _Port:
         self.heartbeat_interval = broker.heartbeat_interval
         self.heartbeat_timeout = broker.heartbeat_timeout
         self.local_action = broker._local_actions.get
-
-    def stopping(self) -> bool:
-        return self._broker._stopping
 
     def describe_services(self) -> list[dict[str, Any]]:
         return self._broker.describe_services()

@@ -252,9 +252,6 @@ class NodePort(Protocol):
     heartbeat_interval: float
     heartbeat_timeout: float
 
-    def stopping(self) -> bool:
-        """True once the node stopped taking calls."""
-
     def local_action(self, name: str) -> ActionSpec | None:
         """The action ``name`` served here (its ``serve`` runs it), or None."""
 
@@ -318,6 +315,8 @@ class Transit:
         self.instance_id = os.urandom(8).hex()
         self.info_seq = 1
         self.stats = {"requests_in": 0, "requests_out": 0, "protocol_errors": 0, "cancelled": 0}
+        #: set by the node once it stops taking calls (REQs are refused from then on)
+        self.stopping = False
 
     # --- outgoing -----------------------------------------------------------------------
 
@@ -705,14 +704,14 @@ class Transit:
         handlers = self.handlers
         spec = node.local_action(pkt.action)
         mine = self.peer_requests.get(sender, 0)
-        if (spec is None or node.stopping() or handlers.active >= node.max_pending_requests
+        if (spec is None or self.stopping or handlers.active >= node.max_pending_requests
                 or mine >= self._peer_limit
                 or (pkt.stream and self.peer_streams.get(sender, 0) >= node.max_peer_streams)):
             if spec is None:
                 exc: NerveError = ServiceNotFoundError(
                     f"Service '{pkt.action}' is not found on '{self.node_id}' node.",
                     data={"action": pkt.action, "nodeID": self.node_id})
-            elif node.stopping():
+            elif self.stopping:
                 exc = RequestRejectedError(f"node '{self.node_id}' is stopping",
                                            data={"action": pkt.action, "nodeID": self.node_id})
             elif mine >= self._peer_limit:
