@@ -1488,12 +1488,16 @@ class _Generator:
         frame sent is one the target may refuse (a CANCEL over 256 bytes). ``window``: the one
         its HELLO said, when small (a response stream then waits for credit after it)."""
         valid = True
+        used: set[str] = set()
         for _ in range(data.draw(st.integers(1, 4))):
             what = data.draw(st.sampled_from(["call", "call", "stream", "stream", "download"]))
             how = data.draw(st.sampled_from(["race", "race", "before", "twice", "finished", "inflight",
                                              "inflight", "reuse"]))
             # stream ids travel in stream frames (at most 255 bytes): those stay plain
             call_id = self._call_id(data, what == "call")
+            if call_id in used:  # an edge id drawn twice: a second call under it, while the first
+                call_id = uuid.uuid4().hex  # may still be in service, is refused by design
+            used.add(call_id)
             # credit for a response stream only once the target has sent what it grants (after a sync)
             grant = (window or 0) if how in ("finished", "inflight") else 0
             head, tail = self._cancel_request(data, c, sender, what, call_id, grant)
