@@ -68,7 +68,7 @@ class HandlerPool:
     holds up others. ``max_idle`` workers stay parked between bursts. ``wait_idle`` returns
     once no item is queued or running (graceful stop).
 
-    An item may have a deadline (``start_soon_until``): it runs under it as under a trio
+    An item may have a deadline (``start_keyed``): it runs under it as under a trio
     cancel scope of its own, but the scope is the worker's, entered once per worker and
     given each item's deadline in turn. Entering and leaving a scope per request cost about
     8 us here; setting the deadline of one already entered costs about 3 us. A deadline that
@@ -111,11 +111,7 @@ class HandlerPool:
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``fn(*args)`` soon; its exceptions are logged (it should handle its own)."""
-        self.start_soon_until(_INF, fn, *args)
-
-    def start_soon_until(self, deadline: float, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Run ``fn(*args)`` soon, cancelled at ``deadline`` (trio clock) if still running."""
-        self.start_keyed(None, deadline, fn, *args)
+        self.start_keyed(None, _INF, fn, *args)
 
     def cancel(self, key: Any) -> bool:
         """Cancel the item started with ``key`` (running: its scope is cancelled; queued: it
@@ -131,7 +127,8 @@ class HandlerPool:
         return False
 
     def start_keyed(self, key: Any, deadline: float, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """``start_soon_until`` for an item that ``cancel(key)`` can cancel (``key`` None: none)."""
+        """Run ``fn(*args)`` soon, cancelled at ``deadline`` (trio clock; inf: none) if still
+        running, and by ``cancel(key)`` (``key`` None: not cancellable by key)."""
         if self._nursery is None:
             from nerve.errors import BrokerOptionsError
 

@@ -78,20 +78,18 @@ class Server:
         before, after, error = self._hooks(spec)
         hooked = bool(before or after or error)
         serve: Handler
-        if spec.wants_params and hooked and spec.params_type is not None:
-            # Params are validated before the hooks (a call with bad params runs none of them).
-            serve = _hooked_typed(handler, spec.convert_params, before, after, error)
-        else:
-            if spec.wants_params:
-                convert = spec.convert_params
+        if spec.wants_params:
+            convert = spec.convert_params
 
-                async def invoke(ctx: Context) -> Any:
-                    return await handler(ctx, convert(ctx.params))
-                serve = invoke
-            else:
-                serve = handler  # ``handler(ctx)`` is the pipeline's own signature: no frame of ours
-            if hooked:
-                serve = _hooked(serve, before, after, error)
+            async def invoke(ctx: Context) -> Any:
+                return await handler(ctx, convert(ctx.params))
+            serve = invoke
+        else:
+            serve = handler  # ``handler(ctx)`` is the pipeline's own signature: no frame of ours
+        if hooked:
+            serve = _hooked(serve, before, after, error)
+            if spec.params_type is not None:
+                serve = _validated_first(serve, spec.convert_params)
         pipes = [_method(p, "transform") for p in (*svc.pipes, *(mark.pipes if mark else ()))]
         if pipes:
             serve = _piped(serve, pipes)
@@ -240,29 +238,16 @@ def _hooked(inner: Handler, before: list[Any], after: list[Any], error: list[Any
     return hooked
 
 
-def _hooked_typed(handler: Callable[..., Awaitable[Any]], convert: Callable[[Any], Any],
-                  before: list[Any], after: list[Any], error: list[Any]) -> Handler:
-    """Hooks around a typed handler: its params are validated first, outside the hooks (so
-    error hooks never see a ValidationError of the caller's params); the handler gets them
-    as the before hooks left them (validated again if there are before hooks)."""
+def _validated_first(inner: Handler, convert: Callable[[Any], Any]) -> Handler:
+    """Typed params are validated before the hooks (a call with bad params runs none of them,
+    and error hooks never see the caller's ValidationError); the handler validates them again
+    as the before hooks left them."""
 
-    async def hooked(ctx: Context) -> Any:
-        params = convert(ctx.params)
-        try:
-            if before:
-                for hook in before:
-                    await maybe_await(hook(ctx))
-                params = convert(ctx.params)
-            result = await handler(ctx, params)
-            for hook in after:
-                result = await maybe_await(hook(ctx, result))
-            return result
-        except Exception as exc:
-            if not error:
-                raise
-            return await _error_hooks(ctx, exc, error)
+    async def validated_first(ctx: Context) -> Any:
+        convert(ctx.params)
+        return await inner(ctx)
 
-    return hooked
+    return validated_first
 
 
 async def _error_hooks(ctx: Context, exc: Exception, error: list[Any]) -> Any:
