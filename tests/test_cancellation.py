@@ -351,3 +351,31 @@ async def test_a_gone_peers_queued_handlers_plain_and_stream_are_cancelled_as_th
                 await trio.sleep(0.01)
         assert sorted(ended) == ["cancelled plain-1", "cancelled stream-1"]
         assert not t.in_service and not t.peer_requests
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None, [True], {"x": 1}, b"\xff\xfe", "\udcff"],
+                         ids=["str", "int", "nil", "list", "map", "bad-utf8-bytes", "lone-surrogate"])
+async def test_a_hello_with_a_garbage_cancel_flag_is_refused_and_the_node_carries_on(flag: object) -> None:
+    import msgspec
+
+    async with nerve.Broker("target", transport="tcp://127.0.0.1:0", services=[Held()]) as target:
+        async with nerve.Broker("friend", transport="tcp://127.0.0.1:0", peers=[target.address]) as friend:
+            await friend.wait_for_services("held")
+            host, port = target.address.removeprefix("tcp://").rsplit(":", 1)  # type: ignore[union-attr]
+            fields = {"nodeID": "attacker", "namespace": "", "ver": "5", "window": 1 << 20,
+                      "maxChunk": 1 << 16, "cancel": flag}
+            try:
+                hello = msgspec.msgpack.encode(fields)
+            except (TypeError, UnicodeEncodeError):
+                hello = msgspec.msgpack.encode({**fields, "cancel": "x"})[:-1] + b"\xa1\xff"  # invalid UTF-8
+            s = await trio.open_tcp_stream(host, int(port))
+            await s.send_all(_frame(int(FrameType.HELLO), hello))
+            with trio.move_on_after(2):
+                try:
+                    while await s.receive_some(65536):
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+            await s.aclose()
+            assert "attacker" not in target.transport.connections  # type: ignore[attr-defined]
+            assert await friend.call("held.download") is not None  # the node and its peer carry on
