@@ -132,6 +132,56 @@ def test_nerve_and_moleculer_js_in_one_cluster(nats: str, js_node: tuple[str, st
     trio.run(main)
 
 
+class PyTrace(nerve.Service):
+    name = "pytrace"
+
+    @nerve.action
+    async def where(self, ctx: nerve.Context) -> dict[str, object]:
+        return {"requestID": ctx.request_id, "parentID": ctx.parent_id, "headers": dict(ctx.headers)}
+
+
+def test_tracing_takes_a_moleculer_js_callers_ids_as_the_parent(js_node: tuple[str, str]) -> None:
+    """moleculer.js sends no traceparent: nerve's SERVER span joins the trace its requestID
+    names, under the calling context (parentID); nerve's own calls carry a traceparent header
+    that moleculer.js receives (its tracer does not read it)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from nerve.tracing import Tracing
+
+    js_id, namespace = js_node
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def main() -> None:
+        async with nerve.Broker("py-traced", transport="nats://127.0.0.1:4222", namespace=namespace,
+                                serializer="json", services=[PyTrace()], heartbeat_interval=1,
+                                heartbeat_timeout=3, middlewares=[Tracing(tracer_provider=provider)]) as b:
+            with trio.fail_after(20):
+                await b.wait_for_services("jstrace")
+            out = await b.call("jstrace.kick")
+            where = out["where"]
+            assert where["requestID"] == out["requestID"] and where["parentID"] == out["id"]
+            assert "traceparent" not in where["headers"]
+            served = [s for s in exporter.get_finished_spans() if s.name == "pytrace/where"]
+            assert len(served) == 1 and served[0].kind is SpanKind.SERVER
+            span = served[0]
+            assert span.context is not None and span.parent is not None and span.parent.is_remote
+            assert span.context.trace_id == int(out["requestID"].replace("-", ""), 16)
+            assert span.parent.span_id == int(out["id"].replace("-", "")[:16], 16)
+
+            headers = await b.call("jstrace.headers")
+            client = [s for s in exporter.get_finished_spans() if s.name == "jstrace/headers"]
+            assert len(client) == 1 and client[0].context is not None
+            assert headers["traceparent"].split("-")[1:3] == [f"{client[0].context.trace_id:032x}",
+                                                             f"{client[0].context.span_id:016x}"]
+
+    trio.run(main)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

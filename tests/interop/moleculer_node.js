@@ -48,5 +48,23 @@ broker.createService({
 	},
 });
 
+// For nerve's tracing test: jstrace.kick starts a call tree of this node's own (Moleculer's
+// ids: UUIDs), whose action calls nerve; jstrace.headers shows the headers a call carried.
+broker.createService({
+	name: "jstrace",
+	actions: {
+		kick() {
+			return broker.call("jstrace.outer");
+		},
+		async outer(ctx) {
+			const where = await ctx.call("pytrace.where");
+			return { requestID: ctx.requestID, id: ctx.id, where };
+		},
+		headers(ctx) {
+			return ctx.headers;
+		},
+	},
+});
+
 broker.start().then(() => console.log(JSON.stringify({ ready: true })));
 process.on("SIGTERM", () => broker.stop().then(() => process.exit(0)));
