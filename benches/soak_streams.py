@@ -193,7 +193,7 @@ class QueueProbe:
                 self.available = False
                 return
             try:
-                buffered = sum(r.statistics()["bytes_buffered"] for r in self.broker.transit.readers.values())
+                buffered = sum(r.statistics().bytes_buffered for r in self.broker.transit.readers.values())
                 self.rx_buffered_peak = max(self.rx_buffered_peak or 0, buffered)
             except Exception:
                 pass

@@ -142,7 +142,7 @@ class Target(nerve.Service):
             "touched": self.touched,
             "events": self.events,
             "parked": len(self.parked),
-            "parked_buffered": sum(s.statistics()["bytes_buffered"] for s in self.parked if s is not None),
+            "parked_buffered": sum(s.statistics().bytes_buffered for s in self.parked if s is not None),
             "serving": len(getattr(transit, "serving", ())),
             "registry": sorted(broker.registry.nodes),
             "connected": sorted(broker.transport.connected()),

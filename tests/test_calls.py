@@ -97,8 +97,8 @@ async def test_local_call_runs_on_the_same_broker_without_transit() -> None:
     async with nerve.Broker("calls-local", services=[Math()]) as b:
         res = await b.call("math.whoami", {"q": 1})
         assert res == {"node": "calls-local", "params": {"q": 1}, "level": 1, "from": "calls-local"}
-        assert b.transit.stats["requests_out"] == 0
-        assert b.transit.stats["requests_in"] == 0
+        assert b.transit.requests_sent == 0
+        assert b.transit.requests_received == 0
 
 
 async def test_remote_call_over_the_in_process_transport() -> None:
@@ -108,8 +108,8 @@ async def test_remote_call_over_the_in_process_transport() -> None:
         res = await client.call("math.whoami", {"q": [1, "two"]})
         assert res == {"node": "calls-r-server", "params": {"q": [1, "two"]}, "level": 1,
                        "from": "calls-r-client"}
-        assert client.transit.stats["requests_out"] == 1
-        assert server.transit.stats["requests_in"] == 1
+        assert client.transit.requests_sent == 1
+        assert server.transit.requests_received == 1
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
@@ -308,7 +308,8 @@ async def test_node_service_actions() -> None:
         assert health["nodeID"] == "calls-node-a"
         remote_health = await a.call("$node.health", node_id="calls-node-b")
         assert remote_health["nodeID"] == "calls-node-b"
-        assert remote_health["transit"]["requests_in"] >= 1
+        assert remote_health["nerve"]["transit"]["requests_received"] >= 1
+        assert remote_health["nerve"]["requests_served"] >= 1 and remote_health["nerve"]["node_id"] == "calls-node-b"
 
 
 class Listener(nerve.Service):

@@ -221,15 +221,15 @@ async def test_nested_call_without_budget_is_skipped_without_sending() -> None:
             nerve.Broker("dl-s-far", services=[slow]) as far:
         await client.wait_for_services("spender", "slow")
         await mid.wait_for_services("slow")
-        out_before = mid.transit.stats["requests_out"]
-        in_before = far.transit.stats["requests_in"]
+        out_before = mid.transit.requests_sent
+        in_before = far.transit.requests_received
         with pytest.raises(NerveError) as info:
             await client.call("spender.run", timeout=0.1)
         await wait_until(lambda: spender.errors, 2.0)
         exc = spender.errors[0]
         assert isinstance(exc, RequestSkippedError)
-        assert mid.transit.stats["requests_out"] == out_before  # nothing was sent...
-        assert far.transit.stats["requests_in"] == in_before  # ...and nothing arrived
+        assert mid.transit.requests_sent == out_before  # nothing was sent...
+        assert far.transit.requests_received == in_before  # ...and nothing arrived
         assert slow.budgets == []
         # A skipped call is a timeout error (for the handler and for the caller).
         assert isinstance(exc, RequestTimeoutError)
@@ -244,8 +244,8 @@ async def test_top_level_call_in_an_expired_scope_is_skipped_without_sending() -
             time.sleep(0.08)
             with pytest.raises(RequestSkippedError) as info:
                 await client.call("slow.budget")
-        assert client.transit.stats["requests_out"] == 0
-        assert far.transit.stats["requests_in"] == 0
+        assert client.transit.requests_sent == 0
+        assert far.transit.requests_received == 0
         assert slow.budgets == []
         assert isinstance(info.value, RequestTimeoutError)  # a skipped call is a timeout error
 

@@ -168,7 +168,7 @@ async def test_broadcast_local_stays_on_this_broker() -> None:
         await c.brokers[0].broadcast_local("order.created", {"i": 2})
         await settle()
         assert c.log == []
-        assert all(b.stats["events_received"] == 0 for b in c.brokers)
+        assert all(b.statistics().transit.events_received == 0 for b in c.brokers)
 
 
 # --- wildcards --------------------------------------------------------------------------
@@ -317,14 +317,14 @@ async def test_handler_error_is_logged_counted_and_not_sent_back(
         emitter.transit.on_frame = spy  # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR, logger="nerve"):
             await getattr(emitter, mode)("thing.happened", {"x": 1})  # does not raise
-            await wait_until(lambda: node.stats["event_handler_errors"] >= 1 and log)
+            await wait_until(lambda: node.statistics().event_handler_errors >= 1 and log)
             await getattr(emitter, mode)("thing.happened", {"x": 2})
-            await wait_until(lambda: node.stats["event_handler_errors"] >= 2 and len(log) >= 2)
+            await wait_until(lambda: node.statistics().event_handler_errors >= 2 and len(log) >= 2)
             await settle()
-        assert node.stats["event_handler_errors"] == 2
+        assert node.statistics().event_handler_errors == 2
         assert [r[3] for r in log] == [{"x": 1}, {"x": 2}]  # the other handler still ran
         assert frames_back == []  # nothing came back to the emitter
-        assert emitter.stats["event_handler_errors"] == 0
+        assert emitter.statistics().event_handler_errors == 0
         errors = [r for r in caplog.records if r.exc_info and "event handler exploded" in str(r.exc_info[1])]
         assert len(errors) == 2
         # The node keeps serving events.
@@ -337,9 +337,9 @@ async def test_local_handler_error_does_not_reach_the_emitter() -> None:
     async with nerve.Broker("ev-lerr", services=[Boom(), Works(log)]) as b:
         await b.emit("thing.happened", 1)
         await b.broadcast_local("thing.happened", 2)
-        await wait_until(lambda: len(log) >= 2 and b.stats["event_handler_errors"] >= 2)
+        await wait_until(lambda: len(log) >= 2 and b.statistics().event_handler_errors >= 2)
         await settle()
-        assert b.stats["event_handler_errors"] == 2
+        assert b.statistics().event_handler_errors == 2
         assert sorted(r[3] for r in log) == [1, 2]
 
 

@@ -229,7 +229,7 @@ async def test_node_id_without_the_action_is_not_found_and_not_sent() -> None:
         with pytest.raises(ServiceNotFoundError) as info:
             await client.call("flaky.work", node_id="rk-other")
         assert "rk-other" in info.value.message
-        assert other.transit.stats["requests_in"] == 0
+        assert other.transit.requests_received == 0
         assert log == []
 
 

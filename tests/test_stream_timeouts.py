@@ -108,7 +108,7 @@ async def test_producer_idle_timeout_when_the_reader_never_reads() -> None:
                 nursery.start_soon(produce)
                 with pytest.raises(StreamError):
                     await client.call("slow.never_reads", stream=stream)
-        assert stream.statistics()["bytes_sent"] <= WINDOW + CHUNK
+        assert stream.statistics().bytes_sent <= WINDOW + CHUNK
 
 
 async def test_call_timeout_never_kills_a_long_upload() -> None:

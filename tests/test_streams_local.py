@@ -4,6 +4,7 @@ bounded buffering with a slow consumer."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -54,7 +55,7 @@ class Files(nerve.Service):
     def __init__(self) -> None:
         self.producer_errors: list[BaseException] = []
         self.buffered: list[int] = []
-        self.reader_stats: dict[str, Any] = {}
+        self.reader_stats: Any = None
         self.seen_errors: list[BaseException] = []
         self.release = trio.Event()
 
@@ -75,7 +76,7 @@ class Files(nerve.Service):
         assert ctx.stream is not None
         h = hashlib.sha256()
         while True:
-            self.buffered.append(ctx.stream.statistics()["bytes_buffered"])
+            self.buffered.append(ctx.stream.statistics().bytes_buffered)
             chunk = await ctx.stream.receive()
             if not chunk:
                 break
@@ -217,9 +218,9 @@ async def test_upload_from_file(remote: bool, size: int, tmp_path: Path) -> None
             res = await p.client.call("files.sha", stream=stream)
         assert res == {"sha": sha(data), "size": size}
         stats = stream.statistics()
-        assert stats["bytes_sent"] == size
-        assert p.files.reader_stats["bytes_received"] == size
-        assert p.files.reader_stats["bytes_buffered"] == 0
+        assert stats.bytes_sent == size
+        assert p.files.reader_stats.bytes_received == size
+        assert p.files.reader_stats.bytes_buffered == 0
 
 
 @REMOTE
@@ -237,7 +238,7 @@ async def test_download_transfer_to(remote: bool, size: int, tmp_path: Path) -> 
             written = await reader.transfer_to(target)
         assert written == size
         assert file_sha(target) == sha(data)
-        assert reader.statistics()["bytes_received"] == size
+        assert reader.statistics().bytes_received == size
         assert os.listdir(out_dir) == ["copy.bin"]  # no stray temporary file
 
 
@@ -259,7 +260,7 @@ async def test_download_by_iteration_and_upload_by_send(remote: bool) -> None:
             with trio.fail_after(20):
                 res = await p.client.call("files.sha", stream=stream)
         assert res == {"sha": sha(data), "size": len(data)}
-        assert stream.statistics()["bytes_sent"] == len(data)
+        assert stream.statistics().bytes_sent == len(data)
 
 
 # --- failures ---------------------------------------------------------------------------
@@ -338,7 +339,7 @@ async def test_reader_closing_early_makes_the_request_producer_fail(remote: bool
                 assert await p.client.call("files.read_one_and_close", stream=stream) == CHUNK
                 await wait_until(lambda: errors)
         assert isinstance(errors[0], StreamClosedError)
-        assert stream.statistics()["bytes_sent"] < 1000 * CHUNK
+        assert stream.statistics().bytes_sent < 1000 * CHUNK
 
 
 @REMOTE
@@ -399,23 +400,28 @@ async def test_statistics_fields(remote: bool) -> None:
     async with Pair(remote, "st-stats") as p:
         stream = new_stream()
         fresh = stream.statistics()
-        for key in ("bytes_sent", "bytes_received", "bytes_buffered", "credit"):
-            assert isinstance(fresh[key], int), key
-        assert fresh["bytes_sent"] == fresh["bytes_received"] == fresh["bytes_buffered"] == 0
+        for key in ("bytes_sent", "bytes_received", "bytes_buffered", "credit", "chunks_sent", "chunks_received"):
+            assert isinstance(getattr(fresh, key), int), key
+        assert fresh.bytes_sent == fresh.bytes_received == fresh.bytes_buffered == fresh.chunks_sent == 0
+        assert fresh.credit_wait == 0.0
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fresh.bytes_sent = 1  # type: ignore[misc]
 
         async def produce() -> None:
             await stream.send(b"q" * (2 * CHUNK + 7))
             mid = stream.statistics()
-            assert mid["bytes_sent"] == 2 * CHUNK + 7
-            assert 0 <= mid["credit"] <= WINDOW
+            assert mid.bytes_sent == 2 * CHUNK + 7 and mid.chunks_sent == 3
+            assert 0 <= mid.credit <= WINDOW
             await stream.close()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
             res = await p.client.call("files.sha", stream=stream)
         assert res["size"] == 2 * CHUNK + 7
-        assert p.files.reader_stats["bytes_received"] == 2 * CHUNK + 7
-        assert p.files.reader_stats["bytes_sent"] == 0
+        assert fresh.bytes_sent == 0  # a snapshot does not change
+        assert p.files.reader_stats.bytes_received == 2 * CHUNK + 7
+        assert p.files.reader_stats.chunks_received == 3
+        assert p.files.reader_stats.bytes_sent == 0
 
 
 @REMOTE
@@ -448,7 +454,7 @@ async def test_slow_response_reader_buffers_at_most_the_window(remote: bool, tmp
             h = hashlib.sha256()
             peak = 0
             while True:
-                peak = max(peak, reader.statistics()["bytes_buffered"])
+                peak = max(peak, reader.statistics().bytes_buffered)
                 chunk = await reader.receive()
                 if not chunk:
                     break

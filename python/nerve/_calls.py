@@ -86,7 +86,8 @@ class Caller:
     stream_idle_timeout, node_id); ``running`` tells whether calls may be made now."""
 
     def __init__(self, options: Any, registry: Registry, transit: Transit, handlers: HandlerPool,
-                 chain: Chain, next_id: Callable[[], str], running: Callable[[], bool]) -> None:
+                 chain: Chain, next_id: Callable[[], str], running: Callable[[], bool],
+                 action_failed: Callable[[Context, BaseException], None]) -> None:
         self.options = options
         self.node_id: str = options.node_id
         self.registry = registry
@@ -95,7 +96,13 @@ class Caller:
         self.chain = chain
         self.next_id = next_id
         self.running = running
+        self.action_failed = action_failed
+        #: counters (nerve.statistics.BrokerStatistics): calls made, of them failed; local
+        #: handler runs, of them failed
         self.calls = 0
+        self.calls_failed = 0
+        self.served = 0
+        self.served_failed = 0
         self._context_for_strategy = bool(getattr(registry.strategy, "needs_context", False))
         self._wrapped: Any = chain.wrap_call(self._from_options) if chain.wraps_call else None
         #: no call middleware: ``Broker.call`` goes straight to :meth:`attempts` when it can
@@ -191,8 +198,13 @@ class Caller:
                     if ep.local:
                         ctx = self._context(ep, action, call_id, request_id, parent_id, level, caller,
                                             params, call_meta, call_headers)
+                        self.served += 1
                         try:
                             result = await self._call_local(ep.spec, ctx, timeout, stream)  # type: ignore[arg-type]
+                        except Exception as exc:
+                            self.served_failed += 1
+                            self.action_failed(ctx, exc)
+                            raise
                         finally:
                             if merge_into is not None:
                                 merge_into.update(ctx.meta)
@@ -252,12 +264,15 @@ class Caller:
                             stream.abort_untaken(exc)
                         raise
                     delay = min(options.retry_delay * options.retry_factor ** attempt, options.retry_max_delay)
-                    log.debug("retrying %s after %r (attempt %d, in %.3fs)", action, exc, attempt + 1, delay)
+                    log.debug("retrying %s after %r (attempt %d, in %.3fs)", action, exc, attempt + 1, delay,
+                              extra={"node_id": self.node_id, "action": action, "request_id": request_id})
                     attempt += 1
                     if endpoint_node is not None:
                         tried.add(endpoint_node)
                     await trio.sleep(delay)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.calls_failed += 1
             if stream is not None and not stream.taken:
                 # Cancelled (or failed) before the call took its request stream: a task
                 # feeding that stream learns now rather than waiting for ever.

@@ -19,6 +19,8 @@ from typing import Any
 
 import trio
 
+from nerve.statistics import HandlerPoolStatistics
+
 __all__ = ["HandlerPool"]
 
 log = logging.getLogger("nerve.broker")
@@ -108,6 +110,10 @@ class HandlerPool:
             self._queued_keys.clear()
             self._available = 0
             self.workers = 0
+
+    def statistics(self) -> HandlerPoolStatistics:
+        return HandlerPoolStatistics(active=self.active, queued=len(self._queue), workers=self.workers,
+                                     idle_workers=len(self._idle))
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``fn(*args)`` soon; its exceptions are logged (it should handle its own)."""

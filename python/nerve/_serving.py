@@ -21,25 +21,25 @@ handler pool (an event has no answer: failures are logged and counted).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from nerve.context import Context
 from nerve.errors import ForbiddenError, ServiceSchemaError
+from nerve.logs import call_fields, log_handler_failure, node_logger
 from nerve.middleware import ActionInfo, Chain, EventInfo, maybe_await
 
 if TYPE_CHECKING:
     from nerve._dispatch import HandlerPool
+    from nerve._metering import Meter, TimedSlot
     from nerve.packets import Event
     from nerve.registry import Registry
     from nerve.service import ActionSpec, EventSpec
 
 __all__ = ["Server"]
-
-log = logging.getLogger("nerve.broker")
 
 Handler = Callable[[Context], Awaitable[Any]]
 
@@ -57,13 +57,22 @@ def _describe(obj: Any) -> str:
 class Server:
     """Builds and runs this node's handlers. ``node_id`` names this node in ActionInfo."""
 
-    def __init__(self, node_id: str, chain: Chain, handlers: HandlerPool, registry: Registry) -> None:
+    def __init__(self, node_id: str, chain: Chain, handlers: HandlerPool, registry: Registry,
+                 meter: Meter | None = None) -> None:
         self.node_id = node_id
+        self.meter = meter
         self.chain = chain
         self.handlers = handlers
         self.registry = registry
         self._next_id: Callable[[], str] = lambda: ""
-        self.stats = {"event_handler_errors": 0, "events_received": 0}
+        self.log = node_logger("nerve.broker", node_id)
+        #: counters (nerve.statistics.BrokerStatistics)
+        self.events_handled = 0
+        self.event_handler_errors = 0
+
+    def action_failed(self, ctx: Context, exc: BaseException) -> None:
+        """A handler of this node failed (for a local caller or a remote one): logged once."""
+        log_handler_failure(self.log, ctx, exc)
 
     def bind_ids(self, next_id: Callable[[], str]) -> None:
         self._next_id = next_id
@@ -109,6 +118,8 @@ class Server:
         wrapped = self.chain.wrap_local_action(serve, info)
         if wrapped is not serve:
             wrapped = self._with_endpoint(wrapped, spec)
+        if self.meter is not None:
+            wrapped = _metered(wrapped, self.meter.local_slot(svc.full_name, spec.name))
         spec.serve = wrapped
         spec.info = info
 
@@ -172,36 +183,40 @@ class Server:
             async def core(ctx: Context) -> None:
                 await handler(ctx)
         info = EventInfo(spec.name, spec.group, spec.service.full_name, spec.properties)
-        spec.serve = self.chain.wrap_local_event(core, info)
+        serve = self.chain.wrap_local_event(core, info)
+        if self.meter is not None:
+            serve = _metered(serve, self.meter.event_slot(spec.name, spec.service.full_name, spec.group))
+        spec.serve = serve
 
     def spawn_event(self, spec: EventSpec | None, event: str, data: Any, meta: dict[str, Any],
                     parent: Context | None, node_id: str, groups: list[str] | None, broker: Any, *,
                     level: int | None = None, request_id: str | None = None,
-                    parent_id: str | None = None, caller: str | None = None) -> None:
+                    parent_id: str | None = None, caller: str | None = None,
+                    headers: dict[str, Any] | None = None) -> None:
         """Serve one event in the handler pool (no answer: its failure is logged)."""
         if spec is None:
             return
         ctx = Context(
-            broker, id=self._next_id(), params=data, meta=meta, event=event, event_groups=groups,
+            broker, id=self._next_id(), params=data, meta=meta, headers=headers, event=event, event_groups=groups,
             node_id=node_id, service=spec.service.full_name,
             level=level if level is not None else (parent.level + 1 if parent else 1),
             request_id=request_id or (parent.request_id if parent else None),
             parent_id=parent_id or (parent.id if parent else None),
             caller=caller or (parent.service if parent else None),
         )
+        self.events_handled += 1
         self.handlers.start_soon(self._run_event, spec, ctx)
 
     async def _run_event(self, spec: EventSpec, ctx: Context) -> None:
         try:
             await spec.serve(ctx)
         except Exception:
-            self.stats["event_handler_errors"] += 1
-            log.exception("event handler %s.%s for %r failed", spec.service.full_name,
-                          getattr(spec.handler, "__name__", "?"), ctx.event)
+            self.event_handler_errors += 1
+            self.log.exception("event handler %s.%s for %r failed", spec.service.full_name,
+                               getattr(spec.handler, "__name__", "?"), ctx.event, extra=call_fields(ctx))
 
     def remote_event(self, sender: str, pkt: Event, broker: Any) -> None:
         """An EVENT packet from ``sender``: serve it on the local endpoints it is meant for."""
-        self.stats["events_received"] += 1
         groups = pkt.groups if isinstance(pkt.groups, list) else None
         if pkt.broadcast:
             endpoints = [ep for ep in self.registry.event_endpoints(pkt.event)
@@ -212,7 +227,27 @@ class Server:
             self.spawn_event(ep.spec, pkt.event, pkt.data, pkt.meta or {}, None, sender, groups, broker,
                              level=pkt.level if isinstance(pkt.level, int) else 1,
                              request_id=pkt.request_id or None, parent_id=pkt.parent_id or None,
-                             caller=pkt.caller or None)
+                             caller=pkt.caller or None,
+                             headers=dict(pkt.headers) if isinstance(pkt.headers, dict) else None)
+
+
+def _metered(inner: Handler, slot: TimedSlot) -> Handler:
+    """Counts, time and errors of every run of ``inner`` (outermost: it sees what callers see;
+    a run cancelled (a budget, a CANCEL) counts as an error named ``Cancelled``)."""
+    async def metered(ctx: Context) -> Any:
+        slot.total += 1
+        slot.active += 1
+        started = perf_counter()
+        try:
+            return await inner(ctx)
+        except BaseException as exc:
+            slot.failed(exc)
+            raise
+        finally:
+            slot.active -= 1
+            slot.observe(perf_counter() - started)
+
+    return metered
 
 
 def _as_list(value: Any) -> list[Any]:

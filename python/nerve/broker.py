@@ -8,7 +8,6 @@ remote calls go through the transit.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import secrets
 import socket
@@ -22,6 +21,7 @@ from nerve._calls import Caller
 from nerve._dispatch import HandlerPool
 from nerve._serving import Server
 from nerve.context import Context
+from nerve.logs import node_logger
 from nerve.errors import (
     BrokerOptionsError,
     NerveError,
@@ -34,13 +34,13 @@ from nerve.packets import PROTOCOL_VERSION, Disconnect
 from nerve.registry import Registry, Strategy
 from nerve.serializers import Serializer, get_serializer
 from nerve.service import ActionSpec, EventSpec, Service, specs_of
+from nerve.statistics import BrokerStatistics
 from nerve.streams import DEFAULT_MAX_CHUNK, DEFAULT_STREAM_WINDOW, PacketStream
 from nerve.transit import Transit
 from nerve.transports import Transport, make_transport
 
 __all__ = ["Broker"]
 
-log = logging.getLogger("nerve.broker")
 
 _local_counter = itertools.count(1)
 _INF = float("inf")
@@ -116,6 +116,8 @@ class Broker:
         metadata: dict[str, Any] | None = None,
         middlewares: Iterable[Middleware] = (),
         dependency_timeout: float | None = None,
+        metrics: bool | Any = False,
+        metrics_port: int | str | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
             raise BrokerOptionsError(f"protocol_version must be '4' or '5', not {protocol_version!r}")
@@ -127,6 +129,19 @@ class Broker:
                 max_peer_requests is not None and max_peer_requests < 1):
             raise BrokerOptionsError("max_pending_requests, max_peer_requests and max_peer_streams must be >= 1")
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{next(_local_counter)}"
+        #: this node's logger: its records carry ``node_id`` (see ``nerve.logs``)
+        self.logger = node_logger("nerve.broker", self.node_id)
+        self._started_at: float | None = None
+        self._events_emitted = 0
+        self._events_broadcast = 0
+        #: ``nerve.metrics.Metrics`` when metrics are on (``metrics=True`` or ``metrics_port=``)
+        self.metrics: Any = None
+        if metrics or metrics_port is not None:
+            from nerve.metrics import Metrics
+
+            self.metrics = metrics if isinstance(metrics, Metrics) else Metrics()
+            self.metrics.bind(self, metrics_port)
+        self._meter = self.metrics.meter if self.metrics is not None else None
         self.namespace = namespace
         self.protocol_version = protocol_version
         self.request_timeout = request_timeout or None
@@ -167,9 +182,10 @@ class Broker:
             self.max_peer_streams = self.transport.max_streams
         self.dependency_timeout = dependency_timeout
         self.middlewares = Chain(list(middlewares))
+        self.middlewares.meter = self._meter
         self._strategy_reads_calls = bool(getattr(self.registry.strategy, "needs_context", False))
         self._handlers = HandlerPool()
-        self._server = Server(self.node_id, self.middlewares, self._handlers, self.registry)
+        self._server = Server(self.node_id, self.middlewares, self._handlers, self.registry, self._meter)
         self.services: dict[str, Service] = {}
         self._specs: dict[str, tuple[list[ActionSpec], list[EventSpec]]] = {}
         self._local_actions: dict[str, ActionSpec] = {}
@@ -183,7 +199,7 @@ class Broker:
         self._nursery_cm: Any = None
         self._server.bind_ids(self._next_id)
         self._caller = Caller(self, self.registry, self.transit, self._handlers, self.middlewares,
-                              self._next_id, lambda: self._running)
+                              self._next_id, lambda: self._running, self._server.action_failed)
         self._emit_chain = self.middlewares.wrap_emit(self._emit_core)
         self._broadcast_chain = self.middlewares.wrap_broadcast(self._broadcast_core)
         #: services not started yet, hidden from peers (they wait for their dependencies)
@@ -197,10 +213,21 @@ class Broker:
         self._register(NodeService())
         self.middlewares.created(self)
 
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters: calls made, events received, event handlers that failed."""
-        return {"calls": self._caller.calls, **self._server.stats}
+    def statistics(self) -> BrokerStatistics:
+        """A frozen snapshot of this node: its counters and its parts' (handler pool, transit,
+        transport, registry); see :mod:`nerve.statistics`."""
+        caller, server, transit = self._caller, self._server, self.transit
+        started = self._started_at
+        return BrokerStatistics(
+            node_id=self.node_id, running=self._running,
+            uptime=time.monotonic() - started if started is not None and self._running else 0.0,
+            services=len(self.services), calls=caller.calls, calls_failed=caller.calls_failed,
+            requests_served=caller.served + transit.requests_received - transit.requests_rejected,
+            requests_failed=caller.served_failed + transit.requests_failed,
+            events_emitted=self._events_emitted, events_broadcast=self._events_broadcast,
+            events_handled=server.events_handled, event_handler_errors=server.event_handler_errors,
+            handler_pool=self._handlers.statistics(), transit=transit.statistics(),
+            transport=self.transport.statistics(), registry=self.registry.statistics())
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -236,6 +263,8 @@ class Broker:
                 if svc.full_name not in self._unstarted:
                     await self._start_service(svc)
             await self._nursery.start(self.transport.serve, self.transit)
+            if self.metrics is not None:
+                await self.metrics.start(self._nursery)
             if waiting:
                 failures: list[BaseException] = []
 
@@ -255,7 +284,10 @@ class Broker:
         except BaseException:
             await self._teardown()
             raise
-        log.info("broker %s started (%s)", self.node_id, self.transport.address or "local")
+        self._started_at = time.monotonic()
+        self.logger.info("node %s started: %s, %d services (%s)", self.node_id,
+                         self.transport.address or type(self.transport).__name__,
+                         len(self.services), ", ".join(sorted(self.services)))
 
     async def stop(self) -> None:
         """Stop gracefully: stop taking calls, drain handlers (up to ``graceful_stop_timeout``),
@@ -264,6 +296,7 @@ class Broker:
             return
         self._stopping = True
         self.transit.stopping = True
+        self.logger.info("node %s stopping", self.node_id)
         for wait in list(self._waits.values()):
             wait.cancel()  # services still waiting for their dependencies never start
         with trio.CancelScope(shield=True):
@@ -271,7 +304,7 @@ class Broker:
             with trio.move_on_after(self.graceful_stop_timeout) as drain:
                 await self._handlers.wait_idle()
             if drain.cancelled_caught:
-                log.warning("broker %s: %d handlers still running after %ss; cancelling them",
+                self.logger.warning("broker %s: %d handlers still running after %ss; cancelling them",
                             self.node_id, self._handlers.active, self.graceful_stop_timeout)
             for svc in list(self.services.values()):
                 if svc.full_name in self._unstarted:
@@ -279,7 +312,7 @@ class Broker:
                 try:
                     await svc.stopped()
                 except Exception:
-                    log.exception("service %s failed to stop", svc.full_name)
+                    self.logger.exception("service %s failed to stop", svc.full_name)
                 await self.middlewares.service_stopped(svc)
             await self.middlewares.stopped(self)
             try:
@@ -289,6 +322,7 @@ class Broker:
             with trio.move_on_after(2):
                 await self.transport.disconnect_all()
         await self._teardown()
+        self.logger.info("node %s stopped", self.node_id)
 
     async def _teardown(self) -> None:
         nursery, cm = self._nursery, self._nursery_cm
@@ -343,7 +377,7 @@ class Broker:
         try:
             await self._start_dependent(svc)
         except Exception:
-            log.exception("service %s was added but did not start", svc.full_name)
+            self.logger.exception("service %s was added but did not start", svc.full_name)
 
     def _publish(self, svc: Service) -> None:
         """The service's actions and events become callable (locally and, with the next
@@ -539,23 +573,35 @@ class Broker:
     # --- events -------------------------------------------------------------------------
 
     async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
-                   meta: dict[str, Any] | None = None, parent_ctx: Context | None = None) -> None:
+                   meta: dict[str, Any] | None = None, parent_ctx: Context | None = None,
+                   headers: dict[str, Any] | None = None) -> None:
         """Deliver ``event`` to one handler per group (balanced; ``groups`` limits them).
-        ``parent_ctx`` makes it a child of that context (as ``ctx.emit`` does)."""
+        ``parent_ctx`` makes it a child of that context (as ``ctx.emit`` does); ``headers``
+        reach the handlers' ``ctx.headers`` (over protocol v5)."""
         if not self._running:
             raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
-        await self._emit_chain(event, data, EventOptions(groups, meta, parent_ctx))
+        self._events_emitted += 1
+        if self._meter is not None:
+            self._meter.count_emit(event, False)
+        await self._emit_chain(event, data, EventOptions(groups, meta, parent_ctx, headers))
 
     async def broadcast(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
-                        meta: dict[str, Any] | None = None, parent_ctx: Context | None = None) -> None:
+                        meta: dict[str, Any] | None = None, parent_ctx: Context | None = None,
+                        headers: dict[str, Any] | None = None) -> None:
         """Deliver ``event`` to every handler on every node."""
         if not self._running:
             raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
-        await self._broadcast_chain(event, data, EventOptions(groups, meta, parent_ctx))
+        self._events_broadcast += 1
+        if self._meter is not None:
+            self._meter.count_emit(event, True)
+        await self._broadcast_chain(event, data, EventOptions(groups, meta, parent_ctx, headers))
 
     async def broadcast_local(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
                               meta: dict[str, Any] | None = None) -> None:
         """Deliver ``event`` to every handler of this broker only."""
+        self._events_broadcast += 1
+        if self._meter is not None:
+            self._meter.count_emit(event, True)
         group_list = [groups] if isinstance(groups, str) else groups
         for ep in self.registry.event_endpoints(event):
             if ep.local and (group_list is None or ep.group in group_list):
@@ -569,7 +615,7 @@ class Broker:
         await self._send_event(event, data, opts, broadcast=True)
 
     async def _send_event(self, event: str, data: Any, opts: EventOptions, *, broadcast: bool) -> None:
-        groups, meta, parent = opts.groups, opts.meta, opts.parent_ctx
+        groups, meta, parent, headers = opts.groups, opts.meta, opts.parent_ctx, opts.headers
         group_list = [groups] if isinstance(groups, str) else (list(groups) if groups else None)
         endpoints: list[Any] = []
         if broadcast:
@@ -590,16 +636,16 @@ class Broker:
         for ep in endpoints:
             if ep.local:
                 self._server.spawn_event(ep.spec, event, data, dict(event_meta), parent, self.node_id,
-                                         group_list, self)
+                                         group_list, self, headers=dict(headers) if headers else None)
             else:
                 remote.setdefault(ep.node_id, []).append(ep.group)
         for node, node_groups in remote.items():
             try:
                 self.transit.send_event(node, self._next_id(), event, data,
                                         group_list if broadcast else sorted(set(node_groups)),
-                                        broadcast, event_meta, parent)
+                                        broadcast, event_meta, parent, headers)
             except NerveError as exc:
-                log.warning("event %s to %s not sent: %r", event, node, exc)
+                self.logger.warning("event %s to %s not sent: %r", event, node, exc)
         if remote:
             # Backpressure (and the checkpoint): wait while a connection's queue is over its mark.
             for node in remote:
@@ -670,7 +716,9 @@ class _Port:
         self.max_peer_streams = broker.max_peer_streams
         self.heartbeat_interval = broker.heartbeat_interval
         self.heartbeat_timeout = broker.heartbeat_timeout
+        self.meter = broker._meter
         self.local_action = broker._local_actions.get
+        self.action_failed = broker._server.action_failed
 
     def describe_services(self) -> list[dict[str, Any]]:
         return self._broker.describe_services()

@@ -121,14 +121,14 @@ class Context:
         return await self.broker.mcall(calls, settled=settled, parent_ctx=self)
 
     async def emit(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
-                   meta: dict[str, Any] | None = None) -> None:
+                   meta: dict[str, Any] | None = None, headers: dict[str, Any] | None = None) -> None:
         """Emit ``event`` (one handler per group) as a child of this context."""
-        await self.broker.emit(event, data, groups=groups, meta=meta, parent_ctx=self)
+        await self.broker.emit(event, data, groups=groups, meta=meta, headers=headers, parent_ctx=self)
 
     async def broadcast(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
-                        meta: dict[str, Any] | None = None) -> None:
+                        meta: dict[str, Any] | None = None, headers: dict[str, Any] | None = None) -> None:
         """Broadcast ``event`` (every handler) as a child of this context."""
-        await self.broker.broadcast(event, data, groups=groups, meta=meta, parent_ctx=self)
+        await self.broker.broadcast(event, data, groups=groups, meta=meta, headers=headers, parent_ctx=self)
 
     def __repr__(self) -> str:
         what = self.action or self.event

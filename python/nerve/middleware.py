@@ -88,6 +88,8 @@ class EventOptions:
     groups: str | list[str] | None = None
     meta: dict[str, Any] | None = None
     parent_ctx: Context | None = None
+    #: travel in the EVENT packet (protocol v5) and reach the handlers' ``ctx.headers``
+    headers: dict[str, Any] | None = None
 
 
 class Middleware:
@@ -179,6 +181,8 @@ class Chain:
         self.wraps_call = bool(self._by_hook["call"])
         self.wraps_remote = bool(self._by_hook["remote_action"])
         self.watches_streams = bool(self._by_hook["stream_sent"] or self._by_hook["stream_received"])
+        #: the broker's ``nerve._metering.Meter`` when it has metrics on (streams are counted)
+        self.meter: Any = None
 
     def _wrap(self, hook: str, handler: Any, *extra: Any) -> Any:
         for mw in reversed(self._by_hook[hook]):  # the first registered ends outermost
@@ -209,12 +213,32 @@ class Chain:
         return self._wrap("local_event", handler, info)  # type: ignore[no-any-return]
 
     def watch(self, ctx: Context | None, stream: Any) -> None:
-        """Tell the stream hooks of every chunk ``stream`` sends or receives on this node."""
-        if not self.watches_streams or stream is None:
+        """Tell the stream hooks (and the broker's meter) of every chunk ``stream`` sends or
+        receives on this node."""
+        if stream is None:
             return
-        stream.watch(sent=lambda n: self.stream_sent(ctx, stream, n),
-                     received=lambda n: self.stream_received(ctx, stream, n))
-        if stream.bytes_received:  # a request stream's first chunks may arrive before its handler runs
+        meter = self.meter
+        if meter is not None:
+            meter.stream_watched(stream)
+            if self.watches_streams:
+                def sent(n: int) -> None:
+                    meter.stream_sent(n)
+                    self.stream_sent(ctx, stream, n)
+
+                def received(n: int) -> None:
+                    meter.stream_received(n)
+                    self.stream_received(ctx, stream, n)
+
+                stream.watch(sent=sent, received=received)
+            else:
+                stream.watch(sent=meter.stream_sent, received=meter.stream_received)
+        elif self.watches_streams:
+            stream.watch(sent=lambda n: self.stream_sent(ctx, stream, n),
+                         received=lambda n: self.stream_received(ctx, stream, n))
+        else:
+            return
+        if stream.bytes_received and self.watches_streams:
+            # a request stream's first chunks may arrive before its handler runs
             self.stream_received(ctx, stream, stream.bytes_received)
 
     def stream_sent(self, ctx: Context | None, stream: PacketStream, nbytes: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -12,6 +13,7 @@ from typing import Any
 
 from nerve.context import Context
 from nerve.service import Service, action
+from nerve.transit import local_ip_list
 
 __all__ = ["NodeService"]
 
@@ -64,16 +66,46 @@ class NodeService(Service):
 
     @action
     async def health(self, ctx: Context) -> dict[str, Any]:
-        """This node's process, OS and transport statistics."""
+        """This node's health, in Moleculer's shape (cpu, mem, os, process, client, net, time),
+        plus ``nerve``: the node's statistics (``broker.statistics()``, as plain data)."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        load = os.getloadavg()
+        cores = os.cpu_count() or 1
+        stats = self.broker.statistics()
         return {
             "nodeID": self.broker.node_id,
-            "cpu": {"load1": os.getloadavg()[0], "cores": os.cpu_count()},
-            "process": {"pid": os.getpid(), "maxrss_kib": usage.ru_maxrss,
+            "cpu": {"load1": load[0], "load5": load[1], "load15": load[2], "cores": cores,
+                    "utilization": round(min(100.0, load[0] * 100 / cores))},
+            "mem": _memory(),
+            "process": {"pid": os.getpid(), "maxrss_kib": usage.ru_maxrss, "rss": _rss(),
                         "uptime": time.time() - _STARTED},
-            "os": {"platform": platform.platform(), "hostname": socket.gethostname()},
-            "client": {"type": "python", "langVersion": platform.python_version()},
-            "transit": dict(self.broker.transit.stats),
-            "broker": dict(self.broker.stats),
-            "time": {"now": time.time()},
+            "os": {"platform": platform.platform(), "type": platform.system(),
+                   "release": platform.release(), "arch": platform.machine(),
+                   "hostname": socket.gethostname()},
+            "client": {"type": "python", "name": "nerve", "langVersion": platform.python_version()},
+            "net": {"ip": local_ip_list()},
+            "time": {"now": time.time(), "iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            "nerve": dataclasses.asdict(stats),
         }
+
+
+def _memory() -> dict[str, Any]:
+    """Free and total memory (Linux /proc/meminfo; empty elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+    except (OSError, ValueError, IndexError):
+        return {}
+    total = fields.get("MemTotal", 0)
+    free = fields.get("MemAvailable", fields.get("MemFree", 0))
+    return {"free": free, "total": total, "percent": round(free * 100 / total, 2) if total else None}
+
+
+def _rss() -> int | None:
+    """This process' resident memory in bytes now (Linux /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+

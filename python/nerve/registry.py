@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nerve.errors import ServiceNotAvailableError, ServiceNotFoundError
+from nerve.statistics import RegistryStatistics
 
 if TYPE_CHECKING:
     from nerve.context import Context
@@ -320,6 +321,17 @@ class Registry:
                 eps = local or eps
             chosen.append(eps[0] if len(eps) == 1 else self.strategy.select(f"{name}\0{group}", eps, ctx))
         return chosen
+
+    def statistics(self) -> RegistryStatistics:
+        """A snapshot of what the registry knows (services: those with an action or an event)."""
+        action_eps = [ep for eps in self.actions.values() for ep in eps]
+        instances = {(ep.node_id, ep.service) for ep in action_eps}
+        instances.update((ep.node_id, ep.service) for ep in self.events)
+        return RegistryStatistics(
+            nodes=len(self.nodes), nodes_online=sum(1 for n in self.nodes.values() if n.available),
+            services=len({name for _, name in instances}), service_endpoints=len(instances),
+            actions=sum(1 for eps in self.actions.values() if eps), action_endpoints=len(action_eps),
+            events=len({ep.name for ep in self.events}), event_endpoints=len(self.events))
 
     def available_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.available]

@@ -42,6 +42,7 @@ from nerve.errors import (
     StreamError,
     StreamIdleTimeoutError,
 )
+from nerve.statistics import StreamStatistics
 
 __all__ = ["PacketStream", "StreamLink", "StreamPort", "DEFAULT_STREAM_WINDOW", "DEFAULT_MAX_CHUNK"]
 
@@ -182,6 +183,10 @@ class PacketStream:
         self._room: tuple[Any, int] | None = None  # (token, bytes) of queue room held
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.chunks_sent = 0
+        self.chunks_received = 0
+        #: seconds the producer waited for credit (see statistics())
+        self.credit_wait = 0.0
         #: per-chunk observers (middlewares' stream_sent / stream_received), see ``watch``
         self._on_sent: Callable[[int], None] | None = None
         self._on_received: Callable[[int], None] | None = None
@@ -239,6 +244,7 @@ class PacketStream:
                     self._room = None
                     link.release(*room)
                 self.bytes_sent += n
+                self.chunks_sent += 1
                 if self._on_sent is not None:
                     self._on_sent(n)
                 at += n
@@ -300,12 +306,16 @@ class PacketStream:
         self._credit_wakeup = trio.Event()
         if self._tx.credit > 0 or self._tx_error is not None:
             return
-        if self.idle_timeout is None:
-            await self._credit_wakeup.wait()
-            return
-        with trio.move_on_after(self.idle_timeout):
-            await self._credit_wakeup.wait()
-            return
+        started = trio.current_time()
+        try:
+            if self.idle_timeout is None:
+                await self._credit_wakeup.wait()
+                return
+            with trio.move_on_after(self.idle_timeout):
+                await self._credit_wakeup.wait()
+                return
+        finally:
+            self.credit_wait += trio.current_time() - started
         exc = StreamIdleTimeoutError(f"no credit from the reader for {self.idle_timeout:g}s")
         self._abort_now(exc)
         raise exc
@@ -539,6 +549,7 @@ class PacketStream:
             self._notify_producer_stop()
             return
         self.bytes_received += len(chunk)
+        self.chunks_received += 1
         if self._on_received is not None:
             self._on_received(len(chunk))
         self._rx_wakeup.set()
@@ -688,16 +699,15 @@ class PacketStream:
 
     # --- introspection ------------------------------------------------------------------
 
-    def statistics(self) -> dict[str, Any]:
-        """Bytes sent and received, bytes buffered (reader side) and credit (writer side)."""
-        return {
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "bytes_buffered": self._rx.buffered_bytes,
-            "credit": self._tx.credit if self._tx is not None else 0,
-            "window": self.window,
-            "max_chunk": self.max_chunk,
-        }
+    def statistics(self) -> StreamStatistics:
+        """Bytes and chunks sent and received, bytes buffered (reader side), credit and the
+        time spent waiting for it (producer side): see :class:`nerve.statistics.StreamStatistics`."""
+        return StreamStatistics(
+            bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
+            chunks_sent=self.chunks_sent, chunks_received=self.chunks_received,
+            bytes_buffered=self._rx.buffered_bytes,
+            credit=self._tx.credit if self._tx is not None else 0, credit_wait=self.credit_wait,
+            window=self.window, max_chunk=self.max_chunk)
 
     def __repr__(self) -> str:
         return f"<PacketStream sent={self.bytes_sent} received={self.bytes_received}>"

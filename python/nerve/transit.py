@@ -15,8 +15,8 @@ Broker: it is handed a :class:`NodePort`.
 
 from __future__ import annotations
 
-import logging
 import math
+from time import perf_counter
 import os
 import platform
 import socket
@@ -31,6 +31,7 @@ import trio
 
 from nerve._cpu import CpuMeter
 from nerve._deadline import effective_deadline
+from nerve._metering import CANCELLED, CallSlot, Meter, error_kind
 from nerve._timers import DeadlineQueue
 from nerve.context import Context
 from nerve.errors import (
@@ -63,6 +64,8 @@ from nerve.packets import (
     Request,
     Response,
 )
+from nerve.logs import node_logger
+from nerve.statistics import TransitStatistics
 from nerve.streams import PacketStream, StreamLink
 
 if TYPE_CHECKING:
@@ -74,7 +77,6 @@ if TYPE_CHECKING:
 
 __all__ = ["NodePort", "Transit"]
 
-log = logging.getLogger("nerve.transit")
 
 _REQ = int(PacketType.REQ)
 _INF = float("inf")
@@ -92,10 +94,13 @@ _DISCONNECT = int(PacketType.DISCONNECT)
 class Pending:
     """A call waiting for its RES: settled once, waking the one task that waits."""
 
-    __slots__ = ("node_id", "settled", "answered", "result", "error", "meta", "task")
+    __slots__ = ("node_id", "settled", "answered", "result", "error", "meta", "task", "slot", "started")
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
+        #: the meter's slot of its action and when it was sent (metrics on), else None
+        self.slot: CallSlot | None = None
+        self.started = 0.0
         self.settled = False
         self.answered = False  # its RES arrived (perhaps after a timeout settled it)
         self.result: Any = None
@@ -251,6 +256,8 @@ class NodePort(Protocol):
     max_peer_streams: int
     heartbeat_interval: float
     heartbeat_timeout: float
+    #: the node's ``nerve._metering.Meter`` when metrics are on, else None
+    meter: Meter | None
 
     def local_action(self, name: str) -> ActionSpec | None:
         """The action ``name`` served here (its ``serve`` runs it), or None."""
@@ -270,6 +277,9 @@ class NodePort(Protocol):
     def watch_stream(self, ctx: Context | None, stream: PacketStream) -> None:
         """A call's stream on this node: the middlewares' stream hooks are told of its chunks."""
 
+    def action_failed(self, ctx: Context, exc: BaseException) -> None:
+        """A handler of this node failed serving a peer's request (it is logged once, there)."""
+
 
 class Transit:
     """Packets to and from the node; see the module's docstring."""
@@ -285,6 +295,8 @@ class Transit:
         self.transport = transport
         self.serializer = serializer
         self.node_id = node.node_id
+        self.meter = node.meter
+        self.log = node_logger("nerve.transit", node.node_id)
         self.namespace = node.namespace
         self.ver = protocol_version
         self.v5 = protocol_version != "4"
@@ -314,7 +326,17 @@ class Transit:
         self.timers = DeadlineQueue()
         self.instance_id = os.urandom(8).hex()
         self.info_seq = 1
-        self.stats = {"requests_in": 0, "requests_out": 0, "protocol_errors": 0, "cancelled": 0}
+        # Counters (see nerve.statistics.TransitStatistics): plain attributes, bumped inline.
+        self.packets_sent = 0
+        self.packets_received = 0
+        self.requests_sent = 0
+        self.requests_received = 0
+        self.requests_rejected = 0
+        self.requests_failed = 0
+        self.cancelled = 0
+        self.protocol_errors = 0
+        self.events_sent = 0
+        self.events_received = 0
         #: set by the node once it stops taking calls (REQs are refused from then on)
         self.stopping = False
 
@@ -322,9 +344,21 @@ class Transit:
 
     def send_packet(self, node_id: str, packet: Packet) -> None:
         self.transport.send(node_id, int(packet.kind), self.serializer.encode(packet))
+        self.packets_sent += 1
 
     def broadcast_packet(self, packet: Packet) -> None:
         self.transport.broadcast(int(packet.kind), self.serializer.encode(packet))
+        self.packets_sent += 1
+
+    def statistics(self) -> TransitStatistics:
+        return TransitStatistics(
+            packets_sent=self.packets_sent, packets_received=self.packets_received,
+            requests_sent=self.requests_sent, requests_received=self.requests_received,
+            requests_rejected=self.requests_rejected, requests_failed=self.requests_failed,
+            requests_waiting=len(self.pending), requests_in_service=len(self.in_service),
+            cancelled=self.cancelled, protocol_errors=self.protocol_errors,
+            events_sent=self.events_sent, events_received=self.events_received,
+            streams_reading=len(self.readers), streams_writing=len(self.writers), peers=len(self.peers))
 
     def info_packet(self) -> Info:
         return Info(
@@ -332,7 +366,7 @@ class Transit:
             sender=self.node_id,
             services=self.node.describe_services(),
             config={},
-            ip_list=list(_ip_list()),
+            ip_list=list(local_ip_list()),
             hostname=socket.gethostname(),
             client={"type": "python", "version": _version(),
                     "langVersion": platform.python_version(), "name": "nerve"},
@@ -348,9 +382,11 @@ class Transit:
         me = self.node.registry.nodes.get(self.node_id)
         if me is not None:
             me.cpu = cpu  # our own node, as peers see it (the cpu strategy reads it)
+        self.packets_sent += 1
         return _HEARTBEAT, self.serializer.encode(Heartbeat(ver=self.ver, sender=self.node_id, cpu=cpu))
 
     def greeting_frames(self) -> list[tuple[int, bytes]]:
+        self.packets_sent += 2
         return [(_DISCOVER, self.serializer.encode(Discover(ver=self.ver, sender=self.node_id))),
                 (_INFO, self.serializer.encode(self.info_packet()))]
 
@@ -359,8 +395,9 @@ class Transit:
         try:
             pkt = self.serializer.decode(kind, payload)
         except ProtocolError:
-            self.stats["protocol_errors"] += 1
+            self.protocol_errors += 1
             raise
+        self.packets_received += 1
         sender = pkt.sender
         if not sender or not isinstance(sender, str) or sender == self.node_id:
             return
@@ -370,14 +407,16 @@ class Transit:
         self._on_packet(sender, kind, pkt)
 
     def send_event(self, node_id: str, event_id: str, event: str, data: Any, groups: list[str] | None,
-                   broadcast: bool, meta: dict[str, Any], parent: Context | None) -> None:
+                   broadcast: bool, meta: dict[str, Any], parent: Context | None,
+                   headers: dict[str, Any] | None = None) -> None:
         """An EVENT packet to ``node_id`` (``parent``: the context it is a child of)."""
         self.send_packet(node_id, Event(
             ver=self.ver, sender=self.node_id, id=event_id, event=event, data=data, groups=groups,
-            broadcast=broadcast, meta=meta, headers={} if self.v5 else UNSET,
+            broadcast=broadcast, meta=meta, headers=(headers or {}) if self.v5 else UNSET,
             level=parent.level + 1 if parent is not None else 1, tracing=None,
             parent_id=parent.id if parent else None, request_id=parent.request_id if parent else None,
             caller=parent.service if parent else None, need_ack=False))
+        self.events_sent += 1
 
     def announce(self) -> None:
         """Tell every connected node our (changed) services."""
@@ -385,7 +424,7 @@ class Transit:
         try:
             self.broadcast_packet(self.info_packet())
         except NerveError as exc:  # pragma: no cover - broadcast skips gone peers
-            log.debug("announce failed: %r", exc)
+            self.log.debug("announce failed: %r", exc)
 
     def send_request(self, ep: ActionEndpoint, call_id: str, params: Any, meta: dict[str, Any],
                      headers: dict[str, Any], level: int, request_id: str, parent_id: str | None,
@@ -411,8 +450,26 @@ class Transit:
         except BaseException:
             del self.pending[call_id]
             raise
-        self.stats["requests_out"] += 1
+        self.requests_sent += 1
+        self.packets_sent += 1
+        if self.meter is not None:
+            slot = pending.slot = self.meter.remote_slot(ep.service, ep.name)
+            slot.total += 1
+            slot.active += 1
+            pending.started = perf_counter()
         return pending
+
+    def _metered_done(self, pending: Pending) -> None:
+        """A metered call stopped waiting: its time, and its error if it has one (a call that
+        stopped waiting unsettled was cancelled by its caller)."""
+        slot = pending.slot
+        if slot is None:
+            return
+        pending.slot = None
+        slot.active -= 1
+        slot.observe(perf_counter() - pending.started)
+        if pending.error is not None or not pending.settled:
+            slot.failed_as(error_kind(pending.error) if pending.settled else CANCELLED)
 
     async def request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None,
                       stream: PacketStream) -> Pending:
@@ -458,6 +515,8 @@ class Transit:
                 pending.error = request_timeout(ep.name, node_id)
         finally:
             del self.pending[ctx.id]
+            if pending.slot is not None:
+                self._metered_done(pending)
             if not stream.producer_done and not isinstance(pending.result, PacketStream):
                 self.writers.pop(key, None)
                 stream.abort_untaken(StreamError("the call ended before its request stream did"))
@@ -525,6 +584,8 @@ class Transit:
         its timer and, if it was never answered, tell its node (CANCEL). The flat lane of
         ``nerve._calls`` waits inline (``expire_at``, park on ``pending.task``, then this)."""
         del self.pending[call_id]
+        if pending.slot is not None:
+            self._metered_done(pending)
         if expiry is not None:
             self.timers.discard(expiry, pending)
         if not pending.answered and (not pending.settled or isinstance(pending.error, RequestTimeoutError)):
@@ -545,14 +606,14 @@ class Transit:
         scope = self.serving.get(key)
         if scope is not None:
             scope.cancel()
-            self.stats["cancelled"] += 1
+            self.cancelled += 1
         elif self.handlers.cancel(key):
-            self.stats["cancelled"] += 1
+            self.cancelled += 1
         elif key in self.in_service and (sender, call_id, False) in self.readers:
             # A stream handler still queued: cancelled as it starts (it answers, failing its
             # stream, so the caller frees its slot).
             self._cancel_early.add(key)
-            self.stats["cancelled"] += 1
+            self.cancelled += 1
 
     async def ping(self, node_id: str, timeout: float) -> float:
         """Round-trip time to ``node_id`` in seconds (PING / PONG packets)."""
@@ -576,7 +637,7 @@ class Transit:
         try:
             self.send_packet(node_id, self.info_packet())
         except NerveError as exc:
-            log.debug("cannot greet %s: %r", node_id, exc)
+            self.log.debug("cannot greet %s: %r", node_id, exc)
 
     def on_disconnected(self, node_id: str, *, graceful: bool) -> None:
         """Everything ``node_id`` held is let go: its calls fail, its streams fail and drop what
@@ -615,7 +676,7 @@ class Transit:
                 writer.fail_producer(StreamError(f"the stream's reader node '{node_id}' {reason}",
                                                   data={"nodeID": node_id}))
         if was:
-            log.info("node %s %s", node_id, reason)
+            self.log.info("node %s %s", node_id, reason, extra={"peer": node_id})
             self.node.node_event("$node.disconnected", node_id, unexpected=not graceful)
 
     def on_frame(self, sender: str, kind: int, payload: bytes) -> None:
@@ -623,8 +684,9 @@ class Transit:
         try:
             pkt = self.serializer.decode(kind, payload)
         except ProtocolError:
-            self.stats["protocol_errors"] += 1
+            self.protocol_errors += 1
             raise
+        self.packets_received += 1
         if pkt.ver == self.ver:  # the two hot kinds without one more frame
             if kind == _RES:
                 self._on_response(sender, pkt)  # type: ignore[arg-type]
@@ -636,7 +698,7 @@ class Transit:
 
     def _on_packet(self, sender: str, kind: int, pkt: Packet) -> None:
         if pkt.ver != self.ver:
-            log.warning("dropping %s from %s: protocol version %r, expected %r",
+            self.log.warning("dropping %s from %s: protocol version %r, expected %r",
                         PacketType(kind).name, sender, pkt.ver, self.ver)
             return
         if kind == _REQ:
@@ -644,6 +706,7 @@ class Transit:
         elif kind == _RES:
             self._on_response(sender, pkt)  # type: ignore[arg-type]
         elif isinstance(pkt, Event):
+            self.events_received += 1
             self.node.event_received(sender, pkt)
         elif isinstance(pkt, Info):
             self._on_info(sender, pkt)
@@ -669,7 +732,7 @@ class Transit:
     def _on_info(self, sender: str, pkt: Info) -> None:
         if sender == self.node_id:
             if pkt.instance_id != self.instance_id:
-                log.error("another node uses our node id %r", sender)
+                self.log.error("another node uses our node id %r", sender)
             return
         services = [s for s in (pkt.services or []) if isinstance(s, dict)]
         fresh = self.node.registry.update_node(
@@ -679,12 +742,12 @@ class Transit:
             client=pkt.client or None, metadata=pkt.metadata or None,
             address=self.transport.peer_address(sender))
         if fresh:
-            log.info("node %s connected", sender)
+            self.log.info("node %s connected", sender, extra={"peer": sender})
             self.node.node_event("$node.connected", sender, unexpected=False)
         self.node.services_changed()
 
     def _on_request(self, sender: str, pkt: Request) -> None:
-        self.stats["requests_in"] += 1
+        self.requests_received += 1
         if pkt.seq not in (UNSET, None, 0):
             raise ProtocolError(f"{sender} sent a Moleculer stream chunk (seq {pkt.seq}) on a native "
                                 "transport; streams travel as STREAM_DATA frames here",
@@ -729,6 +792,7 @@ class Transit:
                     f"Queue is full: {handlers.active} requests are being served on "
                     f"'{self.node_id}' (max_pending_requests={node.max_pending_requests}).",
                     data={"action": pkt.action, "nodeID": self.node_id, "size": handlers.active})
+            self.requests_rejected += 1
             self._respond_error(sender, pkt.id, pkt.meta or {}, exc)
             return
         self.peer_requests[sender] = mine + 1
@@ -814,6 +878,8 @@ class Transit:
                 # that was cancelled (the worker's, for a budget); the rest is the caller's answer.
                 cancelled, rest = group.split(trio.Cancelled)
                 if rest is not None:
+                    self.requests_failed += 1
+                    self.node.action_failed(ctx, rest)
                     self._respond_error(sender, pkt.id, ctx.meta, rest)
                 elif trio.current_time() >= deadline:
                     self._respond_timeout(sender, pkt, ctx)
@@ -821,6 +887,8 @@ class Transit:
                     raise
                 raise cancelled from None
             except Exception as exc:
+                self.requests_failed += 1
+                self.node.action_failed(ctx, exc)
                 if reader is not None:
                     self._finish_request_stream(sender, pkt.id, reader)
                 self._respond_error(sender, pkt.id, ctx.meta, exc)
@@ -854,7 +922,10 @@ class Transit:
                 self._answered(sender, pkt.id, stream_part)
 
     def _respond_timeout(self, sender: str, pkt: Request, ctx: Context) -> None:
-        self._respond_error(sender, pkt.id, ctx.meta, request_timeout(pkt.action, self.node_id, by=None))
+        exc = request_timeout(pkt.action, self.node_id, by=None)
+        self.requests_failed += 1
+        self.node.action_failed(ctx, exc)
+        self._respond_error(sender, pkt.id, ctx.meta, exc)
 
     def fail_all_pending(self, reason: str) -> None:
         """Settle every waiting call with RequestRejectedError (the broker is stopping), and
@@ -906,7 +977,7 @@ class Transit:
 
     def _respond_error(self, sender: str, call_id: str, meta: dict[str, Any], exc: BaseException) -> None:
         if not isinstance(exc, NerveError):
-            log.debug("handler raised %r", exc)
+            self.log.debug("handler raised %r", exc)
         plain = error_to_wire(exc, self.node_id)
         res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=False, data=None,
                        error=plain, meta=meta, headers={} if self.v5 else UNSET)
@@ -924,8 +995,9 @@ class Transit:
     def _send_quietly(self, node_id: str, kind: int, payload: bytes) -> None:
         try:
             self.transport.send(node_id, kind, payload)
+            self.packets_sent += 1
         except BrokerDisconnectedError:
-            log.debug("dropping a %s for %s: node gone", PacketType(kind).name, node_id)
+            self.log.debug("dropping a %s for %s: node gone", PacketType(kind).name, node_id)
 
     async def _send_response_stream(self, sender: str, call_id: str, meta: dict[str, Any],
                                     stream: PacketStream) -> None:
@@ -933,6 +1005,7 @@ class Transit:
                        meta=meta, headers={} if self.v5 else UNSET, stream=True, seq=0)
         try:
             self.transport.send(sender, _RES, self.serializer.encode(res))
+            self.packets_sent += 1
             window, max_chunk = self.transport.peer_stream_config(sender)
         except BrokerDisconnectedError:
             stream.fail_producer(StreamError(f"node '{sender}' is gone"))
@@ -962,7 +1035,7 @@ class Transit:
                 late()
             return
         if pending.node_id != sender:
-            log.warning("ignoring RES for %s from %s (sent to %s)", pkt.id, sender, pending.node_id)
+            self.log.warning("ignoring RES for %s from %s (sent to %s)", pkt.id, sender, pending.node_id)
             return
         if pending.settled:  # timed out, its caller not yet back: it will see this
             pending.answered = True
@@ -1094,7 +1167,7 @@ def _version() -> str:
 
 
 @lru_cache(maxsize=1)
-def _ip_list() -> list[str]:
+def local_ip_list() -> list[str]:
     try:
         return sorted({str(ai[4][0]) for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
     except OSError:

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import trio
 
+from nerve.statistics import TransportStatistics
+
 __all__ = ["Transport", "Upstream"]
 
 
@@ -63,6 +65,14 @@ class Transport:
     address: str | None = None
     #: Request streams this node serves at once per peer, told to peers (0: not told).
     max_streams: int = 0
+    #: Bytes written to / read from the network so far (see TransportStatistics).
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def statistics(self) -> TransportStatistics:
+        """A snapshot of this transport (see :class:`nerve.statistics.TransportStatistics`)."""
+        return TransportStatistics(connections=len(self.connected()), bytes_sent=self.bytes_sent,
+                                   bytes_received=self.bytes_received)
 
     def send_cancel(self, node_id: str, call_id: str) -> None:
         """Tell ``node_id`` we stopped waiting for our call ``call_id`` (its handler is cancelled),

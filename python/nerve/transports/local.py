@@ -64,21 +64,32 @@ class LocalTransport(Transport):
             _BUSES.pop(self.upstream.namespace if self.upstream else "", None)
 
     def _target(self, node_id: str) -> Upstream:
+        return self._peer(node_id).upstream  # type: ignore[return-value]
+
+    def _peer(self, node_id: str) -> LocalTransport:
         bus = self._bus
         peer = bus.get(node_id) if bus is not None else None
         if peer is None or peer.upstream is None:
             raise BrokerDisconnectedError(f"node '{node_id}' is not connected", data={"nodeID": node_id})
-        return peer.upstream
+        return peer
 
     def send(self, node_id: str, kind: int, payload: bytes) -> None:
-        self._target(node_id).on_frame(self._node_id, kind, payload)
+        peer = self._peer(node_id)
+        n = len(payload)
+        self.bytes_sent += n
+        peer.bytes_received += n
+        peer.upstream.on_frame(self._node_id, kind, payload)  # type: ignore[union-attr]
 
     def broadcast(self, kind: int, payload: bytes) -> None:
         for node_id in self.connected():
             self.send(node_id, kind, payload)
 
     def send_stream_data(self, node_id: str, flags: int, stream_id: str, seq: int, chunk: Any) -> None:
-        self._target(node_id).on_stream_data(self._node_id, flags, stream_id, seq, bytes(chunk))
+        peer = self._peer(node_id)
+        n = len(chunk)
+        self.bytes_sent += n
+        peer.bytes_received += n
+        peer.upstream.on_stream_data(self._node_id, flags, stream_id, seq, bytes(chunk))  # type: ignore[union-attr]
 
     def send_stream_credit(self, node_id: str, flags: int, stream_id: str, consumed: int) -> None:
         self._target(node_id).on_stream_credit(self._node_id, flags, stream_id, consumed)

@@ -213,6 +213,7 @@ class NatsTransport(Transport):
         if self.client is None:
             raise BrokerDisconnectedError("not connected to NATS")
         self.client.publish(self._subject(kind, node_id), payload)
+        self.bytes_sent += len(payload)
 
     async def _reader(self, client: NatsClient) -> None:
         assert self.upstream is not None
@@ -226,6 +227,7 @@ class NatsTransport(Transport):
             except KeyError:
                 log.debug("ignoring NATS subject %s", subject)
                 continue
+            self.bytes_received += len(payload)
             try:
                 upstream.on_bus_frame(kind, payload)
             except NerveError as exc:

@@ -50,6 +50,7 @@ from nerve.frames import (
     encode_frame,
 )
 from nerve.packets import PacketType
+from nerve.statistics import TransportStatistics
 from nerve.transports.base import Transport
 
 if TYPE_CHECKING:
@@ -171,11 +172,10 @@ def valid_node_id(node_id: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class TcpStatistics:
-    """A snapshot of a TCP transport (``TcpTransport.statistics()``)."""
+class TcpStatistics(TransportStatistics):
+    """A snapshot of a TCP transport (``TcpTransport.statistics()``): ``connections`` are the
+    established connections now; ``bytes_sent`` / ``bytes_received`` count socket bytes."""
 
-    #: established connections now
-    connections: int
     #: inbound handshakes in progress now
     handshakes: int
     #: connections established since start
@@ -277,6 +277,7 @@ class Connection:
                 sent = os.write(self._fd, data)
             except OSError:  # full (BlockingIOError) or broken: the writer sends or fails
                 sent = 0
+            self.transport.bytes_sent += sent
             if sent == len(data):
                 self._admit()
                 return
@@ -444,7 +445,9 @@ class Connection:
             view = memoryview(data)
             for at in range(0, len(view), _WRITE_SLICE):
                 self._send_started = trio.current_time()
-                await self.stream.send_all(view[at:at + _WRITE_SLICE])
+                part = view[at:at + _WRITE_SLICE]
+                await self.stream.send_all(part)
+                self.transport.bytes_sent += len(part)
             self._sending = False
 
     async def reader(self) -> None:
@@ -457,6 +460,7 @@ class Connection:
             data = await receive(_RECV_SIZE)
             if not data:
                 return
+            self.transport.bytes_received += len(data)
             self.last_recv = trio.current_time()
             frames = feed(data)
             # A lone frame in is likely answered by a lone frame out: write that one at once.
@@ -551,7 +555,8 @@ class TcpTransport(Transport):
     def statistics(self) -> TcpStatistics:
         conns = [c for c in self.connections.values() if not c.closed]
         return TcpStatistics(
-            connections=len(conns), handshakes=self._handshakes,
+            connections=len(conns), bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
+            handshakes=self._handshakes,
             bytes_queued=sum(len(c.encoder) for c in conns),
             producers_waiting=sum(len(c._waiters) + len(c._ready) for c in conns), **self._counts)
 

@@ -1,0 +1,417 @@
+"""Metrics (nerve.metrics), statistics (nerve.statistics) and the metrics port, with real parts:
+brokers over TCP on loopback, three node processes, a real HTTP client (httpx)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+import nerve
+from nerve.errors import BrokerOptionsError, NerveError, ValidationError
+from nerve.metrics import Metrics, parse_listen
+
+pytestmark = pytest.mark.anyio
+
+NODE = str(Path(__file__).resolve().parent / "metrics_node.py")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition, by (name, labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(table: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sample ``name`` whose labels include ``labels`` (exactly one must match)."""
+    found = [v for (n, ls), v in table.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def total(table: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in table.items() if n == name and set(labels.items()) <= ls)
+
+
+async def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    response = await trio.to_thread.run_sync(lambda: httpx.get(url, timeout=10))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return samples(response.text)
+
+
+class Math(nerve.Service):
+    name = "math"
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    @nerve.action
+    async def add(self, ctx: nerve.Context) -> int:
+        return int(ctx.params["a"]) + int(ctx.params["b"])
+
+    @nerve.action
+    async def boom(self, ctx: nerve.Context) -> None:
+        raise RuntimeError(f"boom {ctx.params.get('n')}")
+
+    @nerve.action
+    async def refuse(self, ctx: nerve.Context) -> None:
+        raise ValidationError("no", data={"field": "x"})
+
+    @nerve.action
+    async def odd(self, ctx: nerve.Context) -> None:
+        raise NerveError("odd", code=500, type=f"KIND_{ctx.params['n']}")
+
+    @nerve.action
+    async def count(self, ctx: nerve.Context) -> int:
+        assert ctx.stream is not None
+        return len(await ctx.stream.read_all())
+
+    @nerve.event("math.done")
+    async def done(self, ctx: nerve.Context) -> None:
+        self.seen += 1
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+def test_parse_listen() -> None:
+    assert parse_listen(9464) == ("", 9464)
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_listen(":9") == ("", 9)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    assert parse_listen("http://localhost:80/") == ("localhost", 80)
+    for bad in ("x", "1.2.3.4:99999", "[::1", "[::1]9", "", True, 1.5, None, "h:-1"):
+        with pytest.raises(BrokerOptionsError):
+            parse_listen(bad)  # type: ignore[arg-type]
+
+
+def test_bad_metrics_port_is_refused_at_creation() -> None:
+    with pytest.raises(BrokerOptionsError, match="metrics address"):
+        nerve.Broker("m-bad", metrics_port="localhost:http")
+
+
+def test_a_metrics_instance_belongs_to_one_broker() -> None:
+    m = Metrics()
+    nerve.Broker("m-one", metrics=m)
+    with pytest.raises(BrokerOptionsError, match="one broker"):
+        nerve.Broker("m-two", metrics=m)
+
+
+async def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BrokerOptionsError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            async with nerve.Broker("m-busy", metrics_port=f"127.0.0.1:{port}"):
+                pass
+
+
+# --- exact counters, two brokers over TCP ---------------------------------------------------
+
+
+async def test_counters_are_exact_after_a_known_workload() -> None:
+    math = Math()
+    async with nerve.Broker("m-srv", transport="tcp://127.0.0.1:0", services=[math], metrics=True) as srv:
+        async with nerve.Broker("m-cli", transport="tcp://127.0.0.1:0", peers=[srv.address],
+                                metrics=True) as cli:
+            await cli.wait_for_services("math", timeout=10)
+            for i in range(7):
+                assert await cli.call("math.add", {"a": i, "b": 1}) == i + 1
+            for i in range(3):
+                with pytest.raises(NerveError):
+                    await cli.call("math.boom", {"n": i})
+            for _ in range(2):
+                with pytest.raises(ValidationError):
+                    await cli.call("math.refuse")
+            assert await srv.call("math.add", {"a": 1, "b": 1}) == 2  # a local call
+            for _ in range(4):
+                await cli.emit("math.done", {})
+            await cli.broadcast("math.done", {})
+            stream = nerve.PacketStream()
+
+            async def produce() -> None:
+                await stream.send(b"x" * 300_000)
+                await stream.close()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                assert await cli.call("math.count", stream=stream) == 300_000
+            with trio.fail_after(5):
+                while math.seen < 5:
+                    await trio.sleep(0.01)
+
+            s = samples(srv.metrics.exposition().decode())
+            c = samples(cli.metrics.exposition().decode())
+
+    local = {"service": "math", "type": "local"}
+    assert value(s, "moleculer_request_total", action="math.add", **local) == 8
+    assert value(s, "moleculer_request_total", action="math.boom", **local) == 3
+    assert value(s, "moleculer_request_error_total", action="math.boom", errorName="RuntimeError", **local) == 3
+    assert value(s, "moleculer_request_error_total", action="math.refuse", errorName="ValidationError",
+                 errorCode="422", **local) == 2
+    assert total(s, "moleculer_request_error_total", action="math.add") == 0
+    assert value(s, "moleculer_request_time_seconds_count", action="math.add", **local) == 8
+    assert value(s, "moleculer_request_time_seconds_bucket", action="math.add", le="+Inf", **local) == 8
+    assert value(s, "moleculer_request_active", action="math.add", **local) == 0
+    remote = {"service": "math", "type": "remote"}
+    assert value(c, "moleculer_request_total", action="math.add", **remote) == 7
+    assert value(c, "moleculer_request_error_total", action="math.boom", **remote) == 3
+    assert value(c, "moleculer_request_time_seconds_count", action="math.refuse", **remote) == 2
+    assert value(c, "moleculer_event_emit_total", event="math.done") == 4
+    assert value(c, "moleculer_event_broadcast_total", event="math.done") == 1
+    assert value(s, "moleculer_event_received_total", event="math.done", service="math", group="math") == 5
+    assert value(c, "nerve_stream_sent_bytes_total") == 300_000
+    assert value(s, "nerve_stream_received_bytes_total") == 300_000
+    assert value(c, "nerve_stream_opened_total") == 1
+    assert value(c, "nerve_calls_total") == 13 and value(c, "nerve_calls_failed_total") == 5
+    assert value(s, "moleculer_transporter_packets_received_bytes_total") > 300_000
+    assert value(c, "moleculer_transporter_packets_sent_bytes_total") > 300_000
+    assert value(s, "moleculer_registry_nodes_total") == 2
+    assert value(s, "moleculer_registry_actions_total") >= 6  # math's and $node's
+    assert value(s, "process_resident_memory_bytes") > 0
+
+
+async def test_statistics_are_frozen_snapshots_and_exact() -> None:
+    math = Math()
+    async with nerve.Broker("st-srv", transport="tcp://127.0.0.1:0", services=[math]) as srv:
+        async with nerve.Broker("st-cli", transport="tcp://127.0.0.1:0", peers=[srv.address]) as cli:
+            await cli.wait_for_services("math", timeout=10)
+            before = srv.statistics()
+            for i in range(3):
+                await cli.call("math.add", {"a": i, "b": i})
+            with pytest.raises(NerveError):
+                await cli.call("math.boom", {"n": 1})
+            await srv.call("math.add", {"a": 1, "b": 2})
+            with pytest.raises(NerveError):
+                await cli.call("nope.nothing", timeout=0.2)
+            await cli.emit("math.done")
+            with trio.fail_after(5):
+                while math.seen < 1:
+                    await trio.sleep(0.01)
+            after = srv.statistics()
+            client = cli.statistics()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.calls = 0  # type: ignore[misc]
+    assert after.requests_served - before.requests_served == 5  # 4 remote + 1 local
+    assert after.requests_failed - before.requests_failed == 1
+    assert after.calls - before.calls == 1  # the local one
+    assert after.transit.requests_received - before.transit.requests_received == 4
+    assert after.transit.events_received == 1 and after.events_handled == 1
+    assert client.calls == 5 and client.calls_failed == 2  # math.boom and the unknown action
+    assert client.transit.requests_sent == 4  # the unknown action was never sent
+    assert client.events_emitted == 1
+    assert after.running and after.uptime > 0 and after.node_id == "st-srv"
+    assert after.transport.connections == 1 and after.transport.bytes_received > 0
+    assert after.registry.nodes == 2 and after.handler_pool.active == 0
+    # a snapshot taken before does not move
+    assert before.requests_served <= after.requests_served - 5
+
+
+async def test_error_label_sets_are_bounded() -> None:
+    async with nerve.Broker("m-card", services=[Math()], metrics=True) as b:
+        for n in range(50):
+            with pytest.raises(NerveError):
+                await b.call("math.odd", {"n": n})
+        s = samples(b.metrics.exposition().decode())
+    errors = {ls for (n, ls), _ in s.items() if n == "moleculer_request_error_total"}
+    assert len(errors) == 32 + 1  # 32 kinds, then "other"
+    assert value(s, "moleculer_request_error_total", action="math.odd", errorName="other") == 50 - 32
+
+
+# --- the metrics port -----------------------------------------------------------------------
+
+
+async def raw(address: tuple[str, int], data: bytes, *, read: bool = True) -> bytes:
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        await stream.send_all(data)
+        if not read:
+            return b""
+        out = b""
+        with trio.fail_after(15):
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        return out
+
+
+async def test_metrics_port_survives_hostile_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nerve.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT", 0.5)
+    async with nerve.Broker("m-port", services=[Math()], metrics_port="127.0.0.1:0") as b:
+        assert b.metrics.url is not None
+        host, port = b.metrics.url.removeprefix("http://").removesuffix("/metrics").rsplit(":", 1)
+        addr = (host, int(port))
+        assert (await raw(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+        head = await raw(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+        assert (await raw(addr, b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404")
+        assert (await raw(addr, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405")
+        assert (await raw(addr, b"\x00\xff\xfe garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        assert (await raw(addr, b"GET /m\xc3\x28trics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404")
+        assert (await raw(addr, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 40_000 + b"\r\n\r\n")
+                ).startswith(b"HTTP/1.1 431")
+        assert (await raw(addr, b"GET /metrics HTTP/1.1\r\n")).startswith(b"HTTP/1.1 408")  # never ends its head
+        assert (await raw(addr, b"")).startswith(b"HTTP/1.1 408")  # says nothing: closed after the timeout
+        # more connections than the limit at once: the extra ones are closed, the node is fine
+        streams = [await trio.open_tcp_stream(*addr) for _ in range(metrics_module.MAX_CONNECTIONS + 8)]
+        try:
+            refused = 0
+            for s in streams[metrics_module.MAX_CONNECTIONS:]:
+                with trio.fail_after(5):
+                    try:
+                        refused += await s.receive_some(10) == b""
+                    except trio.BrokenResourceError:
+                        refused += 1
+            assert refused == 8
+        finally:
+            for s in streams:
+                await s.aclose()
+        assert await b.call("math.add", {"a": 2, "b": 2}) == 4
+        s = await scrape(b.metrics.url)
+        assert value(s, "moleculer_request_total", action="math.add", type="local") == 1
+    assert b.metrics.url is None
+
+
+# --- three processes ------------------------------------------------------------------------
+
+
+def spawn(role: str, *peers: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    args = [sys.executable, NODE, "--role", role]
+    for p in peers:
+        args += ["--peer", p]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"node {role} did not start"
+    return proc, json.loads(line)
+
+
+@pytest.fixture
+def cluster() -> Iterator[dict[str, dict[str, Any]]]:
+    procs = []
+    try:
+        pb, b = spawn("b")
+        procs.append(pb)
+        pc, c = spawn("c", b["address"])
+        procs.append(pc)
+        pa, a = spawn("a", b["address"], c["address"])
+        procs.append(pa)
+        yield {"a": a, "b": b, "c": c}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            assert p.wait(15) == 0
+
+
+async def test_three_process_cluster_serves_exact_metrics(cluster: dict[str, dict[str, Any]]) -> None:
+    runs, size = 5, 200_000
+    async with nerve.Broker("m-driver", transport="tcp://127.0.0.1:0", peers=[cluster["a"]["address"]]) as d:
+        await d.wait_for_services("a", "b", "c", timeout=15)
+        for _ in range(runs):
+            out = await d.call("a.work", {"size": size}, timeout=10)
+            assert out["failed"] == "NerveError" and out["sunk"] == size
+        a = await scrape(cluster["a"]["metrics"])
+        # events are served in the background: wait for the last handler to finish
+        with trio.fail_after(10):
+            while True:
+                b = await scrape(cluster["b"]["metrics"])
+                c = await scrape(cluster["c"]["metrics"])
+                if total(b, "moleculer_event_received_time_seconds_count") == runs == total(
+                        c, "moleculer_event_received_time_seconds_count"):
+                    break
+                await trio.sleep(0.05)
+    assert value(a, "moleculer_request_total", action="a.work", type="local") == runs
+    assert value(a, "moleculer_request_total", action="b.echo", type="remote") == runs
+    assert value(a, "moleculer_request_total", action="c.fail", type="remote") == runs
+    assert value(a, "moleculer_request_error_total", action="c.fail", type="remote",
+                 errorName="MoleculerError", errorCode="500", errorType="ALWAYS") == runs  # the wire name
+    assert value(a, "moleculer_request_total", action="c.sink", type="remote") == runs
+    assert value(a, "moleculer_event_emit_total", event="thing.happened") == runs
+    assert value(a, "nerve_stream_sent_bytes_total") == runs * size
+    assert value(b, "moleculer_request_total", action="b.echo", type="local") == runs
+    assert total(b, "moleculer_request_error_total") == 0
+    assert value(b, "moleculer_event_received_total", event="thing.happened", service="b") == runs
+    assert value(c, "moleculer_request_total", action="c.fail", type="local") == runs
+    assert value(c, "moleculer_request_error_total", action="c.fail", type="local", errorName="MoleculerError") == runs
+    assert value(c, "moleculer_request_total", action="c.sink", type="local") == runs
+    assert value(c, "nerve_stream_received_bytes_total") == runs * size
+    assert value(c, "moleculer_event_received_total", event="thing.happened", service="c") == runs
+    assert value(c, "moleculer_transporter_packets_received_bytes_total") > runs * size
+    for node in (a, b, c):
+        assert value(node, "moleculer_registry_nodes_online_total") == 4  # a, b, c and the driver
+        assert value(node, "moleculer_broker_started") == 1
+
+
+# --- logs ---------------------------------------------------------------------------------
+
+
+async def test_handler_exceptions_are_logged_once_on_the_serving_node(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="nerve")
+    async with nerve.Broker("log-srv", transport="tcp://127.0.0.1:0", services=[Math()]) as srv:
+        async with nerve.Broker("log-cli", transport="tcp://127.0.0.1:0", peers=[srv.address]) as cli:
+            await cli.wait_for_services("math", timeout=10)
+            caplog.clear()
+            with pytest.raises(NerveError):
+                await cli.call("math.boom", {"n": 7})
+            with pytest.raises(ValidationError):
+                await cli.call("math.refuse")
+            with pytest.raises(RuntimeError):
+                await srv.call("math.boom", {"n": 8})  # a local call: logged there too, once
+    failures = [r for r in caplog.records if r.getMessage().startswith("action math.")]
+    boom = [r for r in failures if r.levelno == logging.ERROR]
+    assert len(boom) == 2, [r.getMessage() for r in failures]
+    remote = boom[0]
+    assert remote.node_id == "log-srv" and remote.action == "math.boom"  # type: ignore[attr-defined]
+    assert remote.caller_node == "log-cli" and remote.service == "math"  # type: ignore[attr-defined]
+    assert remote.request_id and remote.exc_info and "boom 7" in str(remote.exc_info[1])  # type: ignore[attr-defined]
+    assert "log-cli" in remote.getMessage()
+    assert boom[1].caller_node == "log-srv" and "boom 8" in str(boom[1].exc_info[1])  # type: ignore[attr-defined, index]
+    refused = [r for r in failures if "math.refuse" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.DEBUG]  # a 4xx is the caller's business
+    assert not [r for r in caplog.records if r.name == "nerve.broker" and "log-cli" == getattr(r, "node_id", None)
+                and r.levelno >= logging.WARNING]  # nothing logged on the calling node
+
+
+async def test_lifecycle_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nerve")
+    async with nerve.Broker("life-a", transport="tcp://127.0.0.1:0", services=[Math()]) as a:
+        async with nerve.Broker("life-b", transport="tcp://127.0.0.1:0", peers=[a.address]):
+            await a.wait_for_services("$node", timeout=5)
+            with trio.fail_after(5):
+                while "life-b" not in a.registry.nodes:
+                    await trio.sleep(0.01)
+        with trio.fail_after(5):
+            while a.registry.nodes["life-b"].available:
+                await trio.sleep(0.01)
+    mine = [r for r in caplog.records if getattr(r, "node_id", None) == "life-a" and r.levelno == logging.INFO]
+    text = [r.getMessage() for r in mine]
+    assert any(t.startswith("node life-a started: tcp://127.0.0.1:") and "math" in t for t in text), text
+    assert any(t == "node life-b connected" for t in text), text
+    assert any(t.startswith("node life-b disconnected") for t in text), text
+    assert text[-1] == "node life-a stopped", text
+    peer = next(r for r in mine if r.getMessage() == "node life-b connected")
+    assert peer.peer == "life-b"  # type: ignore[attr-defined]
