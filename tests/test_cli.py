@@ -94,3 +94,38 @@ def test_run_a_node_then_call_it_and_list_nodes() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+
+
+def test_run_serves_metrics_and_logs_json() -> None:
+    """``nerve run --metrics``: Prometheus text over HTTP (httpx); ``--log-format json``: each
+    log line a JSON object carrying the node's id."""
+    import httpx
+
+    exe = shutil.which("nerve", path=os.path.dirname(sys.executable)) or "nerve"
+    proc = subprocess.Popen([exe, "-v", "--log-format", "json", "run", "--listen", "tcp://127.0.0.1:0",
+                             "--node-id", "cli-metrics", "--service", "nerve.demo:Math",
+                             "--metrics", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["metrics"].startswith("http://127.0.0.1:") and info["metrics"].endswith("/metrics")
+        for _ in range(2):
+            called = nerve_cmd("call", "math.add", '{"a": 1, "b": 2}', "--peer", info["address"])
+            assert called.returncode == 0, called.stderr
+        text = httpx.get(info["metrics"], timeout=10).text
+        assert 'moleculer_request_total{action="math.add",service="math",type="local"} 2.0' in text
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    started = [x for x in lines if x["message"].startswith("node cli-metrics started")]
+    assert started and started[0]["node_id"] == "cli-metrics" and started[0]["level"] == "INFO"
+    assert any(x["message"] == "node cli-metrics stopped" for x in lines)
+
+
+def test_run_with_a_bad_metrics_address_says_so() -> None:
+    out = nerve_cmd("run", "--listen", "tcp://127.0.0.1:0", "--metrics", "nowhere")
+    assert out.returncode == 1
+    assert "metrics address 'nowhere'" in out.stderr and "Traceback" not in out.stderr

@@ -398,6 +398,7 @@ async def test_handler_exceptions_are_logged_once_on_the_serving_node(caplog: py
 
 async def test_lifecycle_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="nerve")
+    caplog.set_level(logging.DEBUG, logger="nerve.tcp")
     async with nerve.Broker("life-a", transport="tcp://127.0.0.1:0", services=[Math()]) as a:
         async with nerve.Broker("life-b", transport="tcp://127.0.0.1:0", peers=[a.address]):
             await a.wait_for_services("$node", timeout=5)
@@ -415,3 +416,18 @@ async def test_lifecycle_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> 
     assert text[-1] == "node life-a stopped", text
     peer = next(r for r in mine if r.getMessage() == "node life-b connected")
     assert peer.peer == "life-b"  # type: ignore[attr-defined]
+    tcp = [r for r in caplog.records if r.name == "nerve.tcp"]
+    assert tcp and {getattr(r, "node_id", None) for r in tcp} <= {"life-a", "life-b"}, tcp
+
+
+async def test_asgi_app_serves_the_exposition() -> None:
+    """For an ASGI server (the gateway's /metrics): the same families, built per request."""
+    async with nerve.Broker("m-asgi", services=[Math()], metrics=Metrics(process=False)) as b:
+        assert await b.call("math.add", {"a": 1, "b": 1}) == 2
+        transport = httpx.ASGITransport(app=b.metrics.asgi_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            response = await client.get("/metrics")
+        assert response.status_code == 200
+        s = samples(response.text)
+        assert value(s, "moleculer_request_total", action="math.add", type="local") == 1
+        assert not [n for n, _ in s if n.startswith("process_")]  # process=False

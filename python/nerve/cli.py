@@ -57,8 +57,11 @@ def _load_service(spec: str) -> nerve.Service:
 async def _run_node(args: argparse.Namespace) -> None:
     services = [_load_service(s) for s in args.service]
     async with nerve.Broker(args.node_id, transport=args.listen, peers=args.peer, **_tls(args),
-                            services=services) as broker:
-        print(json.dumps({"nodeID": broker.node_id, "address": broker.address}), flush=True)
+                            services=services, metrics_port=args.metrics) as broker:
+        shown = {"nodeID": broker.node_id, "address": broker.address}
+        if broker.metrics is not None:
+            shown["metrics"] = broker.metrics.url
+        print(json.dumps(shown), flush=True)
         with trio.open_signal_receiver(2, 15) as signals:
             async for _ in signals:
                 break
@@ -215,6 +218,9 @@ def _fuzz_parser(sub: Any) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nerve", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line, with node_id, service, action, "
+                        "request_id... as fields (see nerve.logs)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="three nodes on loopback calling each other and streaming a file")
@@ -225,6 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--peer", action="append", default=[])
     r.add_argument("--node-id", default=None)
     r.add_argument("--service", action="append", default=[])
+    r.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client: "
+                        "pip install 'nerve[metrics]'; port 0 picks a free one, shown in the JSON line)")
     _add_tls_flags(r)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
@@ -262,8 +271,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        from nerve.logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if args.command == "demo":
         from nerve.demo import run_demo
 

@@ -20,11 +20,12 @@ answered to the caller, not the operator's concern).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-__all__ = ["NodeLogger", "node_logger", "FIELDS"]
+__all__ = ["FIELDS", "JsonFormatter", "NodeLogger", "node_logger"]
 
 #: The record attributes nerve sets (a formatter may list them).
 FIELDS = ("node_id", "service", "action", "event", "request_id", "caller", "caller_node", "peer")
@@ -77,3 +78,20 @@ def log_handler_failure(logger: NodeLogger, ctx: Any, exc: BaseException) -> Non
     elif logger.isEnabledFor(logging.DEBUG):
         logger.debug("action %s answered %s (request %s) with %s %s: %s", ctx.action, who, ctx.request_id,
                      exc.code, type(exc).__name__, exc, extra=fields)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time``, ``level``, ``logger``, ``message``, nerve's
+    fields present on the record (:data:`FIELDS`) and ``exc`` (the formatted traceback) if
+    any. ``nerve --log-format json`` uses it; so can any application."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": round(record.created, 6), "level": record.levelname,
+                               "logger": record.name, "message": record.getMessage()}
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                out[name] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=repr)  # ASCII: a peer's lone surrogate cannot break the stream

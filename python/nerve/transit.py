@@ -976,8 +976,6 @@ class Transit:
         self._send_quietly(sender, _RES, payload)
 
     def _respond_error(self, sender: str, call_id: str, meta: dict[str, Any], exc: BaseException) -> None:
-        if not isinstance(exc, NerveError):
-            self.log.debug("handler raised %r", exc)
         plain = error_to_wire(exc, self.node_id)
         res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=False, data=None,
                        error=plain, meta=meta, headers={} if self.v5 else UNSET)

@@ -9,6 +9,7 @@ backpressure point for bulk producers.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import trio
@@ -68,6 +69,19 @@ class Transport:
     #: Bytes written to / read from the network so far (see TransportStatistics).
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: the logger this transport's records go to; they carry the node's ``node_id``
+    logger_name: str = "nerve.transport"
+
+    @property
+    def log(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        """This transport's logger: its records carry ``node_id`` once the node serves."""
+        upstream = getattr(self, "upstream", None)
+        node = upstream.node_id if upstream is not None else None
+        cached = self.__dict__.get("_log")
+        if cached is None or cached.extra.get("node_id") != node:
+            cached = self.__dict__["_log"] = logging.LoggerAdapter(
+                logging.getLogger(self.logger_name), {"node_id": node} if node is not None else {})
+        return cached  # type: ignore[no-any-return]
 
     def statistics(self) -> TransportStatistics:
         """A snapshot of this transport (see :class:`nerve.statistics.TransportStatistics`)."""

@@ -10,7 +10,6 @@ is re-established with backoff; peers then rediscover each other.
 from __future__ import annotations
 
 import json
-import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -27,7 +26,6 @@ __all__ = ["NatsTransport", "NatsClient"]
 
 _DISCONNECT = int(PacketType.DISCONNECT)
 
-log = logging.getLogger("nerve.nats")
 
 _MAX_CONTROL_LINE = 4096
 
@@ -146,6 +144,8 @@ class NatsClient:
 class NatsTransport(Transport):
     """Moleculer's NATS transporter, for moleculer.js interop (``transport="nats://host:port"``)."""
 
+    logger_name = "nerve.nats"
+
     native_streams = False
 
     def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (), **_: Any) -> None:
@@ -175,7 +175,7 @@ class NatsTransport(Transport):
             except (OSError, trio.BrokenResourceError, ProtocolError) as exc:
                 if first:
                     raise BrokerDisconnectedError(f"cannot connect to NATS at {self.url}: {exc}") from exc
-                log.warning("NATS at %s unreachable (%s); retrying in %.1fs", self.url, exc, delay)
+                self.log.warning("NATS at %s unreachable (%s); retrying in %.1fs", self.url, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -183,7 +183,7 @@ class NatsTransport(Transport):
             try:
                 await self._run(client, task_status if first else trio.TASK_STATUS_IGNORED)
             except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
-                log.warning("NATS connection lost (%s); reconnecting", group.exceptions[0])
+                self.log.warning("NATS connection lost (%s); reconnecting", group.exceptions[0])
             finally:
                 self.client = None
             first = False
@@ -225,15 +225,15 @@ class NatsTransport(Transport):
             try:
                 kind = int(PacketType[parts[1]])
             except KeyError:
-                log.debug("ignoring NATS subject %s", subject)
+                self.log.debug("ignoring NATS subject %s", subject)
                 continue
             self.bytes_received += len(payload)
             try:
                 upstream.on_bus_frame(kind, payload)
             except NerveError as exc:
-                log.warning("dropping a %s on %s: %s", parts[1], subject, exc)
+                self.log.warning("dropping a %s on %s: %s", parts[1], subject, exc)
             except Exception:  # a packet reached something unexpected: drop it, keep the node
-                log.exception("dropping a %s on %s: error while handling it", parts[1], subject)
+                self.log.exception("dropping a %s on %s: error while handling it", parts[1], subject)
 
     def seen(self, node_id: str, kind: int) -> bool:
         fresh = node_id not in self._last_seen
@@ -254,7 +254,7 @@ class NatsTransport(Transport):
             for node, seen in list(self._last_seen.items()):
                 if now - seen > upstream.heartbeat_timeout:
                     del self._last_seen[node]
-                    log.warning("node %s silent for %.1fs: marking it lost", node, now - seen)
+                    self.log.warning("node %s silent for %.1fs: marking it lost", node, now - seen)
                     upstream.on_disconnected(node, graceful=False)
 
     # --- Transport API ------------------------------------------------------------------

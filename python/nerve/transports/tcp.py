@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import math
 import os
 import random
@@ -58,7 +57,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TcpTransport", "TcpStatistics", "parse_address", "valid_node_id"]
 
-log = logging.getLogger("nerve.tcp")
 
 _HELLO = int(FrameType.HELLO)
 _HELLO_ACK = int(FrameType.HELLO_ACK)
@@ -292,7 +290,7 @@ class Connection:
         """The peer does not read what we owe it: drop the connection rather than the memory
         (its pending calls fail with a retryable error; it may reconnect)."""
         if not self.closed and self.cancel_scope is not None:
-            log.warning("disconnecting %s: %d bytes queued for it (max_write_queue %d); it is not reading",
+            self.transport.log.warning("disconnecting %s: %d bytes queued for it (max_write_queue %d); it is not reading",
                         self.node_id, len(self.encoder), self.transport.max_write_queue)
             self.transport._count("not_reading")
             self.close()
@@ -496,6 +494,8 @@ class TcpTransport(Transport):
     ``max_hello_size`` and ``max_handshakes`` (what unauthenticated peers may hold);
     ``max_redials`` (failed dials of an address learned from a peer before it is forgotten;
     seeds given by the user are dialled for ever)."""
+
+    logger_name = "nerve.tcp"
 
     native_streams = True
 
@@ -720,7 +720,7 @@ class TcpTransport(Transport):
         if self._handshakes >= self.max_handshakes or from_host >= self._max_handshakes_per_host:
             # TLS handshakes count too; one host may hold only a quarter of the slots.
             self._count("handshakes_over_limit")
-            log.debug("closing an inbound connection from %s: %d handshakes in progress (%d from it)",
+            self.log.debug("closing an inbound connection from %s: %d handshakes in progress (%d from it)",
                       host, self._handshakes, from_host)
             await trio.aclose_forcefully(stream)
             return
@@ -730,7 +730,7 @@ class TcpTransport(Transport):
             conn = await self._accept(stream)
         except Exception as exc:  # whatever the peer's bytes caused: its connection ends
             self._count("handshakes_failed")
-            log.warning("inbound connection from %s refused: %s", _remote(stream), _describe(exc))
+            self.log.warning("inbound connection from %s refused: %s", _remote(stream), _describe(exc))
             conn = None
         finally:
             self._handshakes -= 1
@@ -787,7 +787,7 @@ class TcpTransport(Transport):
         if reason is not None:
             if reason != "duplicate connection":
                 self._count("handshakes_failed")
-                log.warning("refused %s: %s", hello.node_id, reason)
+                self.log.warning("refused %s: %s", hello.node_id, reason)
             return None
         return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True),
                           fd=None if stream is not raw else raw.socket.fileno())
@@ -855,7 +855,7 @@ class TcpTransport(Transport):
                 else:
                     failures += 1
                 if learned and failures >= self.max_redials:
-                    log.info("giving up on %s (%s) after %d failed dials", address, node_id or "?", failures)
+                    self.log.info("giving up on %s (%s) after %d failed dials", address, node_id or "?", failures)
                     self._count("addresses_forgotten")
                     if node_id and self._known.get(node_id) == address:
                         del self._known[node_id]
@@ -875,16 +875,16 @@ class TcpTransport(Transport):
         try:
             host, port = parse_address(address)
         except BrokerOptionsError as exc:
-            log.warning("not dialling %r: %s", address, exc)
+            self.log.warning("not dialling %r: %s", address, exc)
             return "refused"
         try:
             with trio.fail_after(_HANDSHAKE_TIMEOUT):
                 raw = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            log.debug("cannot connect to %s: %r", address, exc)
+            self.log.debug("cannot connect to %s: %r", address, exc)
             return "retry"
         except Exception as exc:  # a host name the resolver rejects (IDNA...): never the node's end
-            log.warning("not dialling %r: %r", address, exc)
+            self.log.warning("not dialling %r: %r", address, exc)
             return "refused"
         stream: trio.abc.Stream = raw
         try:
@@ -896,7 +896,7 @@ class TcpTransport(Transport):
             conn = await self._connect(stream, address, host)
         except Exception as exc:  # whatever the peer's bytes caused: this dial failed
             self._count("handshakes_failed")
-            log.debug("handshake with %s failed: %s", address, _describe(exc))
+            self.log.debug("handshake with %s failed: %s", address, _describe(exc))
             conn = "retry"
         if isinstance(conn, str):
             await trio.aclose_forcefully(raw)
@@ -911,9 +911,9 @@ class TcpTransport(Transport):
         if not hello.accept:
             why = str(hello.reason)
             if why == "duplicate connection" or why.startswith("too many connections"):
-                log.debug("%s refused us for now: %s", address, why[:200])
+                self.log.debug("%s refused us for now: %s", address, why[:200])
                 return "busy"
-            log.warning("%s refused us: %s", address, why[:200])
+            self.log.warning("%s refused us: %s", address, why[:200])
             return "refused"
         reason = self._check_peer(hello)
         if reason is None and self._tls_client is not None and not (
@@ -935,7 +935,7 @@ class TcpTransport(Transport):
         if reason is not None or hello.node_id in self.connections:
             if reason:
                 self._count("handshakes_failed")
-                log.warning("refusing %s: %s", address, reason)
+                self.log.warning("refusing %s: %s", address, reason)
             return "refused"
         fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True), fd=fd)
@@ -948,7 +948,7 @@ class TcpTransport(Transport):
         other = self.connections.get(node)
         if other is not None and not other.closed:
             # Lost a (rare) race with a simultaneous connection: keep the established one.
-            log.debug("dropping a duplicate connection to %s", node)
+            self.log.debug("dropping a duplicate connection to %s", node)
             conn.closed = True
             await trio.aclose_forcefully(conn.stream)
             return
@@ -958,12 +958,12 @@ class TcpTransport(Transport):
             try:
                 self.upstream.on_disconnected(node, graceful=other.graceful)
             except Exception:  # pragma: no cover - a bug, but never the node's end
-                log.exception("error while forgetting node %s", node)
+                self.log.exception("error while forgetting node %s", node)
         self.connections[node] = conn
         self._count("connections_opened")
         if conn.address:
             self._known[node] = conn.address
-        log.debug("connected to %s at %s", node, conn.address)
+        self.log.debug("connected to %s at %s", node, conn.address)
         try:
             with trio.CancelScope() as scope:
                 conn.cancel_scope = scope
@@ -975,14 +975,14 @@ class TcpTransport(Transport):
                     nursery.start_soon(_until_done, conn.reader, nursery.cancel_scope)
                     nursery.start_soon(conn.writer)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
-            log.debug("connection to %s broke: %r", node, group.exceptions[0])
+            self.log.debug("connection to %s broke: %r", node, group.exceptions[0])
         except* ProtocolError as group:
             self._count("protocol_errors")
-            log.warning("disconnecting %s: %s", node, group.exceptions[0])
+            self.log.warning("disconnecting %s: %s", node, group.exceptions[0])
         except* Exception as group:
             # Not a protocol error we name: a peer reached something we did not expect.
             self._count("protocol_errors")
-            log.error("disconnecting %s: error while handling its frames", node,
+            self.log.error("disconnecting %s: error while handling its frames", node,
                       exc_info=group.exceptions[0])
         finally:
             conn.close()
@@ -995,7 +995,7 @@ class TcpTransport(Transport):
                 try:
                     self.upstream.on_disconnected(node, graceful=conn.graceful)
                 except Exception:  # pragma: no cover - a bug, but never the node's end
-                    log.exception("error while forgetting node %s", node)
+                    self.log.exception("error while forgetting node %s", node)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(conn.stream)
 
@@ -1039,12 +1039,12 @@ class TcpTransport(Transport):
                 if conn.closed:
                     continue
                 if now - conn.last_recv > timeout:
-                    log.warning("node %s silent for %.1fs: marking it lost", conn.node_id, now - conn.last_recv)
+                    self.log.warning("node %s silent for %.1fs: marking it lost", conn.node_id, now - conn.last_recv)
                     self._count("silent")
                     conn.close()
                     continue
                 if conn._sending and now - conn._send_started > timeout:
-                    log.warning("disconnecting %s: it has read nothing for %.1fs", conn.node_id,
+                    self.log.warning("disconnecting %s: it has read nothing for %.1fs", conn.node_id,
                                 now - conn._send_started)
                     self._count("not_reading")
                     conn.close()
