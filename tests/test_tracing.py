@@ -423,7 +423,7 @@ async def test_an_emit_keeps_the_callers_headers_and_dict(traced: Traced) -> Non
             seen.append(dict(ctx.headers))
 
     mine = {"x-tenant": "t1"}
-    async with nerve.Broker("hd-b", namespace=ns, services=[Seer()]) as b, \
+    async with nerve.Broker("hd-b", namespace=ns, services=[Seer()]), \
             nerve.Broker("hd-a", namespace=ns, middlewares=[traced.tracing()]) as a:
         await a.wait_for_services("seer", timeout=5)
         await a.emit("thing.happened", headers=mine)
@@ -432,7 +432,6 @@ async def test_an_emit_keeps_the_callers_headers_and_dict(traced: Traced) -> Non
     assert seen[0]["x-tenant"] == "t1"
     producer = traced.one("emit thing.happened", SpanKind.PRODUCER)
     assert seen[0]["traceparent"].split("-")[2] == f"{span_id(producer):016x}"
-    del b
 
 
 async def test_a_failing_event_handler_marks_its_span(traced: Traced) -> None:
