@@ -104,6 +104,19 @@ PEERS: dict[str, Peer] = {p.id: p for p in [
          probe=True,
          note="nerve with nerve.middlewares.CircuitBreaker() on the client and "
               "nerve.middlewares.Bulkhead() on the server (defaults)"),
+    Peer("nerve+metrics", "nerve + metrics", "python", "nerve_peer.py", ("--middlewares", "metrics"),
+         probe=True,
+         note="nerve with metrics=True on both brokers (counts per action inline; the server's "
+              "metrics are scraped once, broker.metrics.exposition(), after the measured part)"),
+    Peer("nerve+tracing", "nerve + tracing (SDK)", "python", "nerve_peer.py", ("--middlewares", "tracing"),
+         probe=True,
+         note="nerve with nerve.tracing.Tracing(tracer_provider=...) on both brokers: an OpenTelemetry "
+              "SDK TracerProvider with a BatchSpanProcessor (defaults) whose exporter drops the spans, "
+              "so the figure is nerve's spans and the SDK's recording, not an exporter's I/O"),
+    Peer("nerve+otel-nosdk", "nerve + Tracing, no SDK", "python", "nerve_peer.py",
+         ("--middlewares", "otel-nosdk"), probe=True,
+         note="nerve with nerve.tracing.Tracing() on both brokers and only the OpenTelemetry API (no "
+              "tracer provider set): no span is made, no handler wrapped"),
     Peer("raw-trio", "raw trio+msgspec", "python", "raw_trio.py",
          note="length-prefixed msgspec frames on trio, reader task + batching writer task; "
               "one-way transfer of 256 KiB raw frames"),
@@ -131,7 +144,8 @@ PEERS: dict[str, Peer] = {p.id: p for p in [
          note="await handler(ctx) plus a msgspec msgpack round trip of the params, in process"),
 ]}
 
-NERVE_VARIANTS = ["nerve+3mw", "nerve+ft"]  # run right after nerve in rpc_1 and rpc_64
+# run right after nerve (and its baselines) in rpc_1 and rpc_64
+NERVE_VARIANTS = ["nerve+3mw", "nerve+ft", "nerve+metrics", "nerve+tracing", "nerve+otel-nosdk"]
 RPC_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-json", "moljs-nats-json",
              "moleculerpy-nats-json"]
 TRANSFER_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", "moljs-nats-msgpack"]
@@ -249,17 +263,27 @@ class Target:
     scenario: str
     metric: str
     peer: str
-    op: str  # ">=", "<=", or "within" (|ratio - 1| <= goal)
+    op: str  # ">=", "<=", "within" (|ratio - 1| <= goal) or "cost" (1 - peer / nerve <= goal)
     goal: float
     text: str
 
     def met(self, ratio: float) -> bool:
         if self.op == "within":
             return abs(ratio - 1.0) <= self.goal
+        if self.op == "cost":
+            return cost_of(ratio) <= self.goal
         return ratio >= self.goal if self.op == ">=" else ratio <= self.goal
 
     def goal_text(self) -> str:
+        if self.op == "cost":
+            return f"costs ≤ {self.goal:.0%} of nerve's"
         return f"within ±{self.goal:.0%}" if self.op == "within" else f"{self.op} {self.goal:g}x"
+
+
+def cost_of(ratio: float) -> float:
+    """What a variant costs, as a fraction of nerve's throughput, from ratio = nerve / variant
+    (0.05: the variant does 5% fewer req/s; negative: it was faster in this run)."""
+    return 1.0 - 1.0 / ratio
 
 
 def baseline_targets(peer_id: str) -> list[Target]:
@@ -276,6 +300,8 @@ TARGETS = [
            "RPC 64 in flight: nerve vs raw trio+msgspec pipelined echo"),
     Target("rpc_1", "req_per_s", "raw-trio", ">=", 0.8,
            "RPC 1 in flight: nerve vs raw trio echo (reader + writer task)"),
+    Target("rpc_64", "req_per_s", "nerve+metrics", "cost", 0.05,
+           "RPC 64 in flight: counting (metrics=True on both nodes) against nerve's req/s"),
     Target("inproc", "ns_per_call", "bare-await", "<=", 3.0,
            "in-process broker.call cost vs bare await + msgspec round trip"),
     Target("upload", "mb_per_s", "grpc-aio", ">=", 1.5, "1 GiB upload: nerve vs grpc.aio (1 MiB msgs)"),
@@ -927,6 +953,7 @@ class Harness:
             met = None if ratio is None else t.met(ratio)
             out.append({"target": t.text, "scenario": t.scenario, "metric": t.metric, "peer": t.peer,
                         "ratio": ratio, "goal": t.goal_text(), "met": met,
+                        **({"cost": cost_of(ratio)} if t.op == "cost" and ratio else {}),
                         "why_missing": None if ratio is not None else rec.get("reason") or "not measured"})
         for name in ("slow_1g", "slow_4g"):
             sc = self.results.get(name)
@@ -980,6 +1007,12 @@ class Harness:
             out_dir = RESULTS
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{stamp}-{host}" + ("-quick" if self.mode == "quick" else "")
+        if self.mode == "full" and not args.out:
+            # a second full run the same day keeps the first one's files (they are committed)
+            base, n = stem, 1
+            while (out_dir / f"{stem}.json").exists():
+                n += 1
+                stem = f"{base}-{n}"
         doc = {
             "schema": 1,
             "mode": self.mode,
@@ -1101,6 +1134,8 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
                 val = "—" if t["value_mib"] is None else f"{t['value_mib']:.1f} MiB"
             else:
                 val = "—" if t["ratio"] is None else f"{t['ratio']:.2f}×"
+                if t.get("cost") is not None:
+                    val += f" (costs {t['cost']:+.1%})"
             met = {True: "yes", False: "**no**", None: f"n/a ({t.get('why_missing') or 'not measured'})"}[t["met"]]
             lines.append(f"| {t['target']} | {val} | {t['goal']} | {met} |")
         lines.append("")
@@ -1248,6 +1283,7 @@ def _build_lines(doc: dict[str, Any], names: list[str]) -> list[str]:
             rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
+    notes = _variant_notes(doc, names)
     ref_labels = [doc["peers"].get(r, {}).get("label", r) for r in refs]
     warn = [f"**{p}: {b['core_text']}.**" for p, b in (doc.get("baselines") or {}).items()
             if b.get("core") == "current" and b.get("rust_differs_from_work_tree")]
@@ -1256,7 +1292,31 @@ def _build_lines(doc: dict[str, Any], names: list[str]) -> list[str]:
             "CPU per call of client + server.", "",
             "| scenario | build | req/s | vs nerve | " + "".join(f"÷ {x} | " for x in ref_labels)
             + "p50 (µs) | p99 (µs) | CPU/call (µs) | Δ CPU/call vs nerve (µs) |",
-            "|---|---|---|---|" + "---|" * len(refs) + "---|---|---|---|", *rows]
+            "|---|---|---|---|" + "---|" * len(refs) + "---|---|---|---|", *rows, *notes]
+
+
+def _variant_notes(doc: dict[str, Any], names: list[str]) -> list[str]:
+    """What the metrics and tracing variants' runs reported after their measured part (each
+    run checks that every call was counted, or traced): the spans the SDK dropped, if any
+    (then the tracing figure understates its cost), else that none was."""
+    out = []
+    for n in names:
+        for pid, rec in doc["scenarios"][n]["peers"].items():
+            reports = [r["variant"] for r in rec.get("runs", []) if r.get("variant")]
+            if not reports:
+                continue
+            label = doc["peers"].get(pid, {}).get("label", pid)
+            if any("spans" in rep.get("server", {}) for rep in reports):
+                made = sum(rep[side].get("spans_expected", 0) for rep in reports for side in ("server", "client"))
+                dropped = sum(rep[side].get("spans_dropped", 0) for rep in reports for side in ("server", "client"))
+                out.append(f"- `{n}`, {label}: {made} spans expected over the runs (client + server), "
+                           + (f"**{dropped} dropped by the SDK** (queue full: the figure understates "
+                              "the cost of tracing)" if dropped else "none dropped") + ".")
+            elif any("exposition_bytes" in rep.get("server", {}) for rep in reports):
+                size = max(rep["server"]["exposition_bytes"] for rep in reports)
+                out.append(f"- `{n}`, {label}: every call counted on both nodes; the server's "
+                           f"exposition after the run: {size} bytes.")
+    return ["", *out] if out else []
 
 
 def _tls_cost_lines(scenarios: dict[str, Any], names: list[str]) -> list[str]:

@@ -10,8 +10,21 @@ transport (one connection between the two nodes), plus the in-process call cost.
 middlewares on both brokers: each wraps ``call``, ``local_action`` and ``remote_action`` and just
 awaits ``next``), ``ft`` (the client with ``nerve.middlewares.CircuitBreaker()``, the server with
 ``nerve.middlewares.Bulkhead(concurrency=128, max_queue_size=128)``: sized above the
-harness's 64 in flight, so the figure is their cost, not the queueing a smaller bulkhead adds). A nerve without that API (an older
-revision) makes ``--probe`` print the reason, which the harness reports as the variant skipped.
+harness's 64 in flight, so the figure is their cost, not the queueing a smaller bulkhead adds),
+``metrics`` (``metrics=True`` on both brokers: nerve's inline counting), ``tracing``
+(``nerve.tracing.Tracing`` on both brokers with the OpenTelemetry SDK: a ``TracerProvider``
+whose ``BatchSpanProcessor`` hands the spans to an exporter that drops them, so the figure is
+nerve's spans plus the SDK's recording, not an exporter's I/O) and ``otel-nosdk``
+(``Tracing()`` on both brokers with the API only, no provider set: nothing should be wrapped).
+A nerve without that API (an older revision) makes ``--probe`` print the reason, which the
+harness reports as the variant skipped.
+
+The metrics and tracing variants serve one more action, ``benchreport.report``, which the
+client calls once after the measured part (outside the marks): the server scrapes its
+metrics (``broker.metrics.exposition()``) and flushes its spans there, and the client checks
+that what was counted or traced matches the calls it made (a variant that silently did
+nothing fails its run) and adds the figures to its result (``variant``).
+
 Servers (in their READY line) and clients (in their result) report ``nerve.__file__``: the
 harness checks that a baseline peer imported the revision it asked for.
 """
@@ -19,6 +32,7 @@ harness checks that a baseline peer imported the revision it asked for.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import logging
@@ -96,6 +110,99 @@ class Unsupported(Exception):
     """This nerve lacks what a variant needs (the message says what)."""
 
 
+VARIANTS = ["none", "3mw", "ft", "metrics", "tracing", "otel-nosdk"]
+#: the variants whose server serves ``benchreport.report`` (see the module's docstring)
+REPORTING = ("metrics", "tracing", "otel-nosdk")
+
+
+class _State:
+    """What this process's variant set up: the span exporter and provider (``tracing``)."""
+
+    exporter: Any = None
+    provider: Any = None
+
+
+def _dropping_exporter() -> Any:
+    """A SpanExporter that counts the spans handed to it and drops them (SUCCESS): the cost
+    measured is making and recording spans, not exporting them. Made at run time: the SDK is
+    only needed by the tracing variant."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class DroppingExporter(SpanExporter):
+        def __init__(self) -> None:
+            self.spans = 0
+            self.kinds: dict[str, int] = {}
+
+        def export(self, spans: Any) -> Any:
+            self.spans += len(spans)
+            for span in spans:
+                kind = span.kind.name
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return True
+
+    return DroppingExporter()
+
+
+def _tracing_class(where: str) -> Any:
+    try:
+        from nerve.tracing import Tracing
+    except ImportError as exc:
+        raise Unsupported(f"{where} has no nerve.tracing ({exc})") from None
+    return Tracing
+
+
+def variant_report(broker: Any, variant: str) -> dict[str, Any]:
+    """This node's side of ``benchreport.report``: a scrape of its metrics, its spans."""
+    out: dict[str, Any] = {}
+    if variant == "metrics":
+        text = broker.metrics.exposition()
+        out["exposition_bytes"] = len(text)
+        out["requests"] = _request_totals(text.decode())
+    if variant in ("tracing", "otel-nosdk"):
+        from opentelemetry import trace
+
+        out["global_provider"] = type(trace.get_tracer_provider()).__name__
+    if variant == "tracing":
+        _State.provider.force_flush()
+        out["spans"] = _State.exporter.spans
+        out["span_kinds"] = dict(_State.exporter.kinds)
+    return out
+
+
+def _request_totals(text: str) -> dict[str, float]:
+    """``moleculer_request_total`` per (action, type) from an exposition, as "action/type"."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("moleculer_request_total{"):
+            labels, _, value = line[len("moleculer_request_total{"):].rpartition("} ")
+            fields = dict(part.split("=", 1) for part in labels.split(","))
+            key = f"{fields.get('action', '').strip(chr(34))}/{fields.get('type', '').strip(chr(34))}"
+            if float(value):
+                out[key] = float(value)
+    return out
+
+
+class BenchReport(nerve.Service):
+    """Served by the metrics and tracing variants only (plain nerve serves what it always did)."""
+
+    name = "benchreport"
+    variant = "none"
+
+    @nerve.action
+    async def report(self, ctx: nerve.Context) -> dict[str, Any]:
+        out = variant_report(self.broker, self.variant)
+        if self.variant != "metrics":
+            # did this very call (made like the echo calls) carry W3C trace context?
+            out["traceparent"] = isinstance(ctx.headers, dict) and "traceparent" in ctx.headers
+        return out
+
+
 def _passthrough_class() -> type:
     """A middleware that wraps the three call hooks and only awaits the next handler: the cost
     of one layer of the chain. Made at run time: older revisions have no ``nerve.Middleware``."""
@@ -123,14 +230,23 @@ def _passthrough_class() -> type:
 
 
 def middleware_options(variant: str, side: str) -> dict[str, Any]:
-    """The Broker's ``middlewares=`` for ``--middlewares`` on ``side`` (none for the plain
-    variant, so any revision runs it); raises Unsupported when this nerve lacks the API."""
+    """The Broker's options for ``--middlewares`` on ``side`` (none for the plain variant, so
+    any revision runs it); raises Unsupported when this nerve lacks the API."""
     if variant == "none":
         return {}
     where = f"nerve at {Path(nerve.__file__).parent}"
+    params = inspect.signature(nerve.Broker).parameters
+    if variant == "metrics":
+        if "metrics" not in params:
+            raise Unsupported(f"{where}: nerve.Broker takes no metrics=")
+        try:
+            importlib.import_module("nerve.metrics")
+            importlib.import_module("prometheus_client")
+        except ImportError as exc:
+            raise Unsupported(f"metrics: {exc} (pip install -e '.[bench]')") from None
+        return {"metrics": True}
     if not hasattr(nerve, "Middleware"):
         raise Unsupported(f"{where} has no nerve.Middleware (the middleware API)")
-    params = inspect.signature(nerve.Broker).parameters
     if "middlewares" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise Unsupported(f"{where}: nerve.Broker takes no middlewares=")
     if variant == "3mw":
@@ -148,6 +264,21 @@ def middleware_options(variant: str, side: str) -> dict[str, Any]:
         # figure is what the two cost, not the queueing a smaller bulkhead would (by design) add.
         options = {"concurrency": 128, "max_queue_size": 128} if name == "Bulkhead" else {}
         return {"middlewares": [getattr(builtin, name)(**options)]}
+    if variant == "otel-nosdk":
+        # the API only: the global provider stays the API's proxy, so Tracing wraps nothing
+        return {"middlewares": [_tracing_class(where)()]}
+    if variant == "tracing":
+        tracing = _tracing_class(where)
+        try:
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        except ImportError as exc:
+            raise Unsupported(f"tracing: no OpenTelemetry SDK ({exc}; pip install -e '.[bench]')") from None
+        if _State.provider is None:  # one provider per process (the probe builds two brokers)
+            _State.exporter = _dropping_exporter()
+            _State.provider = TracerProvider()
+            _State.provider.add_span_processor(BatchSpanProcessor(_State.exporter))
+        return {"middlewares": [tracing(tracer_provider=_State.provider)]}
     raise SystemExit(f"nerve peer: unknown --middlewares {variant}")
 
 
@@ -179,9 +310,14 @@ async def server(args: Any) -> None:
     if args.probe:
         await probe(args)
         return
+    services: list[Any] = [Echo(), Counter(), Storage()]
+    if args.middlewares in REPORTING:
+        report = BenchReport()
+        report.variant = args.middlewares
+        services.append(report)
     with trio.move_on_after(args.deadline):
         async with nerve.Broker("bench-server", transport=f"tcp://{args.host}:{args.port}",
-                                services=[Echo(), Counter(), Storage()],
+                                services=services,
                                 **tls_options(args, "server"),
                                 **middleware_options(args.middlewares, "server")) as broker:
             ready(address=broker.address, nerve=nerve.__file__)
@@ -293,7 +429,9 @@ async def client(args: Any) -> None:
                             peers=[f"tcp://{args.host}:{args.port}"],
                             **tls_options(args, "client"),
                             **middleware_options(args.middlewares, "client")) as broker:
-        await broker.wait_for_services("echo", "counter", "storage", timeout=15)
+        reporting = args.middlewares in REPORTING
+        await broker.wait_for_services("echo", "counter", "storage",
+                                       *(["benchreport"] if reporting else []), timeout=15)
         if args.scenario == "rpc":
             out = await rpc(broker, args)
         elif args.scenario == "events":
@@ -306,14 +444,53 @@ async def client(args: Any) -> None:
             out = await download(broker, args, rate=args.rate)
         else:
             raise SystemExit(f"nerve peer: unknown scenario {args.scenario}")
+        if reporting:  # after the measured part (the harness's marks are behind us)
+            made = out["calls"] + args.warmup + 1 if args.scenario == "rpc" else None
+            out["variant"] = check_report(args.middlewares, made, {
+                "server": await broker.call("benchreport.report"),
+                "client": variant_report(broker, args.middlewares)})
     result(**out, nerve=nerve.__file__)
+
+
+def check_report(variant: str, made: int | None, report: dict[str, Any]) -> dict[str, Any]:
+    """Fail the run when the variant did not do what it is there to measure: metrics that did
+    not count every echo.echo call (``made``, rpc: the measured ones, the warm-up and the first,
+    checked one), spans that were not made (or were made with no SDK). Spans the SDK dropped
+    (its queue full) are counted in ``spans_dropped``."""
+    if variant == "metrics" and made is not None:
+        served = report["server"]["requests"].get("echo.echo/local", 0)
+        called = report["client"]["requests"].get("echo.echo/remote", 0)
+        if served != made or called != made:
+            raise SystemExit(f"metrics: {made} echo.echo calls made, but the server counted {served} "
+                             f"served and the client {called} made")
+    if variant == "tracing":
+        for side in ("server", "client"):
+            spans = report[side]["spans"]
+            if made is not None:
+                # the server's report is flushed while the report call runs (its span is not
+                # ended yet); the client's after that call: one more span
+                report[side]["spans_expected"] = made + (side == "client")
+                report[side]["spans_dropped"] = max(0, report[side]["spans_expected"] - spans)
+            if not spans:
+                raise SystemExit(f"tracing: the {side} exported no span")
+        if not report["server"]["traceparent"]:
+            raise SystemExit("tracing: the client's calls carry no traceparent")
+    if variant == "otel-nosdk":
+        for side in ("server", "client"):
+            provider = report[side]["global_provider"]
+            if provider not in ("ProxyTracerProvider", "NoOpTracerProvider"):
+                raise SystemExit(f"otel-nosdk: the {side}'s global tracer provider is {provider}")
+        if report["server"]["traceparent"]:
+            raise SystemExit("otel-nosdk: the client's calls carry a traceparent with no SDK")
+    return report
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     p = parser(__doc__ or "")
-    p.add_argument("--middlewares", choices=["none", "3mw", "ft"], default="none",
-                   help="the variant: none, three do-nothing middlewares, or circuit breaker + bulkhead")
+    p.add_argument("--middlewares", choices=VARIANTS, default="none",
+                   help="the variant: none, three do-nothing middlewares, circuit breaker + bulkhead, "
+                        "metrics=True, Tracing with the SDK (spans dropped), Tracing with no SDK")
     p.add_argument("--probe", action="store_true",
                    help="print whether this nerve can run --middlewares, and exit")
     args = p.parse_args()
