@@ -993,6 +993,7 @@ class Harness:
         return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
                 "kernel": platform.release(), "os": _os_name(),
                 "git_commit": commit + ("+dirty" if dirty else ""),
+                **_nerve_origin(),
                 "loadavg_start": self.load_start, "loadavg_end": _loadavg()}
 
     def write_outputs(self) -> None:
@@ -1044,6 +1045,25 @@ class Harness:
         self.log(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}, "
                  f"{md_path.name}, {len(charts)} chart(s) in {out_dir}")
         self.log("\n" + markdown(doc, charts, md_path.parent, title=False))
+
+
+def _nerve_origin() -> dict[str, str]:
+    """Where the nerve under test (and its variants) is imported from, when that is not this
+    work tree's python/ (PYTHONPATH set to a snapshot, say, while python/ is being edited): the
+    work tree's commit and state then say nothing about it."""
+    try:
+        import nerve
+    except ImportError:
+        return {}
+    here = Path(nerve.__file__).resolve().parent
+    if here.is_relative_to((ROOT / "python").resolve()):
+        return {}
+    return {"nerve_imported_from": str(here)}
+
+
+def _origin_text(m: dict[str, Any]) -> str:
+    where = m.get("nerve_imported_from")
+    return f" (**but nerve, and its variants, imported from `{where}`**)" if where else ""
 
 
 def _loadavg() -> list[float] | None:
@@ -1108,7 +1128,7 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
         lines.append(f"# nerve benchmarks: {doc['started'][:10]} on {m['host']} ({doc['mode']} mode)")
         lines.append("")
     lines.append(f"Machine: {m['host']}, {m['cpu']}, {m['cores']} cores, {m['memory']}, {m['os']}, "
-                 f"kernel {m['kernel']}. nerve {m['git_commit']}. {_load_text(m)}Run {doc['started']} "
+                 f"kernel {m['kernel']}. nerve {m['git_commit']}{_origin_text(m)}. {_load_text(m)}Run {doc['started']} "
                  f"({doc['duration_s']:.0f} s, `{doc['command']}`).")
     v = doc["versions"]
     vers = ", ".join(f"{k} {v[k]}" for k in ("python", "trio", "msgspec", "grpc", "zmq", "node", "npm:moleculer",
