@@ -20,6 +20,8 @@ class _Transport:
     high_water = HIGH_WATER
     max_write_queue = 64 * 1024 * 1024
     transit = None
+    bytes_sent = 0
+    bytes_received = 0
 
 
 def _connection() -> tuple[Connection, socket.socket]:
