@@ -161,9 +161,26 @@ async def main(args: argparse.Namespace) -> None:
     services: list[nerve.Service] = [Fuzz()]
     if args.fragile:
         services.append(Fragile())
+    middlewares: list[nerve.Middleware] = []
+    if args.tracing:
+        # The SDK records every span (they are dropped at export): a peer's headers reach the
+        # propagator, and every served call opens and ends a span.
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+        from nerve.tracing import Tracing
+
+        class Drop(SpanExporter):
+            def export(self, spans: object) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(Drop()))
+        middlewares.append(Tracing(tracer_provider=provider))
     async with nerve.Broker(args.node_id, transport="tcp://127.0.0.1:0", services=services,
                             secret=args.secret, heartbeat_interval=1.0, heartbeat_timeout=15.0,
-                            stream_idle_timeout=5.0, max_peer_requests=args.max_peer_requests) as broker:
+                            stream_idle_timeout=5.0, max_peer_requests=args.max_peer_requests,
+                            metrics=args.metrics, middlewares=middlewares) as broker:
         print(json.dumps({"nodeID": broker.node_id, "address": broker.address, "pid": os.getpid()}), flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
@@ -178,6 +195,8 @@ if __name__ == "__main__":
     p.add_argument("--max-peer-requests", type=int, default=None,
                    help="requests one peer may have served at once (a small value makes a count "
                         "left behind by a cancelled call visible to the fuzzer)")
+    p.add_argument("--metrics", action="store_true", help="count metrics (the metered paths are fuzzed too)")
+    p.add_argument("--tracing", action="store_true", help="trace with the OpenTelemetry SDK (spans dropped)")
     p.add_argument("--break-cancel", choices=BREAK_MODES, default=None,
                    help="plant a defect in the handling of CANCEL frames (see break_cancel)")
     trio.run(main, p.parse_args())

@@ -168,9 +168,10 @@ async def test_fuzz_node_finds_minimizes_and_reproduces_a_crash() -> None:
 
 @pytest.mark.anyio
 async def test_a_node_survives_a_minute_of_fuzzing(tmp_path: Path) -> None:
-    """60 s of every category against a real node process with a secret; a legitimate client
+    """60 s of every category against a real node process with a secret, metrics and tracing on
+    (the metered and traced paths see the hostile input too); a legitimate client
     calls fuzz.echo throughout. Zero crashes, hangs, failed legitimate calls and leaks."""
-    async with node("--secret", "ci-secret", "--max-peer-requests", "256") as target:
+    async with node("--secret", "ci-secret", "--max-peer-requests", "256", "--metrics", "--tracing") as target:
         report = await fuzz_node(
             target, secret="ci-secret", duration=60, seed=20261129, legit_action="fuzz.echo",
             legit_params={"text": "legit", "n": 2}, actions=["fuzz.echo", "fuzz.slow"], upload_action="fuzz.upload",

@@ -1198,3 +1198,88 @@ async def test_a_dependent_removed_while_its_started_runs_is_stopped_and_the_bro
         with pytest.raises(ServiceNotFoundError):
             await b.call("deprm.x")
     assert log == ["started deprm", "stopped deprm"]
+
+
+class Selective(nerve.Middleware):
+    """Wraps remote_action for ``echo.slow`` only; leaves ``echo.hello``'s chain bare."""
+
+    def __init__(self) -> None:
+        self.wrapped: list[str] = []
+
+    def remote_action(self, next: Any, action: ActionInfo) -> Any:
+        if action.name != "echo.slow":
+            return next
+
+        async def counted(ctx: nerve.Context) -> Any:
+            self.wrapped.append(ctx.action or "")
+            return await next(ctx)
+
+        return counted
+
+
+async def test_a_remote_chain_left_bare_keeps_the_flat_lane() -> None:
+    """A remote_action hook that returns ``next`` (a tracer with no SDK) adds nothing per call:
+    that endpoint's calls take the flat lane (no Context built); a wrapped one does not."""
+    mw = Selective()
+    built: list[str] = []
+    real_context = nerve.Context.__init__
+
+    def spy(self: nerve.Context, broker: Any, **kw: Any) -> None:
+        if broker.node_id == "mw-bare-client":  # the server builds one per REQ it serves
+            built.append(kw.get("action") or "")
+        real_context(self, broker, **kw)
+
+    async with tcp_pair({"node_id": "mw-bare-server", "services": [Echo()]},
+                        {"node_id": "mw-bare-client", "middlewares": [mw]}, wait_for="echo") as (_, client):
+        nerve.Context.__init__ = spy  # type: ignore[method-assign]
+        try:
+            for _ in range(3):
+                assert (await client.call("echo.hello", {"x": 1}))["params"] == {"x": 1}
+            assert await client.call("echo.slow", {"seconds": 0}) == "slow done"
+        finally:
+            nerve.Context.__init__ = real_context  # type: ignore[method-assign]
+        hello, = client.registry.actions["echo.hello"]
+        slow, = client.registry.actions["echo.slow"]
+        assert hello.bare and not slow.bare
+    assert mw.wrapped == ["echo.slow"]
+    assert "echo.hello" not in built and "echo.slow" in built  # the client built a Context for slow only
+
+
+class TraceFlag(nerve.Service):
+    """A call tree whose root sets Moleculer's tracing flag: nested calls and events carry it."""
+
+    name = "flag"
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    @nerve.action
+    async def root(self, ctx: nerve.Context) -> Any:
+        ctx.tracing = ctx.params.get("tracing")
+        return await ctx.call("flag.mid", node_id=ctx.params["next"])
+
+    @nerve.action
+    async def mid(self, ctx: nerve.Context) -> Any:
+        await ctx.emit("flag.happened")
+        return {"mid": ctx.tracing, "leaf": await ctx.call("flag.leaf", node_id=ctx.broker.node_id)}
+
+    @nerve.action
+    async def leaf(self, ctx: nerve.Context) -> Any:
+        return ctx.tracing
+
+    @nerve.event("flag.happened")
+    async def happened(self, ctx: nerve.Context) -> None:
+        self.seen.append(ctx.tracing)
+
+
+@pytest.mark.parametrize("flag", [True, False, None])
+async def test_moleculer_tracing_flag_travels_with_the_call_tree(flag: bool | None) -> None:
+    a_svc, b_svc = TraceFlag(), TraceFlag()
+    async with tcp_pair({"node_id": "flag-b", "services": [b_svc]},
+                        {"node_id": "flag-a", "services": [a_svc]}, wait_for="flag") as (b, a):
+        await wait_until(lambda: len(a.registry.actions.get("flag.mid", ())) == 2
+                         and len(b.registry.actions.get("flag.mid", ())) == 2)
+        out = await a.call("flag.root", {"tracing": flag, "next": "flag-b"}, node_id="flag-a")
+        assert out == {"mid": flag, "leaf": flag}
+        await wait_until(lambda: len(a_svc.seen) + len(b_svc.seen) == 1)
+        assert a_svc.seen + b_svc.seen == [flag]

@@ -604,6 +604,43 @@ def test_moleculer_ids_parse_only_as_uuids() -> None:
         assert moleculer_parent(bad, str(pid)) is None, bad
         assert moleculer_parent(str(rid), bad) is None, bad
     assert moleculer_parent(str(rid), "0" * 16 + "1" * 16) is None  # a zero span id
+    assert not moleculer_parent(str(rid), str(pid), sampled=False).trace_flags.sampled  # type: ignore[union-attr]
+
+
+async def test_moleculer_callers_tracing_flag_false_is_not_sampled_by_a_parent_based_sampler() -> None:
+    """A moleculer.js caller that did not sample its call tree sends ``tracing: false``: with
+    the SDK's default (parent-based) sampler, nerve records nothing for it; ``true`` or no flag
+    is recorded; and nerve's own CLIENT span sets the flag on the REQ it sends."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ns = namespace()
+    leaf = Leaf()
+    rid, pid = uuid.uuid4(), uuid.uuid4()
+    async with nerve.Broker("mlf-s", namespace=ns, services=[leaf],
+                            middlewares=[Tracing(tracer_provider=provider)]) as server, \
+            nerve.Broker("mlf-c", namespace=ns) as caller:
+        await caller.wait_for_services("leaf", timeout=5)
+        for flag in (False, True, None):
+            parent = nerve.Context(caller, id=str(pid), request_id=str(rid))
+            parent.tracing = flag
+            await caller.call("leaf.answer", parent_ctx=parent)
+        served = [sp for sp in exporter.get_finished_spans() if sp.kind is SpanKind.SERVER]
+        assert len(served) == 2 and all(trace_id(sp) == rid.int for sp in served)
+        flags: list[object] = []
+
+        class Spy(nerve.Middleware):
+            def local_action(self, next: Any, action: Any) -> Any:
+                async def spy(ctx: nerve.Context) -> Any:
+                    flags.append(ctx.tracing)
+                    return await next(ctx)
+                return spy
+
+        async with nerve.Broker("mlf-t", namespace=ns, services=[Leaf()], middlewares=[Spy()]):
+            await server.wait_for_services("leaf", timeout=5)
+            await trio.sleep(0.05)
+            await server.call("leaf.answer", node_id="mlf-t")
+        assert flags == [True]
 
 
 async def test_a_peer_without_traceparent_but_with_moleculer_ids_gives_the_parent(traced: Traced) -> None:

@@ -167,11 +167,12 @@ class Caller:
             request_id: str | None = parent.request_id
             parent_id: str | None = parent.id
             caller: str | None = parent.service
+            tracing: bool | None = parent.tracing
         else:
             level = 1
             base_meta = dict(meta) if meta else {}
             merge_into = meta
-            request_id = parent_id = caller = None
+            request_id = parent_id = caller = tracing = None
         if timeout is None:
             timeout = options.request_timeout
         elif not 0 < timeout < _INF:  # 0, negative, inf or nan: no timeout
@@ -198,6 +199,7 @@ class Caller:
                     if ep.local:
                         ctx = self._context(ep, action, call_id, request_id, parent_id, level, caller,
                                             params, call_meta, call_headers)
+                        ctx.tracing = tracing
                         self.served += 1
                         try:
                             result = await self._call_local(ep.spec, ctx, timeout, stream)  # type: ignore[arg-type]
@@ -208,13 +210,14 @@ class Caller:
                         finally:
                             if merge_into is not None:
                                 merge_into.update(ctx.meta)
-                    elif stream is None and not self.chain.wraps_remote:
+                    elif stream is None and (not self.chain.wraps_remote or self._bare_remote(ep)):
                         # The flat lane, inline (each coroutine frame costs the 64-in-flight
                         # figure): no Context; the timeout is an entry in the transit's deadline
                         # queue, not a cancel scope.
                         transit = self.transit
                         pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
-                                                       request_id or call_id, parent_id, caller, timeout=timeout)
+                                                       request_id or call_id, parent_id, caller, timeout=timeout,
+                                                       tracing=tracing)
                         if timeout is None:
                             due, expiry = _INF, None
                         else:
@@ -238,6 +241,7 @@ class Caller:
                     else:
                         ctx = self._context(ep, action, call_id, request_id, parent_id, level, caller,
                                             params, call_meta, call_headers)
+                        ctx.tracing = tracing
                         ctx.stream = stream
                         ctx.timeout = timeout
                         if stream is not None:
@@ -290,6 +294,13 @@ class Caller:
 
     # --- remote -----------------------------------------------------------------------------
 
+    def _bare_remote(self, ep: ActionEndpoint) -> bool:
+        """True when every remote_action middleware left ``ep``'s chain as it was (a tracer
+        with no SDK behind it): its calls may take the flat lane."""
+        if ep.handler is None:
+            ep.handler = self._remote_handler(ep)
+        return ep.bare
+
     def _remote_handler(self, ep: ActionEndpoint) -> Any:
         """The remote_action chain of ``ep``, built on its first call (an INFO that changes the
         node's services makes new endpoints, so new chains)."""
@@ -304,7 +315,8 @@ class Caller:
             timeout = ctx.timeout
             if stream is None:
                 pending = transit.send_request(the_ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
-                                               ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout)
+                                               ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
+                                               tracing=ctx.tracing)
                 due = _INF if timeout is None else trio.current_time() + timeout
                 await transit.wait_response(ctx.id, pending, due, the_ep.name)
                 if isinstance(pending.error, RequestTimeoutError):
@@ -319,7 +331,9 @@ class Caller:
                 raise pending.error
             return pending.result
 
-        return self.chain.wrap_remote_action(send, info)
+        handler = self.chain.wrap_remote_action(send, info)
+        ep.bare = handler is send
+        return handler
 
     # --- local ------------------------------------------------------------------------------
 

@@ -192,7 +192,7 @@ class Server:
                     parent: Context | None, node_id: str, groups: list[str] | None, broker: Any, *,
                     level: int | None = None, request_id: str | None = None,
                     parent_id: str | None = None, caller: str | None = None,
-                    headers: dict[str, Any] | None = None) -> None:
+                    headers: dict[str, Any] | None = None, tracing: bool | None = None) -> None:
         """Serve one event in the handler pool (no answer: its failure is logged)."""
         if spec is None:
             return
@@ -204,6 +204,7 @@ class Server:
             parent_id=parent_id or (parent.id if parent else None),
             caller=caller or (parent.service if parent else None),
         )
+        ctx.tracing = tracing if tracing is not None else (parent.tracing if parent else None)
         self.events_handled += 1
         self.handlers.start_soon(self._run_event, spec, ctx)
 
@@ -228,7 +229,8 @@ class Server:
                              level=pkt.level if isinstance(pkt.level, int) else 1,
                              request_id=pkt.request_id or None, parent_id=pkt.parent_id or None,
                              caller=pkt.caller or None,
-                             headers=dict(pkt.headers) if isinstance(pkt.headers, dict) else None)
+                             headers=dict(pkt.headers) if isinstance(pkt.headers, dict) else None,
+                             tracing=pkt.tracing if isinstance(pkt.tracing, bool) else None)
 
 
 def _metered(inner: Handler, slot: TimedSlot) -> Handler:

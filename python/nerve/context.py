@@ -43,6 +43,7 @@ class Context:
         "endpoint",
         "timeout",
         "reply_meta",
+        "tracing",
         "_locals",
     )
 
@@ -86,6 +87,9 @@ class Context:
         self.timeout: float | None = None
         #: a remote call's answer meta (the callee's final meta), once it answered
         self.reply_meta: dict[str, Any] | None = None
+        #: Moleculer's tracing flag: whether the call tree is traced (sampled) by its root,
+        #: None when nobody said; it travels in REQ / EVENT packets and nested calls inherit it
+        self.tracing: bool | None = None
         self._locals: dict[str, Any] | None = None
 
     @property

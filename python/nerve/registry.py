@@ -80,6 +80,8 @@ class ActionEndpoint:
     available: bool = True
     #: the remote_action chain for this endpoint, built on its first call (``nerve._calls``)
     handler: Any = None
+    #: that chain is the bare send (no middleware wrapped it): calls take the flat lane
+    bare: bool = False
 
     def __repr__(self) -> str:
         return f"<ActionEndpoint {self.name}@{self.node_id}>"

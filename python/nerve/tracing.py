@@ -186,6 +186,8 @@ class Tracing(Middleware):
                 **static, "nerve.node_id": ctx.node_id or "", "nerve.call_id": _short(ctx.id),
                 "nerve.request_id": _short(ctx.request_id)})
             ctx.locals[_SPAN] = span
+            # Moleculer's tracing flag, for moleculer.js callees (nerve's read traceparent)
+            ctx.tracing = span.get_span_context().trace_flags.sampled
             current = trace.set_span_in_context(span, parent)
             inject(headers, current)
             token = otel_context.attach(current)
@@ -389,16 +391,18 @@ class Tracing(Middleware):
         extracted = self._extract(ctx.headers)
         if extracted is not None:
             return extracted
-        moleculer = moleculer_parent(ctx.request_id, ctx.parent_id)
+        moleculer = moleculer_parent(ctx.request_id, ctx.parent_id, sampled=ctx.tracing is not False)
         if moleculer is not None:
             return trace.set_span_in_context(NonRecordingSpan(moleculer), otel_context.Context())
         return otel_context.Context()
 
 
-def moleculer_parent(request_id: Any, parent_id: Any) -> SpanContext | None:
+def moleculer_parent(request_id: Any, parent_id: Any, *, sampled: bool = True) -> SpanContext | None:
     """The remote parent Moleculer's ids stand for, when both are UUIDs (or 32 hex digits):
     trace id = the 128 bits of ``request_id``, span id = the first 64 bits of ``parent_id``
-    (the parent context's id, which is its span's id in Moleculer's tracer)."""
+    (the parent context's id, which is its span's id in Moleculer's tracer). ``sampled``:
+    Moleculer's tracing flag (``ctx.tracing``: False when the caller's tracer did not sample
+    the call tree, so a parent-based sampler drops it here too)."""
     if not (isinstance(request_id, str) and isinstance(parent_id, str)
             and _UUID.fullmatch(request_id) and _UUID.fullmatch(parent_id)):
         return None
@@ -406,7 +410,8 @@ def moleculer_parent(request_id: Any, parent_id: Any) -> SpanContext | None:
     span_id = int(parent_id.replace("-", "")[:16], 16)
     if not trace_id or not span_id:
         return None
-    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return SpanContext(trace_id, span_id, is_remote=True,
+                       trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT))
 
 
 def _rpc_names(action: str, service: str) -> tuple[str, str, str]:

@@ -413,7 +413,8 @@ class Transit:
         self.send_packet(node_id, Event(
             ver=self.ver, sender=self.node_id, id=event_id, event=event, data=data, groups=groups,
             broadcast=broadcast, meta=meta, headers=(headers or {}) if self.v5 else UNSET,
-            level=parent.level + 1 if parent is not None else 1, tracing=None,
+            level=parent.level + 1 if parent is not None else 1,
+            tracing=parent.tracing if parent is not None else None,
             parent_id=parent.id if parent else None, request_id=parent.request_id if parent else None,
             caller=parent.service if parent else None, need_ack=False))
         self.events_sent += 1
@@ -428,7 +429,8 @@ class Transit:
 
     def send_request(self, ep: ActionEndpoint, call_id: str, params: Any, meta: dict[str, Any],
                      headers: dict[str, Any], level: int, request_id: str, parent_id: str | None,
-                     caller: str | None, *, timeout: float | None = None, stream: bool = False) -> Pending:
+                     caller: str | None, *, timeout: float | None = None, stream: bool = False,
+                     tracing: bool | None = None) -> Pending:
         """Send a REQ and register its Pending (the caller waits for it and unregisters it).
         Takes the call's fields rather than a Context: a remote call needs no Context here.
 
@@ -441,7 +443,7 @@ class Transit:
         payload = self.serializer.encode(Request(
             ver=self.ver, sender=self.node_id, id=call_id, action=ep.name, params=params,
             meta=meta, headers=headers if self.v5 else UNSET, timeout=budget, level=level,
-            tracing=None, parent_id=parent_id, request_id=request_id, caller=caller, stream=stream,
+            tracing=tracing, parent_id=parent_id, request_id=request_id, caller=caller, stream=stream,
         ))
         pending = Pending(node_id)
         self.pending[call_id] = pending  # before sending: an in-process answer comes at once
@@ -489,7 +491,7 @@ class Transit:
         try:
             pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
                                         ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
-                                        stream=True)
+                                        stream=True, tracing=ctx.tracing)
         except BaseException:
             if slots is not None:
                 slots.release()
@@ -863,6 +865,8 @@ class Transit:
                 node_id=sender, params=pkt.params, meta=pkt.meta or {}, headers=pkt.headers or {},
                 stream=reader, action=pkt.action, service=spec.service.full_name,
             )
+            if isinstance(pkt.tracing, bool):
+                ctx.tracing = pkt.tracing
             try:
                 if reader is None:
                     result = await spec.serve(ctx)
