@@ -9,10 +9,12 @@ buckets; observing a duration is one ``bisect``. Nothing here knows Prometheus:
 ``nerve.metrics`` reads the slots when scraped (so a scrape costs the hot path nothing, and
 the counters are exact).
 
-Label values come from this node's own code (its services, actions, subscriptions and the
-events it emits) or from the registry (remote actions it calls), never straight from a peer's
-packet, except error names and codes, which are kept to :data:`MAX_ERROR_KINDS` per slot
-(more are counted under ``other``): a peer cannot grow the label space.
+Label values come from this node's own code: its services, actions and subscriptions, the
+actions it calls (keyed by the name it called, the service label being that name's prefix,
+never a peer's INFO) and the events it emits. Those a caller or a peer can vary are bounded:
+at most :data:`MAX_SLOTS` remote actions and emitted event names (more are counted under
+``other``), :data:`MAX_ERROR_KINDS` error kinds per slot, every value cut to
+:data:`MAX_LABEL` characters. A peer cannot grow the label space.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import weakref
 from bisect import bisect_left
 from typing import Any
 
-__all__ = ["BUCKETS", "CANCELLED", "CallSlot", "error_kind", "EventSlot", "Meter", "MAX_ERROR_KINDS", "TimedSlot"]
+__all__ = ["BUCKETS", "CANCELLED", "CallSlot", "error_kind", "MAX_LABEL", "MAX_SLOTS", "EventSlot", "Meter", "MAX_ERROR_KINDS", "TimedSlot"]
 
 #: Histogram bucket upper bounds in seconds (Prometheus' ``le``), +Inf implied.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Distinct (error name, code, type) label sets kept per slot.
 MAX_ERROR_KINDS = 32
+#: Distinct remote actions, and event names emitted / broadcast, kept per node.
+MAX_SLOTS = 1000
+#: Longest label value kept (longer ones are cut).
+MAX_LABEL = 200
 _OTHER = ("other", "", "")
 #: the error kind of a call its caller stopped waiting for (cancelled)
 CANCELLED = ("Cancelled", "", "")
@@ -93,6 +99,7 @@ class Meter:
         self.local: dict[tuple[str, str], CallSlot] = {}
         #: (service, action) -> slot, for calls this node sent to others
         self.remote: dict[tuple[str, str], CallSlot] = {}
+        self._remote_by_name: dict[str, CallSlot] = {}
         #: (event, service, group) -> slot, for event handlers run here
         self.events: dict[tuple[str, str, str], EventSlot] = {}
         #: event name -> emits / broadcasts made here
@@ -114,11 +121,20 @@ class Meter:
             slot = self.local[key] = CallSlot()
         return slot
 
-    def remote_slot(self, service: str, action: str) -> CallSlot:
-        key = (service, action)
-        slot = self.remote.get(key)
+    def remote_slot(self, action: str) -> CallSlot:
+        """The slot of calls to ``action`` on other nodes (the name this node called)."""
+        slot = self._remote_by_name.get(action)
         if slot is None:
-            slot = self.remote[key] = CallSlot()
+            if len(self._remote_by_name) >= MAX_SLOTS:
+                key = ("other", "other")
+            else:
+                name = action[:MAX_LABEL]
+                key = (name.rpartition(".")[0], name)
+            slot = self.remote.get(key)
+            if slot is None:
+                slot = self.remote[key] = CallSlot()
+            if len(self._remote_by_name) < MAX_SLOTS:
+                self._remote_by_name[action] = slot
         return slot
 
     def event_slot(self, event: str, service: str, group: str) -> EventSlot:
@@ -130,7 +146,13 @@ class Meter:
 
     def count_emit(self, event: str, broadcast: bool) -> None:
         table = self.broadcast if broadcast else self.emitted
-        table[event] = table.get(event, 0) + 1
+        count = table.get(event)
+        if count is not None:
+            table[event] = count + 1
+        elif len(table) < MAX_SLOTS and len(event) <= MAX_LABEL:
+            table[event] = 1
+        else:
+            table["other"] = table.get("other", 0) + 1
 
     # --- streams --------------------------------------------------------------------------
 

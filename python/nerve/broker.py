@@ -222,7 +222,7 @@ class Broker:
             node_id=self.node_id, running=self._running,
             uptime=time.monotonic() - started if started is not None and self._running else 0.0,
             services=len(self.services), calls=caller.calls, calls_failed=caller.calls_failed,
-            requests_served=caller.served + transit.requests_received - transit.requests_rejected,
+            requests_served=caller.served + transit.requests_served,
             requests_failed=caller.served_failed + transit.requests_failed,
             events_emitted=self._events_emitted, events_broadcast=self._events_broadcast,
             events_handled=server.events_handled, event_handler_errors=server.event_handler_errors,

@@ -52,32 +52,53 @@ def node_logger(name: str, node_id: str) -> NodeLogger:
     return NodeLogger(logging.getLogger(name), {"node_id": node_id})
 
 
+#: A value a peer controls is cut to this many characters in a record (message and fields).
+MAX_FIELD = 128
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return value[:MAX_FIELD] + "..."
+    return value
+
+
 def call_fields(ctx: Any) -> dict[str, Any]:
-    """The fields of a record about the call or event ``ctx`` (a :class:`~nerve.Context`)."""
-    fields = {"service": ctx.service, "request_id": ctx.request_id, "caller": ctx.caller,
+    """The fields of a record about the call or event ``ctx`` (a :class:`~nerve.Context`);
+    values a peer sent are cut to :data:`MAX_FIELD` characters."""
+    fields = {"service": ctx.service, "request_id": _cut(ctx.request_id), "caller": _cut(ctx.caller),
               "caller_node": ctx.node_id}
     if ctx.action is not None:
-        fields["action"] = ctx.action
+        fields["action"] = _cut(ctx.action)
     if ctx.event is not None:
-        fields["event"] = ctx.event
+        fields["event"] = _cut(ctx.event)
     return fields
 
 
 def log_handler_failure(logger: NodeLogger, ctx: Any, exc: BaseException) -> None:
-    """An action handler of this node raised ``exc`` for ``ctx``: log it once (see above)."""
+    """An action handler of this node raised ``exc`` for ``ctx``: log it once (see above).
+    Peers' strings (caller, request id) are shown with ``repr`` and cut, so a peer can forge
+    no line and flood no record. An exception already logged by a nested local call of this
+    node, passing through its caller's handler, is not logged again."""
     from nerve.errors import NerveError
 
-    who = f"{ctx.caller or 'a caller'} on {ctx.node_id or 'this node'}"
+    try:
+        if getattr(exc, "__nerve_logged__", False):
+            return
+        exc.__nerve_logged__ = True  # type: ignore[attr-defined]
+    except AttributeError:  # an exception class with __slots__: log it each time
+        pass
     fields = call_fields(ctx)
+    who = f"{fields['caller'] or 'a caller'!r} on {ctx.node_id or 'this node'!r}"
+    action, request = fields.get("action"), fields["request_id"]
     if not isinstance(exc, NerveError):
-        logger.error("action %s failed for %s (request %s)", ctx.action, who, ctx.request_id,
+        logger.error("action %r failed for %s (request %r)", action, who, request,
                      exc_info=exc, extra=fields)
     elif isinstance(exc.code, int) and exc.code >= 500:
-        logger.warning("action %s failed for %s (request %s): %s %s: %s", ctx.action, who, ctx.request_id,
-                       exc.code, type(exc).__name__, exc, extra=fields)
+        logger.warning("action %r failed for %s (request %r): %s %s: %s", action, who, request,
+                       exc.code, type(exc).__name__, _cut(str(exc)), extra=fields)
     elif logger.isEnabledFor(logging.DEBUG):
-        logger.debug("action %s answered %s (request %s) with %s %s: %s", ctx.action, who, ctx.request_id,
-                     exc.code, type(exc).__name__, exc, extra=fields)
+        logger.debug("action %r answered %s (request %r) with %s %s: %s", action, who, request,
+                     exc.code, type(exc).__name__, _cut(str(exc)), extra=fields)
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,10 +16,13 @@ what Moleculer has no name for is under ``nerve_``. The full list is in
 
 Serving: ``metrics_port=9464`` (all interfaces) or ``"127.0.0.1:9464"`` serves ``GET
 /metrics`` from the broker's own nursery on trio: a deliberately small HTTP/1.1 responder
-(one request per connection, a request head of at most 16 KiB read within 10 s, at most 16
-connections at once; anything else is refused with a 4xx or the connection is closed), so a
-scraper or a stray client can hold nothing. :meth:`Metrics.asgi_app` mounts the same
-exposition in an ASGI server (the gateway's ``/metrics``).
+(one request per connection, a request head of at most 16 KiB read within 5 s, at most 16
+connections at once and 8 from one host; when all are taken, a new connection replaces the
+oldest one still sending its head, so clients that connect and say nothing cannot keep a
+scraper out; anything malformed is refused with a 4xx). Nothing a client does, and no
+collector that raises, reaches the broker. :meth:`Metrics.asgi_app` mounts the same
+exposition in an ASGI server (the gateway's ``/metrics``) that runs on the broker's trio
+thread: the counters are read without locks.
 
 prometheus-client is an optional extra: ``pip install 'nerve[metrics]'``.
 """
@@ -44,8 +47,10 @@ log = logging.getLogger("nerve.metrics")
 
 #: Limits of the metrics port's responder.
 MAX_REQUEST_HEAD = 16 * 1024
-REQUEST_TIMEOUT = 10.0
+HEAD_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0
 MAX_CONNECTIONS = 16
+MAX_PER_HOST = 8
 
 
 def _prometheus() -> Any:
@@ -231,20 +236,41 @@ class Metrics:
         self.url = f"http://{shown}:{sockname[1]}/metrics"
         node = self._broker.node_id if self._broker is not None else "?"
         log.info("node %s serves metrics at %s", node, self.url, extra={"node_id": node})
-        limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+        #: connections still reading their request head, oldest first: when all the slots are
+        #: taken, a new connection takes the oldest of these (a client that connects and says
+        #: nothing cannot keep a scraper out)
+        waiting: dict[int, trio.CancelScope] = {}
+        per_host: dict[str, int] = {}
+        active = 0
 
         async def handle(stream: trio.SocketStream) -> None:
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
+            nonlocal active
+            host = _peer_host(stream)
+            if per_host.get(host, 0) >= MAX_PER_HOST or (active >= MAX_CONNECTIONS and not waiting):
                 await trio.aclose_forcefully(stream)
                 return
+            if active >= MAX_CONNECTIONS:
+                waiting.pop(next(iter(waiting))).cancel()
+            active += 1
+            per_host[host] = per_host.get(host, 0) + 1
+            scope = trio.CancelScope()
+            key = id(scope)
+            waiting[key] = scope
             try:
-                await self._handle(stream)
+                with scope:
+                    await self._handle(stream, lambda: waiting.pop(key, None))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the client went away
+            except Exception:  # a bug, or a collector of the application's that raised
+                log.exception("metrics request failed", extra={"node_id": node})
             finally:
-                limiter.release()
+                waiting.pop(key, None)
+                active -= 1
+                left = per_host[host] - 1
+                if left:
+                    per_host[host] = left
+                else:
+                    del per_host[host]
                 await trio.aclose_forcefully(stream)
 
         try:
@@ -254,9 +280,9 @@ class Metrics:
         finally:
             self.url = None
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, head_read: Any) -> None:
         head = b""
-        with trio.move_on_after(REQUEST_TIMEOUT):
+        with trio.move_on_after(HEAD_TIMEOUT):
             while b"\r\n\r\n" not in head and b"\n\n" not in head:
                 if len(head) > MAX_REQUEST_HEAD:
                     await _respond(stream, 431, b"request head too large\n")
@@ -268,6 +294,7 @@ class Metrics:
         if b"\r\n\r\n" not in head and b"\n\n" not in head:
             await _respond(stream, 408, b"request timeout\n")
             return
+        head_read()
         line = head.split(b"\n", 1)[0].rstrip(b"\r")
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
@@ -281,13 +308,25 @@ class Metrics:
         if path != b"/metrics":
             await _respond(stream, 404, b"metrics are at /metrics\n")
             return
-        body = self.exposition()
+        try:
+            body = self.exposition()
+        except Exception:  # a collector registered by the application raised: say so, go on
+            log.exception("building the metrics failed")
+            await _respond(stream, 500, b"building the metrics failed (see the node's log)\n")
+            return
         await _respond(stream, 200, body, content_type=self._prom.CONTENT_TYPE_LATEST.encode(),
                        head_only=method == b"HEAD")
 
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-            408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+            408: b"Request Timeout", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error"}
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
 
 
 async def _respond(stream: trio.SocketStream, status: int, body: bytes, *,
@@ -295,7 +334,7 @@ async def _respond(stream: trio.SocketStream, status: int, body: bytes, *,
                    head_only: bool = False) -> None:
     head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
             % (status, _REASONS[status], content_type, len(body), extra))
-    with trio.move_on_after(REQUEST_TIMEOUT):
+    with trio.move_on_after(SEND_TIMEOUT):
         await stream.send_all(head if head_only else head + body)
 
 

@@ -45,8 +45,8 @@ class TransportStatistics:
 
     #: peers (TCP connections, or nodes heard on the bus) connected now
     connections: int
-    #: bytes written to the network (TCP: to established connections' sockets, framing
-    #: included, handshakes not; NATS: message
+    #: bytes written to the network (TCP: established connections' frames, framing
+    #: included, handshakes not, counted before TLS encryption; NATS: message
     #: payloads published; in-process: frame payloads)
     bytes_sent: int
     #: bytes read from the network, counted as ``bytes_sent`` is
@@ -67,7 +67,8 @@ class TransitStatistics:
     requests_received: int
     #: of them, refused before a handler ran (no such action here, queue full, stopping)
     requests_rejected: int
-    #: of them, whose handler failed (the caller got an error)
+    #: of them, whose handler failed (the caller got an error); not those its caller cut
+    #: short (a CANCEL, an aborted request stream): metrics count every error answered
     requests_failed: int
     #: calls of this node waiting for an answer now
     requests_waiting: int
@@ -150,7 +151,7 @@ class BrokerStatistics:
     calls_failed: int
     #: action handlers run here, for a local caller or a remote one
     requests_served: int
-    #: of them, that failed
+    #: of them, that failed (as TransitStatistics.requests_failed; local calls: any error)
     requests_failed: int
     #: events emitted here (``emit``), whatever the number of handlers that got them
     events_emitted: int

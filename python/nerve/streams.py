@@ -562,6 +562,12 @@ class PacketStream:
             self.deliver_error(exc)
         self._rx_wakeup.set()
 
+    @property
+    def read_error(self) -> BaseException | None:
+        """Reader side: the error a read raises now (the producer aborted or failed the
+        stream, or it went away; or this reader stopped reading), else None."""
+        return self._rx_error
+
     def deliver_error(self, exc: BaseException) -> None:
         """Reader: the producer failed the stream; the next read raises ``exc``."""
         if self._rx_error is None:

@@ -333,6 +333,10 @@ class Transit:
         self.requests_received = 0
         self.requests_rejected = 0
         self.requests_failed = 0
+        #: REQs whose handler was started (received minus refused, minus dropped at a stop)
+        self.requests_served = 0
+        #: stream requests whose handler was ended by the caller's abort (not a failure)
+        self._caller_aborted: set[tuple[str, str]] = set()
         self.cancelled = 0
         self.protocol_errors = 0
         self.events_sent = 0
@@ -455,7 +459,7 @@ class Transit:
         self.requests_sent += 1
         self.packets_sent += 1
         if self.meter is not None:
-            slot = pending.slot = self.meter.remote_slot(ep.service, ep.name)
+            slot = pending.slot = self.meter.remote_slot(ep.name)
             slot.total += 1
             slot.active += 1
             pending.started = perf_counter()
@@ -471,7 +475,7 @@ class Transit:
         slot.active -= 1
         slot.observe(perf_counter() - pending.started)
         if pending.error is not None or not pending.settled:
-            slot.failed_as(error_kind(pending.error) if pending.settled else CANCELLED)
+            slot.failed_as(error_kind(pending.error) if pending.error is not None else CANCELLED)
 
     async def request(self, ep: ActionEndpoint, ctx: Context, *, timeout: float | None,
                       stream: PacketStream) -> Pending:
@@ -858,6 +862,7 @@ class Transit:
         The request counts for its peer (``peer_requests``) until its answer is out, response
         stream included; ``stream_part`` is called then (its request stream's count)."""
         counted = True
+        self.requests_served += 1
         try:
             ctx = Context(
                 self.node.api, id=pkt.id, request_id=pkt.request_id or pkt.id,
@@ -891,8 +896,13 @@ class Transit:
                     raise
                 raise cancelled from None
             except Exception as exc:
-                self.requests_failed += 1
-                self.node.action_failed(ctx, exc)
+                if self._caller_aborted and (sender, pkt.id) in self._caller_aborted:
+                    self._caller_aborted.discard((sender, pkt.id))
+                elif reader is None or exc is not reader.read_error:
+                    # (A handler failing with its request stream's own error failed because
+                    # the caller aborted that stream or went away: not the handler's failure.)
+                    self.requests_failed += 1
+                    self.node.action_failed(ctx, exc)
                 if reader is not None:
                     self._finish_request_stream(sender, pkt.id, reader)
                 self._respond_error(sender, pkt.id, ctx.meta, exc)
@@ -920,7 +930,12 @@ class Transit:
                 return
             if reader is not None:
                 self._finish_request_stream(sender, pkt.id, reader)
-            self._respond(sender, pkt.id, ctx.meta, result)
+            unserializable = self._respond(sender, pkt.id, ctx.meta, result)
+            if unserializable is not None:
+                self.requests_failed += 1
+                self.node.action_failed(ctx, unserializable)
+                if self.meter is not None:  # its run was counted as a success: it was not
+                    self.meter.local_slot(spec.service.full_name, spec.name).failed(unserializable)
         finally:
             if counted:
                 self._answered(sender, pkt.id, stream_part)
@@ -937,6 +952,7 @@ class Transit:
         self.peer_requests.clear()
         self.in_service.clear()
         self._cancel_early.clear()
+        self._caller_aborted.clear()
         self.peer_streams.clear()
         self._peer_limit = self.peer_request_limit()
         self._reader_done.clear()
@@ -965,19 +981,23 @@ class Transit:
         try:
             with scope:
                 return await spec.serve(ctx)
+            self._caller_aborted.add(key)  # a cancellation, not the handler's failure
             raise StreamError("the call's request stream was aborted by the caller")
         finally:
             del self.serving[key]
 
-    def _respond(self, sender: str, call_id: str, meta: dict[str, Any], result: Any) -> None:
+    def _respond(self, sender: str, call_id: str, meta: dict[str, Any], result: Any) -> SerializationError | None:
+        """Answer with ``result``; one that cannot be serialized is answered with the
+        SerializationError, which is returned (the handler's failure, for the caller to count)."""
         res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=True, data=result,
                        meta=meta, headers={} if self.v5 else UNSET)
         try:
             payload = self.serializer.encode(res)
         except SerializationError as exc:
             self._respond_error(sender, call_id, meta, exc)
-            return
+            return exc
         self._send_quietly(sender, _RES, payload)
+        return None
 
     def _respond_error(self, sender: str, call_id: str, meta: dict[str, Any], exc: BaseException) -> None:
         plain = error_to_wire(exc, self.node_id)
