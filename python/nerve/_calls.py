@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -201,13 +202,24 @@ class Caller:
                                             params, call_meta, call_headers)
                         ctx.tracing = tracing
                         self.served += 1
+                        slot = ep.spec.slot  # type: ignore[union-attr]
+                        if slot is not None:  # metrics on: counted inline (see nerve._metering)
+                            slot.total += 1
+                            slot.active += 1
+                            started = perf_counter()
                         try:
                             result = await self._call_local(ep.spec, ctx, timeout, stream)  # type: ignore[arg-type]
-                        except Exception as exc:
-                            self.served_failed += 1
-                            self.action_failed(ctx, exc)
+                        except BaseException as exc:
+                            if slot is not None:
+                                slot.failed(exc)
+                            if isinstance(exc, Exception):
+                                self.served_failed += 1
+                                self.action_failed(ctx, exc)
                             raise
                         finally:
+                            if slot is not None:
+                                slot.active -= 1
+                                slot.observe(perf_counter() - started)
                             if merge_into is not None:
                                 merge_into.update(ctx.meta)
                     elif stream is None and (not self.chain.wraps_remote or self._bare_remote(ep)):

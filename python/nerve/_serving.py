@@ -119,7 +119,7 @@ class Server:
         if wrapped is not serve:
             wrapped = self._with_endpoint(wrapped, spec)
         if self.meter is not None:
-            wrapped = _metered(wrapped, self.meter.local_slot(svc.full_name, spec.name))
+            spec.slot = self.meter.local_slot(svc.full_name, spec.name)
         spec.serve = wrapped
         spec.info = info
 

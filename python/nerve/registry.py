@@ -82,6 +82,8 @@ class ActionEndpoint:
     handler: Any = None
     #: that chain is the bare send (no middleware wrapped it): calls take the flat lane
     bare: bool = False
+    #: the meter's slot of calls to this endpoint's action (metrics on), set on first use
+    slot: Any = None
 
     def __repr__(self) -> str:
         return f"<ActionEndpoint {self.name}@{self.node_id}>"

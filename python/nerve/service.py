@@ -177,6 +177,9 @@ class ActionSpec:
     serve: Any = None
     #: the ActionInfo middlewares see
     info: Any = None
+    #: the meter's slot of this action when the broker counts metrics (the two places that
+    #: run ``serve``, ``nerve._calls`` and the transit, count inline: no frame of its own)
+    slot: Any = None
 
     def convert_params(self, params: Any) -> Any:
         if self.params_type is None:

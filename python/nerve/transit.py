@@ -459,7 +459,10 @@ class Transit:
         self.requests_sent += 1
         self.packets_sent += 1
         if self.meter is not None:
-            slot = pending.slot = self.meter.remote_slot(ep.name)
+            slot = ep.slot
+            if slot is None:
+                slot = ep.slot = self.meter.remote_slot(ep.name)
+            pending.slot = slot
             slot.total += 1
             slot.active += 1
             pending.started = perf_counter()
@@ -590,8 +593,13 @@ class Transit:
         its timer and, if it was never answered, tell its node (CANCEL). The flat lane of
         ``nerve._calls`` waits inline (``expire_at``, park on ``pending.task``, then this)."""
         del self.pending[call_id]
-        if pending.slot is not None:
-            self._metered_done(pending)
+        slot = pending.slot
+        if slot is not None:  # (_metered_done, inline: the flat lane's exit)
+            pending.slot = None
+            slot.active -= 1
+            slot.observe(perf_counter() - pending.started)
+            if pending.error is not None or not pending.settled:
+                slot.failed_as(error_kind(pending.error) if pending.error is not None else CANCELLED)
         if expiry is not None:
             self.timers.discard(expiry, pending)
         if not pending.answered and (not pending.settled or isinstance(pending.error, RequestTimeoutError)):
@@ -872,12 +880,26 @@ class Transit:
             )
             if isinstance(pkt.tracing, bool):
                 ctx.tracing = pkt.tracing
+            slot = spec.slot
+            if slot is not None:  # metrics on: counted inline (see nerve._metering)
+                slot.total += 1
+                slot.active += 1
+                started = perf_counter()
             try:
-                if reader is None:
-                    result = await spec.serve(ctx)
-                else:
-                    self.node.watch_stream(ctx, reader)
-                    result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
+                try:
+                    if reader is None:
+                        result = await spec.serve(ctx)
+                    else:
+                        self.node.watch_stream(ctx, reader)
+                        result = await self._serve_scoped(sender, pkt, spec, ctx, reader)
+                except BaseException as exc:
+                    if slot is not None:
+                        slot.failed(exc)
+                    raise
+                finally:
+                    if slot is not None:
+                        slot.active -= 1
+                        slot.observe(perf_counter() - started)
             except trio.Cancelled:
                 if trio.current_time() >= deadline:
                     self._respond_timeout(sender, pkt, ctx)
@@ -934,8 +956,8 @@ class Transit:
             if unserializable is not None:
                 self.requests_failed += 1
                 self.node.action_failed(ctx, unserializable)
-                if self.meter is not None:  # its run was counted as a success: it was not
-                    self.meter.local_slot(spec.service.full_name, spec.name).failed(unserializable)
+                if slot is not None:  # its run was counted as a success: it was not
+                    slot.failed(unserializable)
         finally:
             if counted:
                 self._answered(sender, pkt.id, stream_part)
