@@ -190,15 +190,8 @@ class Tracing(Middleware):
             ctx.tracing = span.get_span_context().trace_flags.sampled
             current = trace.set_span_in_context(span, parent)
             inject(headers, current)
-            token = otel_context.attach(current)
-            try:
+            with _Active(span, current):
                 return await next(ctx)
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                otel_context.detach(token)
-                span.end()
 
         return traced_remote_action
 
@@ -223,17 +216,13 @@ class Tracing(Middleware):
             span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
             locals_ = ctx.locals
             locals_[_SPAN] = span
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
             try:
-                result = await next(ctx)
+                with _Active(span, trace.set_span_in_context(span, parent), end=False):
+                    result = await next(ctx)
                 if isinstance(result, PacketStream):
                     locals_[_RESPONSE] = result
                 return result
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
             finally:
-                otel_context.detach(token)
                 request_stream = ctx.stream
                 if isinstance(request_stream, PacketStream) and request_stream.bytes_received:
                     span.set_attribute("nerve.stream.bytes_received", request_stream.bytes_received)
@@ -265,15 +254,8 @@ class Tracing(Middleware):
             current = trace.set_span_in_context(span, parent)
             inject(headers, current)
             opts.headers = headers
-            token = otel_context.attach(current)
-            try:
+            with _Active(span, current):
                 await next(event, data, opts)
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                otel_context.detach(token)
-                span.end()
 
         return traced_emit
 
@@ -293,15 +275,8 @@ class Tracing(Middleware):
                 **static, "messaging.destination.name": ctx.event or event.name,
                 "nerve.peer.node_id": _short(ctx.node_id), "nerve.request_id": _short(ctx.request_id)})
             ctx.locals[_SPAN] = span
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-            try:
+            with _Active(span, trace.set_span_in_context(span, parent)):
                 await next(ctx)
-            except BaseException as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                otel_context.detach(token)
-                span.end()
 
         return traced_local_event
 
@@ -426,6 +401,31 @@ def _rpc_names(action: str, service: str) -> tuple[str, str, str]:
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     return text if len(text) <= _MAX_ID else text[:_MAX_ID]
+
+
+class _Active:
+    """``with _Active(span, context):`` — ``context`` (holding ``span``) is attached while the
+    body runs and detached in the same task however it leaves; a failure marks the span; the
+    span is ended (unless ``end=False``: the caller ends it)."""
+
+    __slots__ = ("span", "context", "end", "token")
+
+    def __init__(self, span: Span, context: OtelContext, *, end: bool = True) -> None:
+        self.span = span
+        self.context = context
+        self.end = end
+
+    def __enter__(self) -> None:
+        self.token = otel_context.attach(self.context)
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is not None:
+                _failed(self.span, exc)
+        finally:
+            otel_context.detach(self.token)
+            if self.end:
+                self.span.end()
 
 
 def _failed(span: Span, exc: BaseException) -> None:
