@@ -411,3 +411,9 @@ async def test_ping_measures_a_round_trip(transport: str) -> None:
             assert 0 <= rtt < 1.0
             with pytest.raises(BrokerDisconnectedError):
                 await b.ping("nobody")
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    assert nerve.__version__ == version("nerve") and nerve.__version__[0].isdigit()

@@ -6,6 +6,9 @@ Start with :class:`Broker`, :class:`Service`, :func:`action`, :func:`event` and
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+
 from nerve import errors, middlewares
 from nerve.broker import Broker
 from nerve.context import Context
@@ -15,7 +18,14 @@ from nerve.service import Service, action, event
 from nerve.strategies import CpuUsageStrategy, LatencyStrategy, ShardStrategy
 from nerve.streams import PacketStream
 
+try:
+    #: the installed distribution's version (maturin takes it from rust/Cargo.toml)
+    __version__: str = _dist_version("nerve")
+except PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "ActionInfo",
     "Broker",
     "CallOptions",
