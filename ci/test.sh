@@ -10,6 +10,8 @@ echo "== cargo test"
 cargo test --manifest-path rust/Cargo.toml --quiet
 echo "== pytest"
 python -m pytest -q
+echo "== wheel (built by maturin, installed in a fresh virtualenv, README example and demo run from it)"
+ci/wheel.sh
 echo "== stubtest"
 ci/stubtest.sh
 echo "== mypy"

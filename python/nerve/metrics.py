@@ -24,7 +24,8 @@ collector that raises, reaches the broker. :meth:`Metrics.asgi_app` mounts the s
 exposition in an ASGI server (the gateway's ``/metrics``) that runs on the broker's trio
 thread: the counters are read without locks.
 
-prometheus-client is an optional extra: ``pip install 'nerve[metrics]'``.
+prometheus-client is an optional dependency (nerve's ``metrics`` extra; or ``pip install
+prometheus-client``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def _prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError as exc:  # pragma: no cover - the extra is installed in the test env
-        raise BrokerOptionsError("metrics need prometheus-client: pip install 'nerve[metrics]' "
-                                 "(or pip install prometheus-client)") from exc
+        raise BrokerOptionsError("metrics need prometheus-client (nerve's 'metrics' extra): "
+                                 "pip install prometheus-client") from exc
     return prometheus_client
 
 

@@ -2,7 +2,8 @@
 and their splits, JSON values, Moleculer packets and payloads, and error wire forms; and the
 live-node fuzzer (:func:`fuzz_node`, :func:`fuzz_service`, :func:`replay`, :func:`minimize`,
 implemented in :mod:`nerve.fuzzing`, also run by ``nerve fuzz``).
-Requires ``hypothesis`` (the ``testing`` extra: ``pip install 'nerve[testing]'``); nothing else imports it.
+Requires ``hypothesis`` (the ``testing`` extra: ``pip install "/path/to/nerve[testing]"``, see the
+README's "Installing"); nothing else imports it.
 """
 
 from __future__ import annotations

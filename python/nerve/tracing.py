@@ -53,8 +53,8 @@ try:
     from opentelemetry.util.types import AttributeValue
 except ImportError as exc:
     raise ImportError(
-        "nerve.tracing needs the OpenTelemetry API: pip install 'nerve[tracing]' "
-        "(or pip install opentelemetry-api)") from exc
+        "nerve.tracing needs the OpenTelemetry API (nerve's 'tracing' extra): "
+        "pip install opentelemetry-api") from exc
 
 import trio
 
