@@ -73,6 +73,11 @@ class Broker:
     is verified against ``tls_ca`` and its certificate must name its node id (the dialer also
     accepts the host it dialled). ``tls_mutual=True``: acceptors require a client
     certificate too, naming the dialer's node id.
+    ``advertise="tcp://host:port"`` (TCP): the address peers are told to dial (behind NAT, in
+    a container); by default the bound address, a wildcard host (``0.0.0.0``) replaced by this
+    host's first non-loopback address. A seed that cannot be reached is logged at once (a
+    warning naming it and why), and ``wait_for_services`` names it when it times out.
+    ``metrics=True`` / ``metrics_port=``: see :mod:`nerve.metrics`.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class Broker:
         dependency_timeout: float | None = None,
         metrics: bool | Any = False,
         metrics_port: int | str | None = None,
+        advertise: str | None = None,
     ) -> None:
         if protocol_version not in ("4", "5"):
             raise BrokerOptionsError(f"protocol_version must be '4' or '5', not {protocol_version!r}")
@@ -171,10 +177,12 @@ class Broker:
             options["max_write_queue"] = max_write_queue
         tcp_only = {"max_hello_size": max_hello_size, "max_handshakes": max_handshakes,
                     "max_redials": max_redials, "max_connections": max_connections, "tls_cert": tls_cert, "tls_key": tls_key,
-                    "tls_ca": tls_ca, "tls_mutual": tls_mutual or None}
+                    "tls_ca": tls_ca, "tls_mutual": tls_mutual or None, "advertise": advertise}
         options.update({k: v for k, v in tcp_only.items() if v is not None})
         if transport is None and (options["peers"] or secret is not None or tls_cert or tls_ca):
             raise BrokerOptionsError("peers=, secret= and tls_* need a tcp:// transport")
+        if advertise is not None and not (isinstance(transport, str) and transport.startswith("tcp://")):
+            raise BrokerOptionsError("advertise= needs a tcp:// transport (it is the address peers dial)")
         self.transport = make_transport(transport, **options)
         if not self.transport.max_streams:
             self.transport.max_streams = max_peer_streams  # told to peers (TCP's HELLO)
@@ -479,8 +487,10 @@ class Broker:
             while missing():
                 await self._services_changed.wait()
         if scope.cancelled_caught:
-            raise RequestTimeoutError(f"services not available after {timeout}s: {missing()}",
-                                      data={"services": missing()})
+            unreachable = self.transport.unreachable_seeds()
+            why = "".join(f"; seed {address} not reachable: {reason}" for address, reason in unreachable.items())
+            raise RequestTimeoutError(f"services not available after {timeout}s: {missing()}{why}",
+                                      data={"services": missing(), "unreachableSeeds": unreachable})
 
     # --- calls --------------------------------------------------------------------------
 

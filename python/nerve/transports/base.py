@@ -153,5 +153,10 @@ class Transport:
     def connected(self) -> list[str]:
         raise NotImplementedError
 
+    def unreachable_seeds(self) -> dict[str, str]:
+        """Seeds (addresses given by the user) not connected now, with why the last try
+        failed ("connection refused", ...); empty when every seed answered or there are none."""
+        return {}
+
     async def disconnect_all(self) -> None:
         """Close every connection (after the transit said goodbye)."""

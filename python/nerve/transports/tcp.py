@@ -30,6 +30,7 @@ import hmac
 import math
 import os
 import random
+import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -512,8 +513,15 @@ class TcpTransport(Transport):
                  tls_key: str | os.PathLike[str] | None = None,
                  tls_ca: str | os.PathLike[str] | None = None,
                  tls_mutual: bool = False,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 advertise: str | None = None) -> None:
         self.host, self.port = parse_address(url)
+        if advertise is not None:
+            parse_address(advertise)
+        #: what peers are told to dial (HELLO, relayed in PEERS): ``advertise=``, else the bound
+        #: address, a wildcard host replaced by this host's first non-loopback address
+        self._advertise = advertise
+        self.advertised: str | None = None
         self._tls_server, self._tls_client = _tls_contexts(tls_cert, tls_key, tls_ca, tls_mutual)
         self.tls_mutual = tls_mutual
         for p in peers:
@@ -535,6 +543,8 @@ class TcpTransport(Transport):
         self.upstream: Upstream | None = None
         self.address: str | None = None
         self.connections: dict[str, Connection] = {}
+        #: seed address -> why its last dial failed (cleared when it connects)
+        self._seed_errors: dict[str, str] = {}
         self._dialing: dict[str, str] = {}  # address -> node id we expect (or "")
         self._dial_loops: set[str] = set()  # addresses with a dial loop (dialling or waiting)
         self._learned_loops = 0  # of which learned from peers
@@ -649,6 +659,7 @@ class TcpTransport(Transport):
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         sockname = listeners[0].socket.getsockname()
         self.address = f"tcp://{self.host}:{sockname[1]}"
+        self.advertised = self._advertise or _advertisable(self.host, sockname[1])
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(trio.serve_listeners, self._handle_inbound, listeners)
@@ -665,7 +676,7 @@ class TcpTransport(Transport):
         window, max_chunk = self.upstream.stream_config
         return _hello_encoder.encode(Hello(
             node_id=self.upstream.node_id, namespace=self.upstream.namespace, ver=self.upstream.ver,
-            address=self.address, window=window, max_chunk=max_chunk,
+            address=self.advertised or self.address, window=window, max_chunk=max_chunk,
             accept=accept, reason=reason, auth=self.secret is not None, nonce=nonce, proof=proof,
             max_streams=self.max_streams, cancel=True))
 
@@ -835,6 +846,7 @@ class TcpTransport(Transport):
                 if result == "refused" and learned:
                     return  # (a seed that refuses us is misconfigured: keep trying, it may be fixed)
                 if isinstance(result, Connection):
+                    self._seed_errors.pop(address, None)
                     if holds_slot:
                         self._learned_loops -= 1
                         holds_slot = False
@@ -868,6 +880,18 @@ class TcpTransport(Transport):
             if holds_slot:
                 self._learned_loops -= 1
 
+    def _dial_failed(self, address: str, why: str) -> None:
+        """A dial of ``address`` failed: a seed's first failure (or a new reason) is a warning
+        naming the address and the reason; the retries after it are debug lines."""
+        if self._is_seed(address) and self._seed_errors.get(address) != why:
+            self._seed_errors[address] = why
+            self.log.warning("cannot reach seed %s: %s (retrying in the background)", address, why)
+        else:
+            self.log.debug("cannot connect to %s: %s", address, why)
+
+    def unreachable_seeds(self) -> dict[str, str]:
+        return dict(self._seed_errors)
+
     async def _dial(self, address: str) -> Connection | str:
         """One dial: the established connection (not yet running), "refused" (for good:
         a bad address, a mismatch), "busy" (refused for now: full, or already connected), or
@@ -881,7 +905,7 @@ class TcpTransport(Transport):
             with trio.fail_after(_HANDSHAKE_TIMEOUT):
                 raw = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            self.log.debug("cannot connect to %s: %r", address, exc)
+            self._dial_failed(address, _connect_failure(exc))
             return "retry"
         except Exception as exc:  # a host name the resolver rejects (IDNA...): never the node's end
             self.log.warning("not dialling %r: %r", address, exc)
@@ -896,7 +920,7 @@ class TcpTransport(Transport):
             conn = await self._connect(stream, address, host)
         except Exception as exc:  # whatever the peer's bytes caused: this dial failed
             self._count("handshakes_failed")
-            self.log.debug("handshake with %s failed: %s", address, _describe(exc))
+            self._dial_failed(address, f"handshake failed: {_describe(exc)}")
             conn = "retry"
         if isinstance(conn, str):
             await trio.aclose_forcefully(raw)
@@ -1105,6 +1129,39 @@ def _cert_names_node(stream: trio.abc.Stream, name: str) -> bool:
     for rdn in cert.get("subject", ()):
         names.update(value for key, value in rdn if key == "commonName")
     return name in names
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connect failed, in a few words ("connection refused"): trio wraps each address's
+    own OSError in a group behind "all attempts to connect ... failed"."""
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer within the handshake timeout"
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    for candidate in (cause, exc):
+        if isinstance(candidate, OSError) and candidate.errno:
+            return os.strerror(candidate.errno).lower()
+    for candidate in (cause, exc):
+        if isinstance(candidate, OSError) and candidate.strerror:
+            return candidate.strerror.lower()[:200]
+    return str(exc)[:200]
+
+
+def _advertisable(host: str, port: int) -> str:
+    """The address to tell peers for a listener bound to ``host``: a wildcard (``0.0.0.0``,
+    ``::``, empty) is not an address anyone can dial, so this host's first non-loopback
+    address stands for it (loopback if it has none)."""
+    if host not in ("", "0.0.0.0", "::"):
+        return f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
+    family = socket.AF_INET6 if host == "::" else socket.AF_INET
+    try:
+        found = sorted({str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, family)})
+    except OSError:
+        found = []
+    usable = [a for a in found if not a.startswith("127.") and a != "::1"]
+    pick = usable[0] if usable else ("::1" if family == socket.AF_INET6 else "127.0.0.1")
+    return f"tcp://[{pick}]:{port}" if ":" in pick else f"tcp://{pick}:{port}"
 
 
 def _remote(stream: trio.abc.Stream) -> str:

@@ -1,0 +1,89 @@
+"""What a new user meets (issue 14): a seed that is not listening is reported at once and
+named when services do not come; a node listening on a wildcard address never advertises it;
+``advertise=`` sets what peers dial. Real brokers on loopback TCP."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+import trio
+
+import nerve
+from nerve.errors import BrokerOptionsError, RequestTimeoutError
+
+pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Hello(nerve.Service):
+    name = "hello"
+
+    @nerve.action
+    async def hi(self, ctx: nerve.Context) -> str:
+        return "hi"
+
+
+async def test_an_unreachable_seed_is_a_warning_at_once_and_named_on_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="nerve.tcp")
+    port = free_port()  # nothing listens there
+    seed = f"tcp://127.0.0.1:{port}"
+    async with nerve.Broker("fc-lonely", transport="tcp://127.0.0.1:0", peers=[seed]) as b:
+        with trio.fail_after(5):
+            while not b.transport.unreachable_seeds():
+                await trio.sleep(0.01)
+        assert b.transport.unreachable_seeds() == {seed: "connection refused"}
+        with pytest.raises(RequestTimeoutError) as err:
+            await b.wait_for_services("hello", timeout=0.5)
+        assert f"seed {seed} not reachable: connection refused" in str(err.value)
+        assert err.value.data["unreachableSeeds"] == {seed: "connection refused"}
+        # the seed comes up: it connects, and is no longer reported
+        async with nerve.Broker("fc-seed", transport=seed, services=[Hello()]):
+            await b.wait_for_services("hello", timeout=10)
+            assert await b.call("hello.hi") == "hi"
+            assert b.transport.unreachable_seeds() == {}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot reach seed" in r.getMessage()]
+    retries = [r for r in caplog.records if r.levelno == logging.DEBUG and "cannot connect to" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once, not once per retry
+    assert warnings[0].getMessage() == f"cannot reach seed {seed}: connection refused (retrying in the background)"
+    assert warnings[0].node_id == "fc-lonely"  # type: ignore[attr-defined]
+    assert retries  # the retries went on, quietly
+
+
+async def test_a_wildcard_listener_advertises_a_reachable_address() -> None:
+    async with nerve.Broker("fc-wild", transport="tcp://0.0.0.0:0", services=[Hello()]) as a:
+        assert a.address is not None
+        port = int(a.address.rsplit(":", 1)[1])
+        async with nerve.Broker("fc-client", transport="tcp://127.0.0.1:0", peers=[f"tcp://127.0.0.1:{port}"]) as b:
+            await b.wait_for_services("hello", timeout=10)
+            told = b.transport.peer_address("fc-wild")
+            assert told is not None and told.endswith(f":{port}")
+            assert "0.0.0.0" not in told
+            host = told.removeprefix("tcp://").rsplit(":", 1)[0]
+            assert host in {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)} | {"127.0.0.1"}
+
+
+async def test_advertise_sets_what_peers_are_told() -> None:
+    async with nerve.Broker("fc-adv", transport="tcp://127.0.0.1:0", services=[Hello()],
+                            advertise="tcp://10.9.8.7:4567") as a:
+        async with nerve.Broker("fc-c2", transport="tcp://127.0.0.1:0", peers=[a.address]) as b:  # type: ignore[list-item]
+            await b.wait_for_services("hello", timeout=10)
+            assert b.transport.peer_address("fc-adv") == "tcp://10.9.8.7:4567"
+            assert a.address is not None and a.address.startswith("tcp://127.0.0.1:")  # where it listens
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.1:80", "tcp://host:99999", "tcp://[::1", ""])
+def test_a_bad_advertise_address_is_refused(bad: str) -> None:
+    with pytest.raises(BrokerOptionsError):
+        nerve.Broker("fc-bad", transport="tcp://127.0.0.1:0", advertise=bad)
+
+
+def test_advertise_needs_tcp() -> None:
+    with pytest.raises(BrokerOptionsError, match="advertise= needs a tcp:// transport"):
+        nerve.Broker("fc-local", advertise="tcp://1.2.3.4:5")
