@@ -1,13 +1,57 @@
 """nerve's exception tree and its wire form.
 
 Every error nerve raises is a :class:`NerveError`. Errors cross the wire as Moleculer's plain
-error object ``{name, message, code, type, data, retryable, nodeID, stack}``; known names map
-to the classes here and back, unknown names come back as :class:`RemoteError`.
+error object ``{name, message, code, type, data, retryable, nodeID, stack}``; this module
+owns that mapping and never does I/O.
+
+Wire names
+----------
+Every :class:`NerveError` subclass is registered, when its ``class`` statement runs, under its
+*wire name*: the class's ``wire_name`` if its body sets one, else its class name. The wire
+name is the error packet's ``name``; the receiving node looks the name up here and rebuilds
+that class, so an application's own errors keep their class across the wire as long as both
+nodes import the module that defines it::
+
+    class InsufficientFunds(NerveError):
+        # the account cannot cover the amount
+        default_code = 402
+        default_type = "INSUFFICIENT_FUNDS"
+
+    raise InsufficientFunds("balance too low", data={"balance": 3})  # name "InsufficientFunds"
+
+The rules of the registry:
+
+* nerve's own and Moleculer's names (``MoleculerError``, ``ValidationError``,
+  ``RequestTimeoutError``... every class of this module) belong to this module. A class of
+  another module that claims one (by ``wire_name`` or by its class name) is refused with
+  ``TypeError`` when it is defined, unless the name is its own ancestor's: then it *travels as
+  that ancestor* and is not registered (``class OrderInvalid(ValidationError): wire_name =
+  "ValidationError"`` reaches a Moleculer node, or a node that does not know it, as a
+  ``ValidationError``).
+* Two classes of applications claiming one name: the second is refused with ``TypeError``
+  (set ``wire_name`` on one of them), except a class redefined under the same module and
+  qualified name (a reloaded module), which replaces the first. The registry holds
+  applications' classes weakly: a class that no longer exists frees its name.
+* The receiving side builds the class *without calling its* ``__init__`` (nor a ``__new__``
+  of its own): ``message``, ``code``, ``type``, ``data``, ``retryable``, ``node_id`` and
+  ``stack`` are set from the wire, so a class whose ``__init__`` takes other arguments
+  still comes back. Attributes an ``__init__`` sets travel only in ``data``; give them a
+  class-level default if code reads them on the caller's side.
+* A name nobody registered comes back as :class:`RemoteError`, whose ``name`` is the
+  sender's. A name is text a peer chose: it only ever selects a registered
+  :class:`NerveError` subclass, nothing else is looked up or imported.
+
+:func:`registered_errors` lists the registry. Where a builtin exception means the same, a
+class also subclasses it (:class:`RequestTimeoutError` is a ``TimeoutError``,
+:class:`ValidationError` a ``ValueError``, :class:`ForbiddenError` a ``PermissionError``,
+:class:`ServiceNotFoundError` a ``LookupError``, :class:`BrokerNotRunningError` a
+``RuntimeError``).
 """
 
 from __future__ import annotations
 
 import traceback
+import weakref
 from typing import Any, ClassVar
 
 __all__ = [
@@ -28,6 +72,7 @@ __all__ = [
     "InvalidPacketDataError",
     "ServiceSchemaError",
     "BrokerOptionsError",
+    "BrokerNotRunningError",
     "BrokerDisconnectedError",
     "RemoteError",
     "ProtocolError",
@@ -41,9 +86,15 @@ __all__ = [
     "ForbiddenError",
     "CircuitBreakerOpenError",
     "request_timeout",
+    "registered_errors",
     "error_from_wire",
     "error_to_wire",
 ]
+
+#: wire name -> class, for the classes of this module (Moleculer's names and nerve's own)
+_BUILTIN: dict[str, type[NerveError]] = {}
+#: wire name -> class, for the classes of applications (held weakly: see the module's docstring)
+_USER: weakref.WeakValueDictionary[str, type[NerveError]] = weakref.WeakValueDictionary()
 
 
 class NerveError(Exception):
@@ -52,12 +103,21 @@ class NerveError(Exception):
     ``code`` is HTTP-like (500 by default), ``type`` a short upper-case tag, ``data`` any
     serializable detail, ``retryable`` whether a retry may succeed, ``node_id`` the node
     that raised it and ``stack`` the remote stack trace (text) when it came over the wire.
+    ``name`` is the class's wire name (see the module's docstring); a subclass sets
+    ``default_code`` / ``default_type`` / ``default_retryable``, and ``wire_name`` if it
+    travels under a name other than its class name.
     """
 
     wire_name: ClassVar[str] = "MoleculerError"
     default_code: ClassVar[int] = 500
     default_type: ClassVar[str | None] = None
     default_retryable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "wire_name" not in vars(cls):
+            cls.wire_name = cls.__name__
+        _register(cls)
 
     def __init__(
         self,
@@ -81,6 +141,7 @@ class NerveError(Exception):
 
     @property
     def name(self) -> str:
+        """The error's name on the wire (the class's ``wire_name``)."""
         return self.wire_name
 
     def __str__(self) -> str:
@@ -93,48 +154,113 @@ class NerveError(Exception):
         return (_rebuild, (type(self), self.__dict__.copy()))
 
 
+def _register(cls: type[NerveError]) -> None:
+    """Give ``cls`` its wire name (the rules are in the module's docstring)."""
+    name = cls.wire_name
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__}.wire_name must be a non-empty str, not {name!r}")
+    owner = _BUILTIN.get(name) or _USER.get(name)
+    if owner is None or owner is cls:
+        pass
+    elif owner in cls.__mro__:
+        return  # travels as its ancestor, which keeps the name
+    elif owner.__module__ == __name__:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__}: the wire name {name!r} is nerve's "
+            f"(nerve.errors.{owner.__qualname__}); set wire_name = '...' to a name of your own, "
+            f"or subclass {owner.__qualname__} to travel as it")
+    elif (owner.__module__, owner.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__}: the wire name {name!r} is already "
+            f"{owner.__module__}.{owner.__qualname__}'s; set wire_name = '...' on one of them")
+    if cls.__module__ == __name__:
+        _BUILTIN[name] = cls
+    else:
+        _USER[name] = cls
+
+
+_BUILTIN[NerveError.wire_name] = NerveError
+
+
+def registered_errors() -> dict[str, type[NerveError]]:
+    """The registry of wire names: ``{name: class}``, nerve's and Moleculer's first, then the
+    applications' classes that exist now (a copy: change it by defining classes)."""
+    return {**_BUILTIN, **_USER}
+
+
+def _blank(cls: type[NerveError], message: str) -> NerveError:
+    """An instance of ``cls`` made without running an ``__init__`` or ``__new__`` of Python
+    code: only the builtin exception's own ``__new__`` (``TimeoutError``'s is ``OSError``'s)."""
+    base = next(b for b in cls.__mro__ if b.__module__ == "builtins")
+    exc: NerveError = base.__new__(cls)  # type: ignore[call-overload]
+    exc.args = (message,)
+    return exc
+
+
 def _rebuild(cls: type[NerveError], state: dict[str, Any]) -> NerveError:
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, state.get("message", ""))
+    exc = _blank(cls, state.get("message", ""))
     exc.__dict__.update(state)
     return exc
 
 
 class RetryableError(NerveError):
+    """Moleculer's ``MoleculerRetryableError``: a failure a retry may cure (``retryable``)."""
+
     wire_name = "MoleculerRetryableError"
     default_retryable = True
 
 
 class ServerError(RetryableError):
+    """Moleculer's ``MoleculerServerError``: the server failed (500, retryable)."""
+
     wire_name = "MoleculerServerError"
 
 
 class ClientError(NerveError):
+    """Moleculer's ``MoleculerClientError``: the request was wrong (400, not retryable)."""
+
     wire_name = "MoleculerClientError"
     default_code = 400
 
 
-class ValidationError(ClientError):
-    """Bad parameters: code 422; ``data`` lists the fields and reasons."""
+# Builtin bases: a class also subclasses the builtin exception that means the same thing,
+# so ``except TimeoutError`` / ``except ValueError`` ... catch it. Not given where it would
+# mislead or where nerve's own code catches the builtin around I/O (``except OSError`` in
+# the transports): a queue that is full is not a ``BlockingIOError``, a closed stream not a
+# ``BrokenPipeError``.
+
+
+class ValidationError(ClientError, ValueError):
+    """Bad parameters: code 422; ``data`` holds ``field`` (the path of the offending field,
+    e.g. ``"b"`` or ``"point.x"``) and ``reason``. Also a ``ValueError``."""
 
     wire_name = "ValidationError"
     default_code = 422
     default_type = "VALIDATION_ERROR"
 
 
-class ServiceNotFoundError(RetryableError):
+class ServiceNotFoundError(RetryableError, LookupError):
+    """No node offers the action (or not the node asked for): 404, retryable. Also a
+    ``LookupError``: a name was looked up in the registry and is not there."""
+
     wire_name = "ServiceNotFoundError"
     default_code = 404
     default_type = "SERVICE_NOT_FOUND"
 
 
 class ServiceNotAvailableError(RetryableError):
+    """The action is known but no endpoint of it can take the call now: 404, retryable.
+    (Not a ``LookupError``: the name was found.)"""
+
     wire_name = "ServiceNotAvailableError"
     default_code = 404
     default_type = "SERVICE_NOT_AVAILABLE"
 
 
-class RequestTimeoutError(RetryableError):
+class RequestTimeoutError(RetryableError, TimeoutError):
+    """The call's deadline passed before an answer came: 504, retryable. Also a
+    ``TimeoutError`` (so an ``OSError``: ``errno`` and ``strerror`` are ``None``)."""
+
     wire_name = "RequestTimeoutError"
     default_code = 504
     default_type = "REQUEST_TIMEOUT"
@@ -158,13 +284,16 @@ class RequestRejectedError(RetryableError):
 
 
 class QueueIsFullError(RetryableError):
+    """The serving node's queue (a bulkhead) is full: 429, retryable. No builtin base: a
+    ``BlockingIOError`` is an ``OSError`` the TCP transport reads as "socket full"."""
+
     wire_name = "QueueIsFullError"
     default_code = 429
     default_type = "QUEUE_FULL"
 
 
-class ForbiddenError(ClientError):
-    """A guard refused the call (403, not retryable)."""
+class ForbiddenError(ClientError, PermissionError):
+    """A guard refused the call (403, not retryable). Also a ``PermissionError``."""
 
     wire_name = "ForbiddenError"
     default_code = 403
@@ -188,36 +317,62 @@ def request_timeout(action: str | None, node_id: str | None, *, by: str | None =
 
 
 class MaxCallLevelError(NerveError):
+    """A call chain went deeper than the broker's ``max_call_level``. (Not a
+    ``RecursionError``: that one is about the interpreter's stack.)"""
+
     wire_name = "MaxCallLevelError"
     default_type = "MAX_CALL_LEVEL"
 
 
-class GracefulStopTimeoutError(NerveError):
+class GracefulStopTimeoutError(NerveError, TimeoutError):
+    """Stopping did not finish (handlers still running) within the grace period. Also a
+    ``TimeoutError``."""
+
     wire_name = "GracefulStopTimeoutError"
     default_type = "GRACEFUL_STOP_TIMEOUT"
 
 
 class ProtocolVersionMismatchError(NerveError):
+    """A peer speaks another version of Moleculer's protocol."""
+
     wire_name = "ProtocolVersionMismatchError"
     default_type = "PROTOCOL_VERSION_MISMATCH"
 
 
 class InvalidPacketDataError(NerveError):
+    """Moleculer's name for a packet that does not match its model (nerve raises
+    :class:`PacketError`, which travels under this name)."""
+
     wire_name = "InvalidPacketDataError"
     default_type = "INVALID_PACKET_DATA"
 
 
 class ServiceSchemaError(NerveError):
+    """A service is defined wrongly (no name, a bad handler signature, a bad hook, guard or
+    property...): raised when the class is defined or the service is added."""
+
     wire_name = "ServiceSchemaError"
     default_type = "SERVICE_SCHEMA_ERROR"
 
 
 class BrokerOptionsError(NerveError):
+    """A broker option is wrong (a bad address, transport, TLS file...)."""
+
     wire_name = "BrokerOptionsError"
     default_type = "BROKER_OPTIONS_ERROR"
 
 
+class BrokerNotRunningError(BrokerOptionsError, RuntimeError):
+    """The broker is not running (use ``async with Broker(...)``). A ``RuntimeError`` (it was
+    used at the wrong time), and a :class:`BrokerOptionsError`, which nerve raised before."""
+
+    wire_name = "BrokerNotRunningError"
+    default_type = "BROKER_NOT_RUNNING"
+
+
 class BrokerDisconnectedError(RetryableError):
+    """The node to call is not connected (or the transport is down): 502, retryable."""
+
     wire_name = "BrokerDisconnectedError"
     default_code = 502
     default_type = "BAD_GATEWAY"
@@ -226,6 +381,9 @@ class BrokerDisconnectedError(RetryableError):
 class RemoteError(NerveError):
     """An error whose name nerve does not know; keeps the remote ``name``."""
 
+    #: not a wire name of its own: RemoteError travels under the name it carries
+    wire_name = "MoleculerError"
+
     def __init__(self, message: str = "", code: int | None = None, type: str | None = None,
                  data: Any = None, *, name: str = "Error", **kw: Any) -> None:
         super().__init__(message, code, type, data, **kw)
@@ -233,6 +391,7 @@ class RemoteError(NerveError):
 
     @property
     def name(self) -> str:
+        """The name the remote node gave the error."""
         return self.remote_name
 
 
@@ -284,13 +443,20 @@ class StreamError(RetryableError):
     default_retryable = False
 
 
-class StreamIdleTimeoutError(StreamError):
+class StreamIdleTimeoutError(StreamError, TimeoutError):
+    """Nothing moved on a stream for its ``idle_timeout`` (no data, no credit, or a peer that
+    does not read): 504. Also a ``TimeoutError``."""
+
     wire_name = "StreamIdleTimeoutError"
     default_code = 504
     default_type = "STREAM_IDLE_TIMEOUT"
 
 
 class StreamClosedError(StreamError):
+    """The stream was closed (or aborted) before this operation. No builtin base: a
+    ``BrokenPipeError`` / ``ConnectionError`` is an ``OSError``, which the transports catch
+    around socket I/O, and a stream is often closed by its own consumer, not the network."""
+
     wire_name = "StreamClosedError"
     default_type = "STREAM_CLOSED"
 
@@ -302,23 +468,9 @@ class SerializationError(NerveError):
     default_type = "SERIALIZATION_ERROR"
 
 
-def _all_classes() -> dict[str, type[NerveError]]:
-    found: dict[str, type[NerveError]] = {}
-    stack: list[type[NerveError]] = [NerveError]
-    while stack:
-        cls = stack.pop()
-        found.setdefault(cls.wire_name, cls)
-        stack.extend(cls.__subclasses__())
-    found["MoleculerError"] = NerveError
-    found["InvalidPacketDataError"] = InvalidPacketDataError
-    return found
-
-
-_BY_NAME = _all_classes()
-
-
 def error_to_wire(exc: BaseException, node_id: str | None = None) -> dict[str, Any]:
-    """Moleculer's plain error object for ``exc`` (any exception)."""
+    """Moleculer's plain error object for ``exc`` (any exception); a :class:`NerveError`
+    goes under its wire name, any other exception under its class name."""
     if isinstance(exc, NerveError):
         stack = exc.stack or "".join(traceback.format_exception(exc))
         return {
@@ -344,7 +496,8 @@ def error_to_wire(exc: BaseException, node_id: str | None = None) -> dict[str, A
 
 
 def error_from_wire(plain: Any, sender: str | None = None) -> NerveError:
-    """Rebuild an exception from its wire form; unknown names give :class:`RemoteError`."""
+    """Rebuild an exception from its wire form: the class registered under its ``name``
+    (built without calling its ``__init__``); unknown names give :class:`RemoteError`."""
     if not isinstance(plain, dict):
         return RemoteError(str(plain), node_id=sender, name="Error")
     name = plain.get("name") or "Error"
@@ -355,21 +508,24 @@ def error_from_wire(plain: Any, sender: str | None = None) -> NerveError:
     type_ = plain.get("type")
     type_ = type_ if isinstance(type_, str) else None
     retryable = plain.get("retryable")
-    kw: dict[str, Any] = {
-        "node_id": plain.get("nodeID") or sender,
-        "stack": plain.get("stack") if isinstance(plain.get("stack"), str) else None,
-    }
-    if isinstance(retryable, bool):
-        kw["retryable"] = retryable
-    cls = _BY_NAME.get(name) if isinstance(name, str) else None
+    stack = plain.get("stack")
+    node_id = plain.get("nodeID") or sender
+    stack = stack if isinstance(stack, str) else None
+    cls = (_BUILTIN.get(name) or _USER.get(name)) if isinstance(name, str) else None
     if cls is None:
-        exc: NerveError = RemoteError(message, code if code is not None else 500, type_, plain.get("data"),
-                                      name=str(name), **kw)
-    else:
-        exc = cls.__new__(cls)
-        NerveError.__init__(exc, message, code, type_, plain.get("data"), **kw)
-        if isinstance(exc, ProtocolError):
-            exc.reason = None
-        if isinstance(exc, PacketError):
-            exc.field = None
+        return RemoteError(message, code if code is not None else 500, type_, plain.get("data"),
+                           name=str(name), node_id=node_id, stack=stack,
+                           retryable=retryable if isinstance(retryable, bool) else None)
+    exc = _blank(cls, message)
+    exc.message = message
+    exc.code = cls.default_code if code is None else code
+    exc.type = cls.default_type if type_ is None else type_
+    exc.data = plain.get("data")
+    exc.retryable = retryable if isinstance(retryable, bool) else cls.default_retryable
+    exc.node_id = node_id
+    exc.stack = stack
+    if isinstance(exc, ProtocolError):
+        exc.reason = None
+    if isinstance(exc, PacketError):
+        exc.field = None
     return exc
