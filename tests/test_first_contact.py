@@ -5,7 +5,11 @@ named when services do not come; a node listening on a wildcard address never ad
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -87,3 +91,38 @@ def test_a_bad_advertise_address_is_refused(bad: str) -> None:
 def test_advertise_needs_tcp() -> None:
     with pytest.raises(BrokerOptionsError, match="advertise= needs a tcp:// transport"):
         nerve.Broker("fc-local", advertise="tcp://1.2.3.4:5")
+
+
+CLUSTER_NODE = str(Path(__file__).resolve().parent / "cluster_node.py")
+
+
+@pytest.mark.parametrize("graceful", [True, False])
+async def test_nodes_that_left_are_forgotten_after_a_while(graceful: bool) -> None:
+    """As Moleculer's cleanOfflineNodesTimeout: listed as offline, then gone from $node.list,
+    whether the node said goodbye (SIGTERM: DISCONNECT) or vanished (SIGKILL: heartbeats stop)."""
+    async with nerve.Broker("fc-stay", transport="tcp://127.0.0.1:0", forget_offline_after=0.5,
+                            heartbeat_interval=0.1, heartbeat_timeout=0.5) as a:
+        proc = subprocess.Popen([sys.executable, CLUSTER_NODE, "--node-id", "fc-visitor", "--peer", str(a.address),
+                                 "--heartbeat", "0.1"], stdout=subprocess.PIPE, text=True)
+        try:
+            with trio.fail_after(15):
+                while "fc-visitor" not in a.registry.nodes or not a.registry.nodes["fc-visitor"].available:
+                    await trio.sleep(0.02)
+            if graceful:
+                proc.send_signal(signal.SIGTERM)
+            else:
+                proc.kill()
+            await trio.to_thread.run_sync(proc.wait)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        with trio.fail_after(10):
+            while a.registry.nodes["fc-visitor"].available:
+                await trio.sleep(0.01)
+        listed = {n["id"]: n["available"] for n in await a.call("$node.list")}
+        assert listed.get("fc-visitor") is False  # offline, still listed
+        await trio.sleep(0.6)
+        listed = {n["id"]: n["available"] for n in await a.call("$node.list")}
+        assert "fc-visitor" not in listed and "fc-stay" in listed
+        assert "fc-visitor" not in a.registry.nodes

@@ -78,6 +78,8 @@ class Broker:
     host's first non-loopback address. A seed that cannot be reached is logged at once (a
     warning naming it and why), and ``wait_for_services`` names it when it times out.
     ``metrics=True`` / ``metrics_port=``: see :mod:`nerve.metrics`.
+    ``forget_offline_after`` (600 s, as Moleculer): how long a node that left (gracefully or
+    by heartbeat timeout) stays in ``$node.list`` as offline; None keeps the last 256.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Broker:
         metrics: bool | Any = False,
         metrics_port: int | str | None = None,
         advertise: str | None = None,
+        forget_offline_after: float | None = 600.0,
     ) -> None:
         if protocol_version not in ("4", "5"):
             raise BrokerOptionsError(f"protocol_version must be '4' or '5', not {protocol_version!r}")
@@ -168,6 +171,7 @@ class Broker:
         self.metadata = dict(metadata or {})
         self.serializer = get_serializer(serializer)
         self.registry = Registry(self.node_id, strategy=strategy, prefer_local=prefer_local)
+        self.registry.forget_offline_after = forget_offline_after
         options: dict[str, Any] = {"peers": list(peers)}
         if max_frame_size is not None:
             options["max_frame_size"] = max_frame_size

@@ -27,6 +27,7 @@ class NodeService(Service):
     async def list(self, ctx: Context) -> list[dict[str, Any]]:
         """Known nodes (``onlyAvailable`` param filters)."""
         only = bool((ctx.params or {}).get("onlyAvailable")) if isinstance(ctx.params, dict) else False
+        self.broker.registry.forget_offline()
         return [n.describe() for n in self.broker.registry.nodes.values() if n.available or not only]
 
     @action

@@ -34,6 +34,8 @@ __all__ = [
 
 #: Offline nodes the registry remembers (for ``$node.list``); older ones are forgotten.
 MAX_OFFLINE_NODES = 256
+#: Seconds a node that left stays listed (Moleculer's cleanOfflineNodesTimeout: 10 minutes).
+DEFAULT_FORGET_OFFLINE_AFTER = 600.0
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Node:
     address: str | None = None
     cpu: float | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    #: when it went offline (the registry's monotonic clock)
+    offline_since: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -170,6 +174,9 @@ class Registry:
         if callable(bind):
             bind(self)
         self.prefer_local = prefer_local
+        #: seconds a node that left stays listed as offline (None: until MAX_OFFLINE_NODES
+        #: pushes it out)
+        self.forget_offline_after: float | None = DEFAULT_FORGET_OFFLINE_AFTER
         self.nodes: dict[str, Node] = {local_node_id: Node(local_node_id, local=True)}
         self.actions: dict[str, list[ActionEndpoint]] = {}
         self.events: list[EventEndpoint] = []
@@ -243,6 +250,8 @@ class Registry:
         if node is None or node.local:
             return False
         was = node.available
+        if was:
+            node.offline_since = time.monotonic()
         node.available = False
         node.services = []
         node.metadata = {}
@@ -256,7 +265,22 @@ class Registry:
             offline.sort(key=lambda n: n.last_seen)
             for old in offline[:len(offline) - MAX_OFFLINE_NODES]:
                 del self.nodes[old.id]
+        self.forget_offline()
         return was
+
+    def forget_offline(self) -> list[str]:
+        """Forget the nodes offline for longer than ``forget_offline_after`` seconds (as
+        Moleculer's ``cleanOfflineNodesTimeout``); returns their ids. Called as nodes go and
+        when the node list is read, so no task of its own is needed."""
+        after = self.forget_offline_after
+        if after is None:
+            return []
+        now = time.monotonic()
+        gone = [n.id for n in self.nodes.values()
+                if not n.available and not n.local and now - n.offline_since >= after]
+        for node_id in gone:
+            del self.nodes[node_id]
+        return gone
 
     def _remove(self, pred: Any) -> None:
         for name in list(self.actions):
