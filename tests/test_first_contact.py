@@ -126,3 +126,43 @@ async def test_nodes_that_left_are_forgotten_after_a_while(graceful: bool) -> No
         listed = {n["id"]: n["available"] for n in await a.call("$node.list")}
         assert "fc-visitor" not in listed and "fc-stay" in listed
         assert "fc-visitor" not in a.registry.nodes
+
+
+class Sink(nerve.Service):
+    name = "sink"
+
+    @nerve.action
+    async def count(self, ctx: nerve.Context) -> int:
+        assert ctx.stream is not None
+        return len(await ctx.stream.read_all())
+
+
+def test_from_file_fails_at_once_for_a_path_that_is_not_a_readable_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        nerve.PacketStream.from_file(tmp_path / "missing.bin")
+    with pytest.raises(IsADirectoryError):
+        nerve.PacketStream.from_file(tmp_path)
+    (tmp_path / "ok.bin").write_bytes(b"x")
+    assert nerve.PacketStream.from_file(tmp_path / "ok.bin") is not None
+
+
+async def test_a_producer_waiting_for_its_call_is_told_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """``await stream.transfer_from(path)`` before the call waits for the call: a warning
+    says so (the classic mistake), and the transfer goes on once the call takes the stream."""
+    import nerve.streams as streams_module
+
+    monkeypatch.setattr(streams_module, "UNBOUND_WARNING", 0.2)
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"d" * 100_000)
+    async with nerve.Broker("fc-unbound", services=[Sink()]) as b:
+        stream = nerve.PacketStream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.transfer_from, src)
+            with trio.fail_after(5):
+                while not any("given to a call" in r.getMessage() for r in caplog.records):
+                    await trio.sleep(0.02)
+            assert await b.call("sink.count", stream=stream) == 100_000
+    warned = [r for r in caplog.records if "given to a call" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "PacketStream.from_file" in warned[0].getMessage()

@@ -526,10 +526,12 @@ class Broker:
         """Call ``action`` and return its result (a PacketStream if it answers with one).
 
         ``meta`` is sent with the call, and the callee's final meta is merged into this same
-        dict when the call settles (result or error). ``timeout`` (seconds) and the caller's
-        cancel scope both bound the call; the earlier deadline wins and the remaining budget
-        travels to the callee. ``retries`` retries retryable errors with exponential backoff,
-        preferring another node. ``node_id`` calls that node only. ``stream`` is the request
+        dict when the call settles (result or error). ``timeout`` (seconds) bounds each attempt
+        (as in Moleculer: a retried call may take up to ``(retries + 1) x timeout`` plus the
+        backoff); the caller's cancel scope bounds the whole call, retries included (wrap the
+        call in ``trio.fail_after`` / ``move_on_after`` for a total bound). The earlier deadline
+        wins and the remaining budget travels to the callee. ``retries`` retries retryable
+        errors (a timeout is one) with exponential backoff, preferring another node. ``node_id`` calls that node only. ``stream`` is the request
         body. ``idle_timeout`` bounds the gap between chunks of this call's streams (the
         request stream's own setting and the broker's ``stream_idle_timeout`` otherwise); the
         call timeout never bounds a transfer, only the wait for the response. ``parent_ctx``

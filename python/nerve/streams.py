@@ -26,6 +26,7 @@ stream's underscore names):
 from __future__ import annotations
 
 import io
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -44,11 +45,15 @@ from nerve.errors import (
 )
 from nerve.statistics import StreamStatistics
 
+log = logging.getLogger("nerve.streams")
+
 __all__ = ["PacketStream", "StreamLink", "StreamPort", "DEFAULT_STREAM_WINDOW", "DEFAULT_MAX_CHUNK"]
 
 DEFAULT_MAX_CHUNK = 256 * 1024
 DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
 DEFAULT_MAX_REORDER = 64
+#: Seconds a producer waits for its stream to be given to a call before a warning says why
+UNBOUND_WARNING = 10.0
 _READ_BATCH = 4  # chunks read per worker-thread hop in transfer_from
 
 PathLike = str | os.PathLike[str]
@@ -195,7 +200,15 @@ class PacketStream:
 
     @classmethod
     def from_file(cls, path: PathLike, **kw: Any) -> PacketStream:
-        """A stream whose content is the file at ``path``, read when the stream is sent."""
+        """A stream whose content is the file at ``path``, read when the stream is sent.
+
+        A path that is not a readable regular file fails here, at once (FileNotFoundError,
+        IsADirectoryError, PermissionError), not on the receiving node."""
+        target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"{target}: is a directory, not a file to stream")
+        with open(target, "rb"):  # exists and is readable now (it is read again when sent)
+            pass
         stream = cls(**kw)
         stream._source = _file_chunks(Path(path), stream.max_chunk)
         return stream
@@ -210,9 +223,14 @@ class PacketStream:
     # --- producer side ------------------------------------------------------------------
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` (split into chunks), waiting for credit as needed."""
+        """Send ``data`` (split into chunks), waiting for credit as needed.
+
+        A stream's producer waits until the stream is given to a call (``stream=``) or
+        returned by a handler: produce from a task started beside the call (or use
+        ``from_file`` / ``from_iterable``), never before it in the same task, which would wait
+        for ever; a warning says so after :data:`UNBOUND_WARNING` seconds."""
         if not self._bound.is_set():
-            await self._bound.wait()
+            await self._wait_bound()
         if self._tx_done or self._tx is None or self._link is None:
             why = f": {self._tx_error}" if self._tx_error is not None else " (after close())"
             raise StreamClosedError(f"cannot send on a stream that is over{why}")
@@ -253,6 +271,18 @@ class PacketStream:
             self._give_back_room()
             raise
 
+    async def _wait_bound(self) -> None:
+        """Wait until the stream is attached to a call; warn once if that takes long (the
+        usual cause: ``await stream.transfer_from(...)`` before the call, in the same task)."""
+        with trio.move_on_after(UNBOUND_WARNING):
+            await self._bound.wait()
+            return
+        log.warning("a PacketStream's producer has waited %gs for the stream to be given to a call: "
+                    "is it produced before the call, in the same task? Produce it from a task "
+                    "started beside the call, or use PacketStream.from_file / from_iterable",
+                    UNBOUND_WARNING)
+        await self._bound.wait()
+
     def _give_back_room(self) -> None:
         room, self._room = self._room, None
         if room is not None and self._link is not None:
@@ -263,7 +293,7 @@ class PacketStream:
         nothing: a pumped source is asked for its next chunk only then, and a source that
         takes long to produce it (a live feed) holds no room from others meanwhile."""
         if not self._bound.is_set():
-            await self._bound.wait()
+            await self._wait_bound()
         if self._tx is None or self._link is None:  # aborted before it was attached
             raise self._tx_error or StreamClosedError("the stream is over")
         while True:
@@ -331,7 +361,7 @@ class PacketStream:
             await trio.lowlevel.checkpoint()
             return
         if not self._bound.is_set():
-            await self._bound.wait()
+            await self._wait_bound()
         if self._tx_done or self._tx is None or self._link is None:  # over (or aborted unbound)
             await trio.lowlevel.checkpoint()
             return
