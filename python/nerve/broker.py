@@ -474,6 +474,8 @@ class Broker:
         return self._local_actions.get(name)
 
     def describe_services(self) -> list[dict[str, Any]]:
+        """This node's services as INFO describes them (what peers see: actions with their
+        properties, events)."""
         if self._stopping:
             return []
         return [svc.describe(*self._specs[name]) for name, svc in self.services.items()

@@ -202,6 +202,7 @@ class Step:
     payload: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
+        """The step as plain data (payloads in hex)."""
         out: dict[str, Any] = {"conn": self.conn, "op": self.op}
         if self.op == "frame":
             out["type"] = self.type
@@ -220,6 +221,7 @@ class Step:
                    bytes.fromhex(obj.get("payload", "")))
 
     def size(self) -> int:
+        """Bytes this step sends."""
         return len(self.payload) + (6 if self.op == "frame" else 0)
 
 
@@ -234,6 +236,7 @@ class Reproducer:
                 "every connection closed at the end")
 
     def to_json(self) -> dict[str, Any]:
+        """The reproducer as plain data (``replay`` takes it back)."""
         return {"how": self.how, "steps": [s.to_json() for s in self.steps]}
 
     @classmethod
@@ -246,6 +249,7 @@ class Reproducer:
                 for s in self.steps if s.op in ("frame", "raw")]
 
     def size(self) -> int:
+        """Total bytes sent by its steps."""
         return sum(s.size() for s in self.steps) + 16 * len(self.steps)
 
 
@@ -276,6 +280,7 @@ class Finding:
     signature: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The finding as plain data."""
         out = {k: v for k, v in asdict(self).items() if k != "reproducer"}
         out["reproducer"] = self.reproducer.to_json() if self.reproducer is not None else None
         out["params"] = msgspec.to_builtins(self.params, enc_hook=repr) if self.params is not None else None
@@ -323,28 +328,35 @@ class FuzzReport:
 
     @property
     def crashes(self) -> list[Finding]:
+        """Findings where the node died."""
         return self._of("crash")
 
     @property
     def hangs(self) -> list[Finding]:
+        """Findings where the node stopped answering in time."""
         return self._of("hang")
 
     @property
     def leaks(self) -> list[Finding]:
+        """Findings where memory, descriptors or counts grew and did not come back."""
         return self._of("leak")
 
     @property
     def failed_legit_calls(self) -> int:
+        """How many of the legitimate client's calls failed (or took longer than its latency bound)."""
         return self.legit.failed
 
     @property
     def ok(self) -> bool:
+        """True when there is no finding of any kind."""
         return not self.findings and self.legit.failed == 0
 
     def category(self, name: str) -> CategoryStats:
+        """The statistics of one category of cases (created on first use)."""
         return self.categories.setdefault(name, CategoryStats())
 
     def to_json(self) -> dict[str, Any]:
+        """The report as plain data (what ``--report`` writes)."""
         return {
             "target": self.target,
             "seed": self.seed,
@@ -359,6 +371,7 @@ class FuzzReport:
         }
 
     def summary(self) -> str:
+        """The report as text (what ``nerve fuzz`` prints)."""
         lines = [f"nerve fuzz: {self.target}, seed {self.seed}, {self.duration:.1f}s"]
         for name, c in self.categories.items():
             lines.append(f"  {name:<10} {c.cases:>7} cases {c.connections:>7} connections "
@@ -427,6 +440,7 @@ class NodeProcess:
         self._stderr: Path | None = None
 
     async def start(self) -> None:
+        """Start the node's process and read its first JSON line (its address)."""
         self._starts += 1
         out = self._dir / f"stdout-{self._starts}"
         self._stderr = self._dir / f"stderr-{self._starts}"
@@ -449,9 +463,11 @@ class NodeProcess:
         self.pid = int(info.get("pid") or self.process.pid)
 
     def alive(self) -> bool:
+        """Whether the process is still running."""
         return self.process is not None and self.process.poll() is None
 
     def stderr_tail(self, lines: int = 12) -> str:
+        """The last lines the process wrote to stderr (for a report)."""
         if self._stderr is None or not self._stderr.exists():
             return ""
         with open(self._stderr, "rb") as f:
@@ -473,6 +489,7 @@ class NodeProcess:
         return f"exit code {code}"
 
     async def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after a grace period)."""
         proc = self.process
         if proc is None:
             return
@@ -487,6 +504,7 @@ class NodeProcess:
         self.process = None
 
     async def restart(self) -> None:
+        """Kill the process if it still runs and start it again (to go on fuzzing after a finding)."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             with trio.CancelScope(shield=True):

@@ -38,6 +38,7 @@ class NodeLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().__init__(logger, dict(extra))
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        """Merge this logger's fields with the call's ``extra=`` (the call's win)."""
         own = kwargs.get("extra")
         kwargs["extra"] = {**self.extra, **own} if own else self.extra  # type: ignore[dict-item]
         return msg, kwargs
@@ -107,6 +108,7 @@ class JsonFormatter(logging.Formatter):
     any. ``nerve --log-format json`` uses it; so can any application."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON (see the class)."""
         out: dict[str, Any] = {"time": round(record.created, 6), "level": record.levelname,
                                "logger": record.name, "message": record.getMessage()}
         for name in FIELDS:

@@ -114,7 +114,9 @@ class Strategy(Protocol):
     makes calls pass an object with ``.params`` and ``.meta`` as ``ctx`` (else it may be None).
     """
 
-    def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any: ...
+    def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any:
+        """Pick one of ``endpoints`` (never empty) for the action or event ``key``; ``ctx`` is
+        the call's context when the strategy needs it (``needs_context``)."""
 
 
 class RoundRobinStrategy:
@@ -124,16 +126,19 @@ class RoundRobinStrategy:
         self._counters: dict[str, int] = {}
 
     def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any:
+        """The next endpoint of ``endpoints`` in turn (one counter per action or event)."""
         n = self._counters.get(key, 0)
         self._counters[key] = n + 1
         return endpoints[n % len(endpoints)]
 
 
 class RandomStrategy:
+    """Picks an endpoint at random (``seed``: a reproducible sequence)."""
     def __init__(self, seed: int | None = None) -> None:
         self._random = random.Random(seed)
 
     def select(self, key: str, endpoints: list[Any], ctx: Context | None) -> Any:
+        """A random endpoint of ``endpoints``."""
         return endpoints[self._random.randrange(len(endpoints))]
 
 

@@ -88,6 +88,7 @@ class CpuUsageStrategy:
         self._registry: Registry | None = None
 
     def bind(self, registry: Registry) -> None:
+        """Called by the registry this strategy serves (it reads the nodes' CPU there)."""
         self._registry = registry
 
     def cpu(self, node_id: str) -> float | None:
@@ -96,6 +97,7 @@ class CpuUsageStrategy:
         return None if node is None else _number(node.cpu)
 
     def select(self, key: str, endpoints: Sequence[E], ctx: Any) -> E:
+        """The endpoint of the node with the lowest CPU among a random sample (see the class)."""
         best: E | None = None
         best_cpu = math.inf
         for ep in _sample(self._random, endpoints, self.sample_count):
@@ -159,12 +161,14 @@ class LatencyStrategy:
         return self._mean.get(node_id)
 
     def forget(self, node_id: str) -> None:
+        """Drop what was measured of ``node_id`` (it left)."""
         self._history.pop(node_id, None)
         self._mean.pop(node_id, None)
 
     # --- choice -------------------------------------------------------------------------
 
     def select(self, key: str, endpoints: Sequence[E], ctx: Any) -> E:
+        """The endpoint of the node with the lowest measured latency among a random sample."""
         low = self.lowest_latency / 1000.0
         best: E | None = None
         best_latency = math.inf
@@ -239,6 +243,7 @@ class HashRing:
         self._owners = [n for _, n in points]
 
     def node_for(self, key: str) -> str:
+        """The node ``key`` maps to: the first virtual node clockwise from its hash."""
         i = bisect_left(self._positions, _hash(key, self.ring_size))
         return self._owners[i if i < len(self._owners) else 0]
 
@@ -307,6 +312,7 @@ class ShardStrategy:
         return None if value is None else str(value)
 
     def ring(self, node_ids: Iterable[str]) -> HashRing:
+        """The consistent-hash ring over ``endpoints``' nodes (cached while they stay the same)."""
         nodes = tuple(sorted(set(node_ids)))
         ring = self._rings.get(nodes)
         if ring is None:
@@ -333,6 +339,7 @@ class ShardStrategy:
         return found
 
     def select(self, key: str, endpoints: Sequence[E], ctx: Any) -> E:
+        """The endpoint the call's shard key maps to on the ring (round-robin without a key)."""
         shard = self.key_of(ctx)
         if shard is None:
             n = self._counters.get(key, 0)
