@@ -166,3 +166,39 @@ async def test_a_producer_waiting_for_its_call_is_told_why(tmp_path: Path, monke
     warned = [r for r in caplog.records if "given to a call" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     assert "PacketStream.from_file" in warned[0].getMessage()
+
+
+PUBLIC_MODULES = ["nerve", "nerve.errors", "nerve.middlewares", "nerve.strategies", "nerve.statistics",
+                  "nerve.metrics", "nerve.logs", "nerve.testing", "nerve.tracing", "nerve.middleware"]
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    """Each name in a public module's __all__, and each public method or property of a public
+    class (as defined there, not inherited), says what it is."""
+    import importlib
+    import inspect
+
+    missing = []
+    for modname in PUBLIC_MODULES:
+        module = importlib.import_module(modname)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.ismodule(obj) or not (inspect.isclass(obj) or callable(obj)):
+                continue
+            own = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__
+            if not own:
+                missing.append(f"{modname}.{name}")
+            if not inspect.isclass(obj):
+                continue
+            for attr, value in vars(obj).items():
+                if attr.startswith("_"):
+                    continue
+                if isinstance(value, (staticmethod, classmethod)):
+                    value = value.__func__
+                if not (callable(value) or isinstance(value, property)):
+                    continue
+                if issubclass(obj, nerve.Middleware) and obj is not nerve.Middleware and attr in vars(nerve.Middleware):
+                    continue  # a hook: documented on Middleware
+                if not value.__doc__:
+                    missing.append(f"{modname}.{name}.{attr}")
+    assert not missing, missing

@@ -216,6 +216,7 @@ class Step:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Step:
+        """A step from its plain data (``to_json``'s)."""
         op = str(obj["op"])
         return cls(int(obj["conn"]), op, int(obj.get("type", FrameType.HELLO if op == "handshake" else 0)),
                    bytes.fromhex(obj.get("payload", "")))
@@ -241,6 +242,7 @@ class Reproducer:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Reproducer:
+        """A reproducer from its plain data (``to_json``'s, as a report stores it)."""
         return cls([Step.from_json(s) for s in obj["steps"]])
 
     def frames(self) -> list[tuple[int, str]]:

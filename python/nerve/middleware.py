@@ -105,21 +105,27 @@ class Middleware:
     # --- wrapping hooks (called once per handler when its chain is built) ---------------
 
     def call(self, next: CallHandler) -> CallHandler:
+        """Wrap ``broker.call`` / ``ctx.call``: ``next(action, params, opts)`` makes the call."""
         return next
 
     def local_action(self, next: ActionHandler, action: ActionInfo) -> ActionHandler:
+        """Wrap serving ``action`` on this node (for any caller): ``next(ctx)`` runs the rest."""
         return next
 
     def remote_action(self, next: ActionHandler, action: ActionInfo) -> ActionHandler:
+        """Wrap sending a call of ``action`` to another node: ``next(ctx)`` sends it."""
         return next
 
     def emit(self, next: EmitHandler) -> EmitHandler:
+        """Wrap ``emit``: ``next(event, data, opts)`` delivers it."""
         return next
 
     def broadcast(self, next: EmitHandler) -> EmitHandler:
+        """Wrap ``broadcast``: ``next(event, data, opts)`` delivers it."""
         return next
 
     def local_event(self, next: EventHandler, event: EventInfo) -> EventHandler:
+        """Wrap serving ``event`` on this node: ``next(ctx)`` runs the handler."""
         return next
 
     # --- stream observers (per chunk; keep them cheap) -----------------------------------
