@@ -1,6 +1,7 @@
 """Services: classes whose ``@action`` methods answer calls and ``@event`` methods handle events.
 
-Typed handlers (``async def add(self, ctx, params: AddParams) -> AddResult``) get their
+A handler is ``async def name(self, ctx)`` or ``async def name(self, ctx, params: Struct)``
+(checked when the class is defined and when the service is added). Typed handlers get their
 params validated by msgspec; a mismatch is a :class:`nerve.errors.ValidationError` (422)
 naming the field. This module only describes services; the broker runs them.
 """
@@ -73,7 +74,8 @@ def action(fn: F | None = None, /, *, name: str | None = None, guards: Iterable[
 
     def mark(f: F) -> F:
         if not inspect.iscoroutinefunction(f):
-            raise ServiceSchemaError(f"action {getattr(f, '__qualname__', f)} must be an 'async def'")
+            raise ServiceSchemaError(f"action {getattr(f, '__qualname__', f)} must be an 'async def': "
+                                     f"{_ACTION_FORMS}")
         setattr(f, _ACTION_ATTR, the_mark)
         return f  # type: ignore[return-value]  # mypy narrows F in iscoroutinefunction
 
@@ -81,6 +83,9 @@ def action(fn: F | None = None, /, *, name: str | None = None, guards: Iterable[
 
 
 _HOOK_KINDS = ("before", "after", "error")
+
+_ACTION_FORMS = "an action is 'async def name(self, ctx)' or 'async def name(self, ctx, params: Struct)'"
+_EVENT_FORMS = "an event handler is 'async def name(self, ctx)' or 'async def name(self, ctx, data: Struct)'"
 
 #: keys of an action's definition in INFO that are not properties (a remote node cannot tell
 #: a property of these names from the definition's own)
@@ -139,14 +144,15 @@ def event(name: str, *, group: str | None = None, **properties: Any) -> Callable
 
     def mark(f: F) -> F:
         if not inspect.iscoroutinefunction(f):
-            raise ServiceSchemaError(f"event handler {getattr(f, '__qualname__', f)} must be an 'async def'")
+            raise ServiceSchemaError(f"event handler {getattr(f, '__qualname__', f)} must be an 'async def': "
+                                     f"{_EVENT_FORMS}")
         setattr(f, _EVENT_ATTR, _EventMark(name, group, dict(properties)))
         return f  # type: ignore[return-value]  # mypy narrows F in iscoroutinefunction
 
     return mark
 
 
-def _validation_error(action: str, exc: msgspec.ValidationError) -> ValidationError:
+def _validation_error(action: str, exc: msgspec.ValidationError, what: str = "parameters") -> ValidationError:
     text = str(exc)
     path = None
     if " - at `$" in text:
@@ -155,7 +161,7 @@ def _validation_error(action: str, exc: msgspec.ValidationError) -> ValidationEr
     else:
         reason = text
     return ValidationError(
-        f"invalid parameters for '{action}': {text}",
+        f"invalid {what} for '{action}': {text}",
         data={"action": action, "field": path, "reason": reason},
     )
 
@@ -213,26 +219,92 @@ class EventSpec:
     #: the subscription's properties (they travel in INFO)
     properties: dict[str, Any] = field(default_factory=dict)
 
+    def convert_data(self, data: Any) -> Any:
+        """``data`` as the handler's annotated type (as actions convert params); a mismatch
+        is a :class:`nerve.errors.ValidationError` naming the field."""
+        if self.data_type is None:
+            return data
+        try:
+            return msgspec.convert(data, self.data_type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise _validation_error(self.name, exc, "data") from None
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.properties)
         out.update(name=self.name, group=self.group)
         return out
 
 
-def _inspect_handler(fn: Callable[..., Any]) -> tuple[Any, bool]:
-    """(params type or None, whether the handler takes a third argument)."""
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())[2:]  # self, ctx
-    if not params:
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _unwrap_descriptor(raw: Any) -> tuple[Any, bool]:
+    """(the function under a class attribute, whether it is called with an instance or
+    class first): a staticmethod's function is called with ``ctx`` first."""
+    if isinstance(raw, staticmethod):
+        return raw.__func__, False
+    if isinstance(raw, classmethod):
+        return raw.__func__, True
+    return raw, True
+
+
+def _handler_shape(fn: Callable[..., Any], bound: bool, where: str, forms: str) -> inspect.Parameter | None:
+    """Check that ``fn`` can be called as the broker calls handlers (``(ctx)``, or ``(ctx,
+    params)`` when it has a parameter after ``ctx``); that parameter, or None.
+
+    ``bound``: the first parameter is ``self`` (or ``cls``) and the broker does not pass it."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise ServiceSchemaError(f"{where}: cannot read its signature ({exc}); {forms}") from None
+    params = list(sig.parameters.values())
+    if bound:
+        if params and params[0].kind in _POSITIONAL:
+            params = params[1:]
+        elif not (params and params[0].kind is inspect.Parameter.VAR_POSITIONAL):
+            raise ServiceSchemaError(f"{where} takes no 'self' (nor ctx); {forms}")
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    var_positional = [p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    required_kw = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty]
+    if not positional and not var_positional:
+        raise ServiceSchemaError(f"{where} takes no 'ctx' argument; {forms}")
+    if len(positional) > 2:
+        raise ServiceSchemaError(f"{where} takes {len(positional) - 2} argument(s) too many "
+                                 f"({', '.join(p.name for p in positional[2:])}); {forms}")
+    if required_kw:
+        raise ServiceSchemaError(f"{where}: keyword-only argument {required_kw[0]!r} has no default "
+                                 f"(the broker never passes it); {forms}")
+    if len(positional) == 2:
+        return positional[1]
+    if len(positional) == 1 and var_positional:
+        return var_positional[0]  # (self, ctx, *args): the params go in args
+    return None
+
+
+def _inspect_handler(raw: Any, where: str, forms: str) -> tuple[Any, bool]:
+    """(params type or None, whether the handler takes a params argument), from the class
+    attribute ``raw`` (a function, staticmethod or classmethod)."""
+    fn, bound = _unwrap_descriptor(raw)
+    param = _handler_shape(fn, bound, where, forms)
+    if param is None:
         return None, False
-    if len(params) > 1:
-        raise ServiceSchemaError(f"{fn.__qualname__}: handlers take (self, ctx) or (self, ctx, params)")
+    if param.kind is inspect.Parameter.VAR_POSITIONAL:
+        return None, True
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:  # unresolved forward references
-        raise ServiceSchemaError(f"{fn.__qualname__}: cannot resolve annotations: {exc}") from exc
-    tp = hints.get(params[0].name)
-    return tp, True
+        raise ServiceSchemaError(f"{where}: cannot resolve annotations: {exc}") from exc
+    return hints.get(param.name), True
+
+
+def _check_handlers(cls: type) -> None:
+    """The signatures of the actions and event handlers ``cls`` defines itself."""
+    for attr, raw in vars(cls).items():
+        fn, bound = _unwrap_descriptor(raw)
+        if isinstance(getattr(fn, _ACTION_ATTR, None), _ActionMark):
+            _handler_shape(fn, bound, f"action {cls.__qualname__}.{attr}", _ACTION_FORMS)
+        if isinstance(getattr(fn, _EVENT_ATTR, None), _EventMark):
+            _handler_shape(fn, bound, f"event handler {cls.__qualname__}.{attr}", _EVENT_FORMS)
 
 
 class Service:
@@ -257,8 +329,13 @@ class Service:
 
     broker: Any = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_handlers(cls)
+
     @property
     def full_name(self) -> str:
+        """The name calls use: ``name``, prefixed by the version (``v2.math``, ``beta.math``)."""
         if self.version is None:
             return self.name
         v = self.version
@@ -309,7 +386,8 @@ def specs_of(svc: Service) -> tuple[list[ActionSpec], list[EventSpec]]:
             if full in seen:
                 raise ServiceSchemaError(f"action {full!r} is defined twice")
             seen.add(full)
-            tp, wants = _inspect_handler(fn)
+            tp, wants = _inspect_handler(inspect.getattr_static(type(svc), attr),
+                                         f"action {type(svc).__qualname__}.{attr}", _ACTION_FORMS)
             props = {**svc.properties, **mark.properties}
             actions.append(ActionSpec(full, raw, svc, getattr(svc, attr), tp, wants, mark, props))
         emark = getattr(fn, _EVENT_ATTR, None)
@@ -318,7 +396,8 @@ def specs_of(svc: Service) -> tuple[list[ActionSpec], list[EventSpec]]:
                 # INFO keys a service's events by name (as Moleculer does): one per name.
                 raise ServiceSchemaError(
                     f"service {svc.full_name!r} subscribes to event {emark.name!r} twice")
-            tp, wants = _inspect_handler(fn)
+            tp, wants = _inspect_handler(inspect.getattr_static(type(svc), attr),
+                                         f"event handler {type(svc).__qualname__}.{attr}", _EVENT_FORMS)
             events.append(EventSpec(emark.name, emark.group or svc.full_name, svc,
                                     getattr(svc, attr), tp, wants, properties=dict(emark.properties)))
     return actions, events
