@@ -202,3 +202,36 @@ def test_every_public_name_has_a_docstring() -> None:
                 if not value.__doc__:
                     missing.append(f"{modname}.{name}.{attr}")
     assert not missing, missing
+
+
+class Files(nerve.Service):
+    name = "files"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @nerve.action
+    async def load(self, ctx: nerve.Context) -> nerve.PacketStream:
+        return nerve.PacketStream.from_file(self.root / Path(ctx.params["name"]).name)
+
+    @nerve.action
+    async def sized(self, ctx: nerve.Context) -> nerve.PacketStream:
+        ctx.meta["size"] = 12345  # the handler's own word wins
+        return nerve.PacketStream.from_file(self.root / "f.bin")
+
+
+@pytest.mark.parametrize("remote", [False, True])
+async def test_a_file_download_tells_its_size_in_meta(tmp_path: Path, remote: bool) -> None:
+    (tmp_path / "f.bin").write_bytes(b"z" * 300_000)
+    async with nerve.Broker("fc-files", transport="tcp://127.0.0.1:0", services=[Files(tmp_path)]) as srv:
+        async with nerve.Broker("fc-dl", transport="tcp://127.0.0.1:0", peers=[srv.address]) as cli:  # type: ignore[list-item]
+            await cli.wait_for_services("files", timeout=10)
+            caller = cli if remote else srv
+            meta: dict[str, object] = {}
+            stream = await caller.call("files.load", {"name": "f.bin"}, meta=meta)
+            assert meta["size"] == 300_000
+            assert len(await stream.read_all()) == 300_000
+            meta = {}
+            stream = await caller.call("files.sized", meta=meta)
+            assert meta["size"] == 12345
+            await stream.read_all()

@@ -384,6 +384,8 @@ class Caller:
             if scope.cancelled_caught:
                 raise request_timeout(spec.name, self.node_id)
         if isinstance(result, PacketStream):
+            if result.size is not None:  # a file's: the reader can show progress
+                ctx.meta.setdefault("size", result.size)
             return self.local_response_stream(result, ctx)
         if isinstance(result, msgspec.Struct):
             return msgspec.to_builtins(result)

@@ -186,6 +186,9 @@ class PacketStream:
         self._pending_abort: BaseException | None = None
         self._pump_scope: trio.CancelScope | None = None
         self._room: tuple[Any, int] | None = None  # (token, bytes) of queue room held
+        #: the content's length when it is known (``from_file`` sets it): a handler that returns
+        #: such a stream answers with ``meta["size"]`` (unless it set one), for progress bars
+        self.size: int | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.chunks_sent = 0
@@ -207,9 +210,10 @@ class PacketStream:
         target = Path(path)
         if target.is_dir():
             raise IsADirectoryError(f"{target}: is a directory, not a file to stream")
-        with open(target, "rb"):  # exists and is readable now (it is read again when sent)
-            pass
+        with open(target, "rb") as f:  # exists and is readable now (it is read again when sent)
+            size = os.fstat(f.fileno()).st_size
         stream = cls(**kw)
+        stream.size = size
         stream._source = _file_chunks(Path(path), stream.max_chunk)
         return stream
 

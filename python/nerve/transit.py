@@ -940,6 +940,8 @@ class Transit:
                     f"{_MAX_STREAM_ID} bytes and cannot name it"))
                 return
             if isinstance(result, PacketStream):
+                if result.size is not None:  # a file's: the reader can show progress
+                    ctx.meta.setdefault("size", result.size)
                 self.node.watch_stream(ctx, result)
                 if reader is not None:
                     _when_closed(result, lambda: self._finish_request_stream(sender, pkt.id, reader))
