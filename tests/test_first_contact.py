@@ -235,3 +235,13 @@ async def test_a_file_download_tells_its_size_in_meta(tmp_path: Path, remote: bo
             stream = await caller.call("files.sized", meta=meta)
             assert meta["size"] == 12345
             await stream.read_all()
+
+
+async def test_a_port_in_use_names_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BrokerOptionsError, match=f"cannot listen on tcp://127.0.0.1:{port}: address already in use"):
+            async with nerve.Broker("fc-busy", transport=f"tcp://127.0.0.1:{port}"):
+                pass

@@ -656,7 +656,12 @@ class TcpTransport(Transport):
 
     async def serve(self, upstream: Upstream, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.upstream = upstream
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise BrokerOptionsError(f"cannot listen on tcp://{self.host}:{self.port}: {why}",
+                                     data={"address": f"tcp://{self.host}:{self.port}"}) from exc
         sockname = listeners[0].socket.getsockname()
         self.address = f"tcp://{self.host}:{sockname[1]}"
         self.advertised = self._advertise or _advertisable(self.host, sockname[1])
