@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -245,3 +246,48 @@ async def test_a_port_in_use_names_the_address() -> None:
         with pytest.raises(BrokerOptionsError, match=f"cannot listen on tcp://127.0.0.1:{port}: address already in use"):
             async with nerve.Broker("fc-busy", transport=f"tcp://127.0.0.1:{port}"):
                 pass
+
+
+async def test_a_seed_that_refuses_us_is_named_with_why() -> None:
+    async with nerve.Broker("fc-locked", transport="tcp://127.0.0.1:0", secret="right", services=[Hello()]) as a:
+        assert a.address is not None
+        async with nerve.Broker("fc-wrong", transport="tcp://127.0.0.1:0", peers=[a.address], secret="wrong") as b:
+            with trio.fail_after(5):
+                while not b.transport.unreachable_seeds():
+                    await trio.sleep(0.01)
+            why = b.transport.unreachable_seeds()[a.address]
+            assert "authentication failed" in why or "refused us" in why, why
+            with pytest.raises(RequestTimeoutError, match=f"seed {a.address} not reachable"):
+                await b.wait_for_services("hello", timeout=0.3)
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+class Typed(nerve.Service):
+    name = "typed"
+
+    def __init__(self) -> None:
+        self.got: list[Point] = []
+
+    @nerve.event("point.moved")
+    async def moved(self, ctx: nerve.Context, data: Point) -> None:
+        self.got.append(data)
+
+
+async def test_typed_event_data_is_converted_as_params_are(caplog: pytest.LogCaptureFixture) -> None:
+    """Lax as actions' params ("2" becomes 2); data that does not fit is a ValidationError
+    naming the field, logged and counted on the receiving node."""
+    svc = Typed()
+    async with nerve.Broker("fc-typed", services=[svc]) as b:
+        await b.emit("point.moved", {"x": 1, "y": "2"})
+        await b.emit("point.moved", {"x": 1})
+        with trio.fail_after(5):
+            while b.statistics().event_handler_errors < 1 or not svc.got:
+                await trio.sleep(0.01)
+    assert svc.got == [Point(1, 2)]
+    failed = [r for r in caplog.records if "event handler" in r.getMessage() and r.exc_info]
+    assert failed and type(failed[0].exc_info[1]).__name__ == "ValidationError"  # type: ignore[index]
+    assert "y" in str(failed[0].exc_info[1])  # type: ignore[index]

@@ -46,7 +46,7 @@ import trio
 
 from nerve.context import Context
 from nerve.errors import (
-    BrokerOptionsError,
+    BrokerNotRunningError,
     MaxCallLevelError,
     NerveError,
     RequestTimeoutError,
@@ -117,7 +117,7 @@ class Caller:
         if self._wrapped is not None or not self.running():
             try:
                 if not self.running():
-                    raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+                    raise BrokerNotRunningError("the broker is not running (use 'async with Broker(...)')")
                 opts = CallOptions(meta=meta, headers=headers, timeout=timeout, retries=retries, node_id=node_id,
                                    stream=stream, parent_ctx=parent_ctx, fallback=fallback,
                                    idle_timeout=idle_timeout)

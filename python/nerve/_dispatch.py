@@ -136,9 +136,9 @@ class HandlerPool:
         """Run ``fn(*args)`` soon, cancelled at ``deadline`` (trio clock; inf: none) if still
         running, and by ``cancel(key)`` (``key`` None: not cancellable by key)."""
         if self._nursery is None:
-            from nerve.errors import BrokerOptionsError
+            from nerve.errors import BrokerNotRunningError
 
-            raise BrokerOptionsError("the broker is not running")
+            raise BrokerNotRunningError("the broker is not running")
         self.active += 1
         if self._drained.is_set():
             self._drained = trio.Event()

@@ -172,13 +172,10 @@ class Server:
     def prepare_event(self, spec: EventSpec) -> None:
         handler = spec.handler
         if spec.wants_data:
-            data_type = spec.data_type
+            convert = spec.convert_data
 
             async def core(ctx: Context) -> None:
-                data = ctx.params
-                if data_type is not None:
-                    data = msgspec.convert(data, data_type)
-                await handler(ctx, data)
+                await handler(ctx, convert(ctx.params))
         else:
             async def core(ctx: Context) -> None:
                 await handler(ctx)

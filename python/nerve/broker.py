@@ -23,6 +23,7 @@ from nerve._serving import Server
 from nerve.context import Context
 from nerve.logs import node_logger
 from nerve.errors import (
+    BrokerNotRunningError,
     BrokerOptionsError,
     NerveError,
     RequestTimeoutError,
@@ -597,7 +598,7 @@ class Broker:
         ``parent_ctx`` makes it a child of that context (as ``ctx.emit`` does); ``headers``
         reach the handlers' ``ctx.headers`` (over protocol v5)."""
         if not self._running:
-            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+            raise BrokerNotRunningError("the broker is not running (use 'async with Broker(...)')")
         self._events_emitted += 1
         if self._meter is not None:
             self._meter.count_emit(event, False)
@@ -608,7 +609,7 @@ class Broker:
                         headers: dict[str, Any] | None = None) -> None:
         """Deliver ``event`` to every handler on every node."""
         if not self._running:
-            raise BrokerOptionsError("the broker is not running (use 'async with Broker(...)')")
+            raise BrokerNotRunningError("the broker is not running (use 'async with Broker(...)')")
         self._events_broadcast += 1
         if self._meter is not None:
             self._meter.count_emit(event, True)
@@ -617,6 +618,8 @@ class Broker:
     async def broadcast_local(self, event: str, data: Any = None, *, groups: str | list[str] | None = None,
                               meta: dict[str, Any] | None = None) -> None:
         """Deliver ``event`` to every handler of this broker only."""
+        if not self._running:
+            raise BrokerNotRunningError("the broker is not running (use 'async with Broker(...)')")
         self._events_broadcast += 1
         if self._meter is not None:
             self._meter.count_emit(event, True)

@@ -80,7 +80,7 @@ def log_handler_failure(logger: NodeLogger, ctx: Any, exc: BaseException) -> Non
     Peers' strings (caller, request id) are shown with ``repr`` and cut, so a peer can forge
     no line and flood no record. An exception already logged by a nested local call of this
     node, passing through its caller's handler, is not logged again."""
-    from nerve.errors import NerveError
+    from nerve.errors import NerveError, RequestTimeoutError
 
     try:
         if getattr(exc, "__nerve_logged__", False):
@@ -91,7 +91,10 @@ def log_handler_failure(logger: NodeLogger, ctx: Any, exc: BaseException) -> Non
     fields = call_fields(ctx)
     who = f"{fields['caller'] or 'a caller'!r} on {ctx.node_id or 'this node'!r}"
     action, request = fields.get("action"), fields["request_id"]
-    if not isinstance(exc, NerveError):
+    if isinstance(exc, RequestTimeoutError):  # cut by the caller's budget: slow, not broken
+        logger.warning("action %r ran out of the budget of %s (request %r): %s", action, who, request,
+                       _cut(str(exc)), extra=fields)
+    elif not isinstance(exc, NerveError):
         logger.error("action %r failed for %s (request %r)", action, who, request,
                      exc_info=exc, extra=fields)
     elif isinstance(exc.code, int) and exc.code >= 500:

@@ -894,6 +894,16 @@ class TcpTransport(Transport):
         else:
             self.log.debug("cannot connect to %s: %s", address, why)
 
+    def _refused(self, address: str, why: str) -> None:
+        """A handshake with ``address`` was refused (a wrong secret, a certificate, another
+        cluster): a warning (for a seed, once per reason), and the seed's failure recorded."""
+        if self._is_seed(address):
+            if self._seed_errors.get(address) == why:
+                self.log.debug("%s: %s", address, why)
+                return
+            self._seed_errors[address] = why
+        self.log.warning("%s: %s", address, why)
+
     def unreachable_seeds(self) -> dict[str, str]:
         return dict(self._seed_errors)
 
@@ -942,7 +952,7 @@ class TcpTransport(Transport):
             if why == "duplicate connection" or why.startswith("too many connections"):
                 self.log.debug("%s refused us for now: %s", address, why[:200])
                 return "busy"
-            self.log.warning("%s refused us: %s", address, why[:200])
+            self._refused(address, f"it refused us: {why[:200]}")
             return "refused"
         reason = self._check_peer(hello)
         if reason is None and self._tls_client is not None and not (
@@ -964,7 +974,7 @@ class TcpTransport(Transport):
         if reason is not None or hello.node_id in self.connections:
             if reason:
                 self._count("handshakes_failed")
-                self.log.warning("refusing %s: %s", address, reason)
+                self._refused(address, f"we refused it: {reason}")
             return "refused"
         fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         return Connection(self, stream, hello, FrameDecoder(self.max_frame_size, split_streams=True), fd=fd)
