@@ -9,7 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,301 @@ def test_run_with_a_bad_metrics_address_says_so() -> None:
     out = nerve_cmd("run", "--listen", "tcp://127.0.0.1:0", "--metrics", "nowhere")
     assert out.returncode == 1
     assert "metrics address 'nowhere'" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- issue 14: one error line, exit codes, Ctrl-C ------------------------------------------
+
+TESTS = Path(__file__).parent
+
+
+def nerve_exe() -> str:
+    return shutil.which("nerve", path=os.path.dirname(sys.executable)) or "nerve"
+
+
+def assert_one_error(out: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The run failed with ``code`` and said so in one ``error:`` line, with no traceback."""
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+class Lab:
+    """A ``nerve run`` node hosting tests/cli_services.py's services, its stdout collected."""
+
+    def __init__(self, *extra: str, node_id: str = "cli-lab") -> None:
+        import queue
+        import threading
+
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NERVE_PEER")}
+        self.proc = subprocess.Popen(
+            [nerve_exe(), "run", "--listen", "tcp://127.0.0.1:0", "--node-id", node_id,
+             "--service", "cli_services:Lab", "--service", "cli_services:Other", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS, env=env)
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        assert first, self.proc.stderr.read() if self.proc.stderr else ""
+        self.info = json.loads(first)
+        self.address: str = self.info["address"]
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def next_line(self, timeout: float = 10) -> dict[str, Any]:
+        return json.loads(self.lines.get(timeout=timeout))  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    node = Lab()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_version() -> None:
+    import nerve
+
+    out = nerve_cmd("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"nerve {nerve.__version__}"
+
+
+def test_usage_errors_exit_2() -> None:
+    out = nerve_cmd("call")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "error:" in out.stderr
+    out = nerve_cmd("call", "a.b", "--transport", "tcp://127.0.0.1:4000")
+    assert out.returncode == 2 and "--transport wants nats://" in out.stderr
+
+
+def test_every_option_has_help_text() -> None:
+    from nerve.cli import _parser
+
+    def walk(parser: Any) -> Iterator[tuple[str, Any]]:
+        for action in parser._actions:
+            if action.choices and isinstance(action.choices, dict):  # subcommands
+                for name, sub in action.choices.items():
+                    yield from ((f"{name} {a}", act) for a, act in walk(sub))
+            else:
+                yield "/".join(action.option_strings) or action.dest, action
+
+    missing = [name for name, action in walk(_parser()) if not action.help]
+    assert not missing
+
+
+def test_invalid_json_names_the_option_and_the_position(tmp_path: Path) -> None:
+    line = assert_one_error(nerve_cmd("call", "a.b", '{"a": 1,', "--peer", "tcp://127.0.0.1:1"))
+    assert "params: invalid JSON" in line and "line 1 column 9" in line
+    line = assert_one_error(nerve_cmd("call", "a.b", "{}", "--meta", "[1 2]", "--peer", "tcp://127.0.0.1:1"))
+    assert "--meta: invalid JSON" in line and "column 4" in line
+    bad = tmp_path / "params.json"
+    bad.write_text("\n{oops}")
+    line = assert_one_error(nerve_cmd("call", "a.b", f"@{bad}", "--peer", "tcp://127.0.0.1:1"))
+    assert f"(from {bad})" in line and "line 2 column 2" in line
+    line = assert_one_error(nerve_cmd("call", "a.b", f"@{tmp_path / 'none.json'}", "--peer", "tcp://127.0.0.1:1"))
+    assert "cannot read" in line and "no such file" in line
+
+
+def test_missing_or_directory_upload_file(tmp_path: Path) -> None:
+    line = assert_one_error(nerve_cmd("upload", str(tmp_path / "nope.bin"), "files.save", "--peer", "tcp://127.0.0.1:1"))
+    assert "nope.bin" in line and "no such file" in line
+    line = assert_one_error(nerve_cmd("upload", str(tmp_path), "files.save", "--peer", "tcp://127.0.0.1:1"))
+    assert str(tmp_path) in line and "is a directory" in line
+
+
+def test_a_port_in_use_is_named() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        line = assert_one_error(nerve_cmd("run", "--listen", address))
+    assert address in line and "in use" in line
+
+
+def test_download_into_a_missing_directory_names_the_target(lab: Lab, tmp_path: Path) -> None:
+    target = tmp_path / "missing" / "copy.bin"
+    line = assert_one_error(nerve_cmd("download", "lab.blob", str(target), "--params", '{"size": 10}',
+                                      "--peer", lab.address))
+    assert str(target) in line and ".part" not in line and "does not exist" in line
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_refusing_peer_is_reported_at_once() -> None:
+    start = time.monotonic()
+    line = assert_one_error(nerve_cmd("call", "a.b", "--peer", "tcp://127.0.0.1:1", "--wait", "30"))
+    assert time.monotonic() - start < 10
+    assert "connection refused" in line and "tcp://127.0.0.1:1" in line
+    line = assert_one_error(nerve_cmd("nodes", "--peer", "tcp://127.0.0.1:1", "--wait", "30"))
+    assert "connection refused" in line
+
+
+def test_no_peer_at_all_says_how_to_give_one() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NERVE_PEER"}
+    out = subprocess.run([nerve_exe(), "nodes"], capture_output=True, text=True, timeout=30, env=env)
+    assert "--peer" in assert_one_error(out) and "NERVE_PEER" in out.stderr
+
+
+def _interrupt(proc: subprocess.Popen[str], after: Callable[[], None]) -> tuple[str, str]:
+    import signal
+
+    after()
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=20)
+
+
+def test_sigint_stops_nerve_run_with_130() -> None:
+    proc = subprocess.Popen([nerve_exe(), "run", "--listen", "tcp://127.0.0.1:0", "--service", "nerve.demo:Math"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    _, err = _interrupt(proc, lambda: json.loads(proc.stdout.readline()))  # type: ignore[union-attr]
+    assert proc.returncode == 130, err
+    assert err.strip() == "error: interrupted"
+
+
+def test_sigint_during_a_slow_call_exits_130(lab: Lab) -> None:
+    proc = subprocess.Popen([nerve_exe(), "call", "lab.slow", '{"seconds": 60}', "--peer", lab.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    _, err = _interrupt(proc, lambda: time.sleep(1.5))
+    assert proc.returncode == 130, err
+    assert err.strip() == "error: interrupted"
+    assert time.monotonic() - start < 10
+
+
+def test_sigint_during_a_download_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
+    target = tmp_path / "big.bin"
+    proc = subprocess.Popen([nerve_exe(), "download", "lab.slow", str(target), "--peer", lab.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = _interrupt(proc, lambda: time.sleep(1.5))
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- issue 14: commands and options --------------------------------------------------------
+
+
+def test_call_params_from_a_file_and_stdin_target_and_env_peer(lab: Lab, tmp_path: Path) -> None:
+    params = tmp_path / "p.json"
+    params.write_text('{"x": [1, 2]}')
+    out = nerve_cmd("call", "lab.echo", f"@{params}", "--meta", '{"m": 1}', "--peer", lab.address,
+                    "--target", "cli-lab", "--retries", "1")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["result"]["params"] == {"x": [1, 2]} and answer["result"]["node"] == "cli-lab"
+    assert answer["result"]["meta"]["m"] == 1
+    env = {**os.environ, "NERVE_PEER": lab.address}
+    out = subprocess.run([nerve_exe(), "call", "lab.echo", "-"], input='{"from": "stdin"}', capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["result"]["params"] == {"from": "stdin"}
+    line = assert_one_error(nerve_cmd("call", "lab.echo", "--peer", lab.address, "--target", "nobody",
+                                      "--wait", "2"))
+    assert "nobody" in line
+
+
+def test_call_of_a_stream_writes_its_bytes(lab: Lab, tmp_path: Path) -> None:
+    sys.path.insert(0, str(TESTS))
+    from cli_services import blob
+
+    exe = nerve_exe()
+    out = subprocess.run([exe, "call", "lab.blob", '{"size": 300001}', "--peer", lab.address],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == blob(300001)
+    target = tmp_path / "blob.bin"
+    done = nerve_cmd("call", "lab.blob", '{"size": 5000}', "--peer", lab.address, "--output", str(target))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["written"] == 5000 and target.read_bytes() == blob(5000)
+
+
+def test_listings_wait_for_discovery_and_leave_out_the_client(lab: Lab) -> None:
+    out = nerve_cmd("actions", "--peer", lab.address, "--json")
+    assert out.returncode == 0, out.stderr
+    names = {row["name"] for row in json.loads(out.stdout)}
+    assert {"lab.echo", "lab.slow", "lab.blob"} <= names and not any(n.startswith("$") for n in names)
+    assert all(ep["nodeID"] == "cli-lab" for row in json.loads(out.stdout) for ep in row["endpoints"])
+    table = nerve_cmd("actions", "--peer", lab.address, "--all")
+    assert "$node.list" in table.stdout and "cli-lab" in table.stdout
+
+    out = nerve_cmd("services", "--peer", lab.address, "--json")
+    assert out.returncode == 0, out.stderr
+    assert {row["fullName"]: row["nodes"] for row in json.loads(out.stdout)} == {"lab": ["cli-lab"],
+                                                                               "other": ["cli-lab"]}
+    out = nerve_cmd("events", "--peer", lab.address)
+    assert out.returncode == 0, out.stderr
+    rows = sorted(line.split() for line in out.stdout.splitlines())
+    assert rows == [["lab.*", "lab", "cli-lab"], ["lab.*", "other", "cli-lab"]]
+
+    nodes = nerve_cmd("nodes", "--peer", lab.address, "--node-id", "cli-lister")
+    assert nodes.returncode == 0, nodes.stderr
+    assert "cli-lab" in nodes.stdout and "cli-lister" not in nodes.stdout
+    both = nerve_cmd("nodes", "--peer", lab.address, "--node-id", "cli-lister", "--all")
+    assert "cli-lister" in both.stdout
+
+
+def test_emit_and_broadcast_reach_the_handlers(lab: Lab) -> None:
+    out = nerve_cmd("emit", "lab.hello", '{"n": 1}', "--group", "lab", "--peer", lab.address)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["groups"] == ["lab"]
+    assert lab.next_line() == {"event": "lab.hello", "data": {"n": 1}, "groups": ["lab"]}
+    out = nerve_cmd("broadcast", "lab.all", '{"n": 2}', "--peer", lab.address)
+    assert out.returncode == 0, out.stderr
+    got = [lab.next_line(), lab.next_line()]
+    assert {"other": "lab.all", "data": {"n": 2}} in got
+    assert any(line.get("event") == "lab.all" for line in got)
+    line = assert_one_error(nerve_cmd("emit", "nobody.listens", "--peer", lab.address, "--wait", "1"))
+    assert "no node subscribes to 'nobody.listens'" in line
+
+
+def test_ping(lab: Lab) -> None:
+    out = nerve_cmd("ping", "cli-lab", "--peer", lab.address, "--count", "2", "--interval", "0.1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("pong from cli-lab: ") == 2
+    line = assert_one_error(nerve_cmd("ping", "cli-ghost", "--peer", lab.address, "--wait", "1"))
+    assert "cli-ghost" in line and "not found" in line
+
+
+def test_watch_prints_events_until_ctrl_c(lab: Lab) -> None:
+    proc = subprocess.Popen([nerve_exe(), "watch", "lab.**", "--peer", lab.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert "watching 'lab.**'" in proc.stderr.readline()
+        sent = nerve_cmd("emit", "lab.deep.news", '{"n": 3}', "--peer", lab.address)
+        assert sent.returncode == 0, sent.stderr
+        seen = json.loads(proc.stdout.readline())
+        assert seen["event"] == "lab.deep.news" and seen["data"] == {"n": 3}
+    finally:
+        _, err = _interrupt(proc, lambda: None)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted"
+
+
+def test_run_imports_services_from_the_current_directory(lab: Lab) -> None:
+    assert lab.info["nodeID"] == "cli-lab"  # tests/cli_services.py, with tests/ the cwd only
+    out = subprocess.run([nerve_exe(), "run", "--service", "cli_services_missing:Lab"], capture_output=True,
+                         text=True, timeout=30, cwd=TESTS)
+    assert "cannot import 'cli_services_missing'" in assert_one_error(out)
+
+
+def test_secret_namespace_and_serializer_must_match() -> None:
+    node = Lab("--secret", "s3", "--namespace", "ns", "--serializer", "json", node_id="cli-secret")
+    try:
+        ok = nerve_cmd("call", "lab.echo", "{}", "--peer", node.address, "--secret", "s3", "--namespace", "ns",
+                       "--serializer", "json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["result"]["node"] == "cli-secret"
+        line = assert_one_error(nerve_cmd("call", "lab.echo", "{}", "--peer", node.address, "--wait", "2"))
+        assert "no node answered" in line
+    finally:
+        node.stop()

@@ -21,7 +21,7 @@ import trio
 
 import nerve
 from nerve.cli import sha256_file as _sha256
-from nerve.errors import NerveError, ValidationError
+from nerve.errors import ValidationError
 
 ROLES = ("alpha", "beta", "gamma")
 
@@ -148,16 +148,18 @@ async def _client(size: int) -> None:
         try:
             await _drive(seed, size)
         finally:
-            print("\nstopping the three nodes")
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(15):
+            with trio.CancelScope(shield=True):  # on Ctrl-C too: no node is left running
+                print("\nstopping the three nodes", flush=True)
                 for proc in procs:
-                    await proc.wait()
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.kill()
-        nursery.cancel_scope.cancel()
+                    proc.send_signal(signal.SIGTERM)
+                with trio.move_on_after(15):
+                    for proc in procs:
+                        await proc.wait()
+                for proc in procs:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+            nursery.cancel_scope.cancel()
     codes = [p.returncode for p in procs]
     print(f"nodes exited with {codes}")
     if any(codes):
@@ -215,13 +217,16 @@ async def _drive(seed: str | None, size: int) -> None:
                 raise SystemExit("stream checksum mismatch")
 
 
+async def demo(size: int = 8 * 1024 * 1024) -> None:
+    """The demo, in the running trio loop (``nerve demo`` runs it; raises on failure)."""
+    await _client(size)
+
+
 def run_demo(size: int = 8 * 1024 * 1024) -> int:
-    try:
-        trio.run(_client, size)
-    except NerveError as exc:
-        print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """Run the demo as ``nerve demo --size SIZE`` does; returns the exit code."""
+    from nerve.cli import main
+
+    return main(["demo", "--size", str(size)])
 
 
 if __name__ == "__main__":
