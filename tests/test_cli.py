@@ -428,3 +428,57 @@ def test_secret_namespace_and_serializer_must_match() -> None:
         assert "no node answered" in line
     finally:
         node.stop()
+
+
+def test_sigint_during_the_demo_stops_its_nodes() -> None:
+    import re
+
+    proc = subprocess.Popen([nerve_exe(), "demo", "--size", str(1 << 30)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    seen = ""
+    while "1. discovery" not in seen:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        seen += line
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", seen)]
+    assert len(pids) == 3
+    _, err = _interrupt(proc, lambda: None)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", err
+    for pid in pids:  # every node was stopped (and reaped) before the demo exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def nats_up() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=1) as s:
+            return s.recv(4) == b"INFO"
+    except OSError:
+        return False
+
+
+def test_transport_nats() -> None:
+    if not nats_up():  # the machine's server, started as tests/test_moleculer_interop.py does
+        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec",
+                        "/usr/sbin/nats-server", "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd",
+                        "/var/lib/nats-server", "-l", "/var/log/nats-server.log"], check=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while not nats_up():
+            assert time.monotonic() < deadline, "nats-server did not come up"
+            time.sleep(0.2)
+    namespace = f"cli-{os.getpid()}"
+    nats = "nats://127.0.0.1:4222"
+    node = Lab("--listen", nats, "--namespace", namespace, node_id="cli-nats")
+    try:
+        out = nerve_cmd("call", "lab.echo", '{"over": "nats"}', "--transport", nats, "--namespace", namespace)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["result"] == {"params": {"over": "nats"}, "node": "cli-nats", "meta": {}}
+        listed = nerve_cmd("services", "--transport", nats, "--namespace", namespace, "--json")
+        assert {row["fullName"] for row in json.loads(listed.stdout)} == {"lab", "other"}
+    finally:
+        node.stop()
+    line = assert_one_error(nerve_cmd("call", "lab.echo", "--transport", "nats://127.0.0.1:1"))
+    assert "nats://127.0.0.1:1" in line
