@@ -40,6 +40,18 @@ class Lab(nerve.Service):
 
         return nerve.PacketStream.from_iterable(chunks())
 
+    @nerve.action
+    async def digest(self, ctx: nerve.Context) -> dict[str, Any]:
+        """SHA-256 of the request stream, read at ``rate`` bytes/s if given."""
+        assert ctx.stream is not None
+        rate = (ctx.params or {}).get("rate")
+        h = hashlib.sha256()
+        async for chunk in ctx.stream:
+            h.update(chunk)
+            if rate:
+                await trio.sleep(len(chunk) / rate)
+        return {"sha256": h.hexdigest()}
+
     @nerve.event("lab.*")
     async def seen(self, ctx: nerve.Context) -> None:
         print(json.dumps({"event": ctx.event, "data": ctx.params, "groups": ctx.event_groups}), flush=True)

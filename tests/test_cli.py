@@ -482,3 +482,21 @@ def test_transport_nats() -> None:
         node.stop()
     line = assert_one_error(nerve_cmd("call", "lab.echo", "--transport", "nats://127.0.0.1:1"))
     assert "nats://127.0.0.1:1" in line
+
+
+def test_upload_hashes_while_sending_and_stops_on_sigint(lab: Lab, tmp_path: Path) -> None:
+    src = tmp_path / "slow.bin"
+    src.write_bytes(os.urandom(4 * 1024 * 1024))
+    done = nerve_cmd("upload", str(src), "lab.digest", "--peer", lab.address)
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert f"sha256 {digest}  {4 * 1024 * 1024} bytes" in done.stdout
+    assert json.loads(done.stdout.split("\n", 1)[1])["result"] == {"sha256": digest}
+    proc = subprocess.Popen([nerve_exe(), "upload", str(src), "lab.digest", "--params", '{"rate": 200000}',
+                             "--peer", lab.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _interrupt(proc, lambda: time.sleep(2))
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", err
+    assert "sha256" not in out
+    line = assert_one_error(nerve_cmd("call", "lab.slow", '{"seconds": 30}', "--timeout", "0.5", "--peer",
+                                      lab.address))
+    assert "RequestTimeoutError" in line
