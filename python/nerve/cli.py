@@ -25,8 +25,6 @@ __all__ = ["main", "sha256_file"]
 
 #: the environment variable naming the default ``--peer`` (comma-separated for several)
 PEER_ENV = "NERVE_PEER"
-#: seconds a client waits for its first connection before checking that its seeds listen
-_PROBE_AFTER = 0.5
 #: seconds the set of known nodes must stay the same before a listing is taken
 _SETTLE = 0.3
 
@@ -185,28 +183,11 @@ def _others(broker: nerve.Broker) -> list[str]:
     return sorted(n.id for n in broker.registry.available_nodes() if not n.local)
 
 
-async def _probe(address: str) -> str | None:
-    """Why ``address`` cannot be connected to ('connection refused'...), or None if it can."""
-    from nerve.transports.tcp import parse_address
-
-    host, port = parse_address(address)
-    try:
-        with trio.fail_after(2):
-            stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        return "no answer within 2s"
-    except OSError as exc:
-        return _os_reason(exc) or str(exc)
-    await trio.aclose_forcefully(stream)
-    return None
-
-
 async def _join(broker: nerve.Broker, args: argparse.Namespace, *, settle: bool = False) -> None:
     """Wait until another node's INFO has arrived, bounded by --wait. Fails at once when every
     seed refuses connections; with ``settle``, also waits until no new node shows up."""
     deadline = trio.current_time() + args.wait
     seeds = [] if args.transport else _peers(args)
-    probe_at = trio.current_time() + _PROBE_AFTER
     while not _others(broker):
         now = trio.current_time()
         stats = broker.transport.statistics()
@@ -216,11 +197,9 @@ async def _join(broker: nerve.Broker, args: argparse.Namespace, *, settle: bool 
             if getattr(stats, "handshakes_failed", 0) and not stats.connections:
                 hint = " (handshakes failed: check --secret, --namespace and the --tls-* options)"
             raise CliError(f"no node answered through {through} within {args.wait}s{hint}")
-        if seeds and now >= probe_at and not stats.connections:
-            reasons = [await _probe(seed) for seed in seeds]
-            if all(reasons):
-                raise CliError("cannot connect to " + "; ".join(f"{s}: {r}" for s, r in zip(seeds, reasons)))
-            probe_at = now + 2.0
+        failed = broker.transport.unreachable_seeds()  # dials and handshakes that failed
+        if seeds and not stats.connections and all(seed in failed for seed in seeds):
+            raise CliError("cannot connect to " + "; ".join(f"{s}: {failed[s]}" for s in seeds))
         await trio.sleep(0.05)
     if settle:
         seen, since = _others(broker), trio.current_time()
