@@ -505,3 +505,21 @@ def test_upload_hashes_while_sending_and_stops_on_sigint(lab: Lab, tmp_path: Pat
     line = assert_one_error(nerve_cmd("call", "lab.slow", '{"seconds": 30}', "--timeout", "0.5", "--peer",
                                       lab.address))
     assert "RequestTimeoutError" in line
+
+
+def test_run_advertises_what_it_is_told() -> None:
+    """``nerve run --advertise``: peers are told that address (seen by a client in $node.list)."""
+    exe = shutil.which("nerve", path=os.path.dirname(sys.executable)) or "nerve"
+    proc = subprocess.Popen([exe, "run", "--listen", "tcp://127.0.0.1:0", "--node-id", "cli-adv",
+                             "--advertise", "tcp://10.1.2.3:4000", "--service", "nerve.demo:Math"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        out = nerve_cmd("call", "$node.list", "--peer", info["address"])
+        assert out.returncode == 0, out.stderr
+        nodes = {n["id"]: n for n in json.loads(out.stdout)["result"]}
+        assert nodes["cli-adv"]["address"] == "tcp://10.1.2.3:4000"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0

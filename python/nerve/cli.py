@@ -340,7 +340,8 @@ async def _run_node(args: argparse.Namespace) -> None:
         sys.path.insert(0, os.getcwd())  # --service mod:Class from the current directory
     services = [_load_service(s) for s in args.service]
     async with nerve.Broker(args.node_id, transport=args.listen, peers=_peers(args), services=services,
-                            metrics_port=args.metrics, **_broker_options(args)) as broker:
+                            metrics_port=args.metrics, advertise=args.advertise,
+                            **_broker_options(args)) as broker:
         shown = {"nodeID": broker.node_id, "address": broker.address}
         if broker.metrics is not None:
             shown["metrics"] = broker.metrics.url
@@ -630,8 +631,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="a nerve.Service subclass to host, imported from the current directory or "
                         "sys.path (repeatable)")
     r.add_argument("--metrics", metavar="HOST:PORT", default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client: "
-                        "pip install 'nerve[metrics]'; port 0 picks a free one, shown in the JSON line)")
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client, "
+                        "nerve's 'metrics' extra; port 0 picks a free one, shown in the JSON line)")
+    r.add_argument("--advertise", metavar="tcp://HOST:PORT", default=None,
+                   help="the address peers are told to dial (behind NAT or in a container); default: the "
+                        "--listen address, a wildcard host replaced by this host's first non-loopback address")
     _add_cluster_flags(r)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
