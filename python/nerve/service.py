@@ -9,6 +9,7 @@ naming the field. This module only describes services; the broker runs them.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -152,7 +153,13 @@ def event(name: str, *, group: str | None = None, **properties: Any) -> Callable
     return mark
 
 
+_MISSING = re.compile(r"Object missing required field `(.*)`", re.DOTALL)
+
+
 def _validation_error(action: str, exc: msgspec.ValidationError, what: str = "parameters") -> ValidationError:
+    """``data.field`` is the path of the offending field (``"b"``, ``"point.x"``,
+    ``"items[2].x"``; for a missing field, the missing field's own path), or ``None`` when the
+    params as a whole are wrong (not an object)."""
     text = str(exc)
     path = None
     if " - at `$" in text:
@@ -160,6 +167,9 @@ def _validation_error(action: str, exc: msgspec.ValidationError, what: str = "pa
         path = where.rstrip("`").lstrip(".") or None
     else:
         reason = text
+    missing = _MISSING.fullmatch(reason)
+    if missing is not None:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
     return ValidationError(
         f"invalid {what} for '{action}': {text}",
         data={"action": action, "field": path, "reason": reason},
