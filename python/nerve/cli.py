@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 import nerve
-from nerve.errors import NerveError
+from nerve.errors import NerveError, RemoteError
 
 __all__ = ["main", "sha256_file"]
 
@@ -69,7 +69,8 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, CliError):
         text = str(exc)
     elif isinstance(exc, NerveError):
-        text = f"{type(exc).__name__}: {exc} (code {exc.code}, type {exc.type}, data {exc.data!r})"
+        name = exc.name if isinstance(exc, RemoteError) else type(exc).__name__  # the sender's
+        text = f"{name}: {exc} (code {exc.code}, type {exc.type}, data {exc.data!r})"
     elif isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename is not None else ""
         text = f"{_os_reason(exc)}{where}"
