@@ -212,11 +212,22 @@ class TestNameClaims:
         assert ServiceNotFoundError("x").name == "ServiceNotFoundError"
         assert registered_errors()["ServiceNotFoundError"] is errors.ServiceNotFoundError
 
-    def test_two_application_classes_cannot_share_a_name(self) -> None:
-        with pytest.raises(TypeError, match=r"'acme\.Renamed' is already .*test_error_classes\.Renamed's"):
-            class Other(NerveError):
-                wire_name = "acme.Renamed"
+    def test_two_application_classes_sharing_a_name_keep_the_first_with_a_warning(
+            self, caplog: pytest.LogCaptureFixture) -> None:
+        """Two libraries may pick one name: no import-time crash; the first keeps it."""
+        class Other(NerveError):
+            wire_name = "acme.Renamed"
         assert registered_errors()["acme.Renamed"] is Renamed
+        assert any("'acme.Renamed' is already" in r.getMessage() and "Renamed's" in r.getMessage()
+                   for r in caplog.records if r.levelname == "WARNING")
+        assert Other("x").name == "acme.Renamed"  # it still travels by its name
+        assert type(error_from_wire(error_to_wire(Other("x"), "n"))) is Renamed
+
+    def test_a_script_imported_again_as_a_module_is_the_same_class(self) -> None:
+        main_cls = type("Twice", (NerveError,), {"__module__": "__main__", "__qualname__": "Twice"})
+        again = type("Twice", (NerveError,), {"__module__": "server", "__qualname__": "Twice"})
+        assert registered_errors()["Twice"] is again
+        del main_cls
 
     def test_a_class_defined_again_replaces_itself(self) -> None:
         def define() -> type[NerveError]:

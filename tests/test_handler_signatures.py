@@ -227,3 +227,28 @@ def test_a_subclass_inherits_checked_handlers() -> None:
 
     names = {a.raw_name for a in specs_of(More())[0]}
     assert {"plain", "typed", "extra"} <= names
+
+
+async def test_a_decorator_without_wraps_still_gets_the_params() -> None:
+    """``async def wrapper(self, *args, **kwargs)`` (no functools.wraps) is called with
+    ``(ctx, params)`` as before, so the wrapped ``(self, ctx, params)`` handler gets both."""
+    import trio
+
+    import nerve
+
+    def logged(fn: Any) -> Any:
+        async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await fn(self, *args, **kwargs)
+        return wrapper
+
+    class Math(nerve.Service):
+        name = "wrapped-math"
+
+        @nerve.action
+        @logged
+        async def add(self, ctx: nerve.Context, params: dict[str, int]) -> int:
+            return params["a"] + params["b"]
+
+    async with nerve.Broker("sig-wrapped", services=[Math()]) as b:
+        with trio.fail_after(5):
+            assert await b.call("wrapped-math.add", {"a": 1, "b": 2}) == 3

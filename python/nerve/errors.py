@@ -28,9 +28,11 @@ The rules of the registry:
   that ancestor* and is not registered (``class OrderInvalid(ValidationError): wire_name =
   "ValidationError"`` reaches a Moleculer node, or a node that does not know it, as a
   ``ValidationError``).
-* Two classes of applications claiming one name: the second is refused with ``TypeError``
-  (set ``wire_name`` on one of them), except a class redefined under the same module and
-  qualified name (a reloaded module), which replaces the first. The registry holds
+* Two classes of applications claiming one name (two libraries may): the first keeps it, and
+  a warning names both (set ``wire_name`` on one of them); the second still travels by that
+  name, and errors of that name arriving here are rebuilt as the first. A class redefined
+  under the same qualified name in the same module (a reloaded module), or in ``__main__``
+  and in the module a script is also imported as, replaces the first. The registry holds
   applications' classes weakly: a class that no longer exists frees its name.
 * The receiving side builds the class *without calling its* ``__init__`` (nor a ``__new__``
   of its own): ``message``, ``code``, ``type``, ``data``, ``retryable``, ``node_id`` and
@@ -50,6 +52,7 @@ class also subclasses it (:class:`RequestTimeoutError` is a ``TimeoutError``,
 
 from __future__ import annotations
 
+import logging
 import traceback
 import weakref
 from typing import Any, ClassVar
@@ -169,10 +172,16 @@ def _register(cls: type[NerveError]) -> None:
             f"{cls.__module__}.{cls.__qualname__}: the wire name {name!r} is nerve's "
             f"(nerve.errors.{owner.__qualname__}); set wire_name = '...' to a name of your own, "
             f"or subclass {owner.__qualname__} to travel as it")
+    elif owner.__qualname__ == cls.__qualname__ and "__main__" in (owner.__module__, cls.__module__):
+        pass  # a script's module imported again under its own name: the same class, the later wins
     elif (owner.__module__, owner.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__}: the wire name {name!r} is already "
-            f"{owner.__module__}.{owner.__qualname__}'s; set wire_name = '...' on one of them")
+        # Two libraries may pick one name and neither author can prevent it: the first keeps
+        # it (received errors of that name become it), the later one still travels by it.
+        logging.getLogger("nerve.errors").warning(
+            "%s.%s: the wire name %r is already %s.%s's; errors of that name arriving here are "
+            "rebuilt as the first (set wire_name = '...' on one of them)",
+            cls.__module__, cls.__qualname__, name, owner.__module__, owner.__qualname__)
+        return
     if cls.__module__ == __name__:
         _BUILTIN[name] = cls
     else:

@@ -288,6 +288,10 @@ def _handler_shape(fn: Callable[..., Any], bound: bool, where: str, forms: str) 
         return positional[1]
     if len(positional) == 1 and var_positional:
         return var_positional[0]  # (self, ctx, *args): the params go in args
+    if not positional and var_positional and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        # a decorator's (self, *args, **kwargs) without functools.wraps: called (ctx, params),
+        # as it always was, so the handler it wraps gets its params
+        return var_positional[0]
     return None
 
 
