@@ -199,7 +199,11 @@ async def _join(broker: nerve.Broker, args: argparse.Namespace, *, settle: bool 
                 hint = " (handshakes failed: check --secret, --namespace and the --tls-* options)"
             raise CliError(f"no node answered through {through} within {args.wait}s{hint}")
         failed = broker.transport.unreachable_seeds()  # dials and handshakes that failed
-        if seeds and not stats.connections and all(seed in failed for seed in seeds):
+        refused = all(failed.get(seed, "").startswith(("it refused us", "we refused it")) for seed in seeds)
+        if seeds and not stats.connections and all(seed in failed for seed in seeds) and (
+                not args.wait_given or refused or now >= deadline - 0.06):
+            # (A refused handshake is a wrong setting: waiting does not fix it. Nothing
+            # listening may be a node still starting: an explicit --wait waits for it.)
             raise CliError("cannot connect to " + "; ".join(f"{s}: {failed[s]}" for s in seeds))
         await trio.sleep(0.05)
     if settle:
@@ -257,6 +261,8 @@ def _writable_target(name: str) -> Path:
 async def _save(stream: nerve.PacketStream, path: Path) -> int:
     try:
         return await stream.transfer_to(path)
+    except NerveError:  # the stream's failure (a stall is a TimeoutError: not the disk's)
+        raise
     except OSError as exc:  # named after the target, not the hidden partial file
         raise CliError(f"cannot write {path}: {_os_reason(exc) or exc}") from None
 
@@ -648,9 +654,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="join through a NATS server instead of --peer")
         c.add_argument("--node-id", default=None, help="this client's node id (default cli-<pid>)")
         _add_cluster_flags(c)
-        c.add_argument("--wait", type=float, default=10.0,
+        c.add_argument("--wait", type=float, default=None,
                        help="seconds to wait for the cluster (and the action's service) to be found "
-                            "(default 10)")
+                            "(default 10; without --wait, a seed that refuses the connection ends the "
+                            "wait at once; with it, seeds are retried until it runs out: a node still "
+                            "starting is waited for)")
         return c
 
     def target(c: argparse.ArgumentParser) -> None:
@@ -737,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = _parser()
         args = parser.parse_args(argv)
+        if hasattr(args, "wait"):
+            args.wait_given = args.wait is not None
+            if args.wait is None:
+                args.wait = 10.0
         if getattr(args, "transport", None):
             if not args.transport.startswith("nats://"):
                 parser.error(f"--transport wants nats://HOST:PORT, got {args.transport!r}")
