@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-.venv/bin/maturin build --release --quiet --out "$work/dist" >/dev/null
-wheel=$(ls "$work"/dist/nerve-*.whl)
-"${PYTHON:-python3}" -m venv "$work/venv"
+py=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')  # the interpreter .venv was made from
+.venv/bin/maturin build --release --quiet --interpreter "$py" --out "$work/dist" >/dev/null
+wheel=$(ls "$work"/dist/nerve-*.whl | head -n 1)
+"$py" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel"
 cd "$work"  # not the source tree: nerve must come from the wheel
 "$work/venv/bin/python" - <<'PY'

@@ -5,6 +5,7 @@ named when services do not come; a node listening on a wildcard address never ad
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -83,10 +84,19 @@ async def test_advertise_sets_what_peers_are_told() -> None:
             assert a.address is not None and a.address.startswith("tcp://127.0.0.1:")  # where it listens
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.1:80", "tcp://host:99999", "tcp://[::1", ""])
+@pytest.mark.parametrize("bad", ["10.0.0.1:80", "tcp://host:99999", "tcp://[::1", "", "tcp://0.0.0.0:4000",
+                                 "tcp://[::]:4000", "tcp://10.0.0.1:0"])
 def test_a_bad_advertise_address_is_refused(bad: str) -> None:
     with pytest.raises(BrokerOptionsError):
         nerve.Broker("fc-bad", transport="tcp://127.0.0.1:0", advertise=bad)
+
+
+def test_a_wildcard_address_from_a_peer_is_never_dialled() -> None:
+    from nerve.transports.tcp import peer_address
+
+    for wild in ("tcp://0.0.0.0:4000", "tcp://[::]:4000"):
+        assert peer_address(wild) is None
+    assert peer_address("tcp://10.0.0.1:4000") == "tcp://10.0.0.1:4000"
 
 
 def test_advertise_needs_tcp() -> None:
@@ -101,7 +111,7 @@ CLUSTER_NODE = str(Path(__file__).resolve().parent / "cluster_node.py")
 async def test_nodes_that_left_are_forgotten_after_a_while(graceful: bool) -> None:
     """As Moleculer's cleanOfflineNodesTimeout: listed as offline, then gone from $node.list,
     whether the node said goodbye (SIGTERM: DISCONNECT) or vanished (SIGKILL: heartbeats stop)."""
-    async with nerve.Broker("fc-stay", transport="tcp://127.0.0.1:0", forget_offline_after=0.5,
+    async with nerve.Broker("fc-stay", transport="tcp://127.0.0.1:0", forget_offline_after=3.0,
                             heartbeat_interval=0.1, heartbeat_timeout=0.5) as a:
         proc = subprocess.Popen([sys.executable, CLUSTER_NODE, "--node-id", "fc-visitor", "--peer", str(a.address),
                                  "--heartbeat", "0.1"], stdout=subprocess.PIPE, text=True)
@@ -123,7 +133,7 @@ async def test_nodes_that_left_are_forgotten_after_a_while(graceful: bool) -> No
                 await trio.sleep(0.01)
         listed = {n["id"]: n["available"] for n in await a.call("$node.list")}
         assert listed.get("fc-visitor") is False  # offline, still listed
-        await trio.sleep(0.6)
+        await trio.sleep(3.1)
         listed = {n["id"]: n["available"] for n in await a.call("$node.list")}
         assert "fc-visitor" not in listed and "fc-stay" in listed
         assert "fc-visitor" not in a.registry.nodes
@@ -144,7 +154,10 @@ def test_from_file_fails_at_once_for_a_path_that_is_not_a_readable_file(tmp_path
     with pytest.raises(IsADirectoryError):
         nerve.PacketStream.from_file(tmp_path)
     (tmp_path / "ok.bin").write_bytes(b"x")
-    assert nerve.PacketStream.from_file(tmp_path / "ok.bin") is not None
+    assert nerve.PacketStream.from_file(tmp_path / "ok.bin").size == 1
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert nerve.PacketStream.from_file(fifo).size is None  # not opened (no writer): no wait, no size
 
 
 async def test_a_producer_waiting_for_its_call_is_told_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -208,10 +209,14 @@ class PacketStream:
         A path that is not a readable regular file fails here, at once (FileNotFoundError,
         IsADirectoryError, PermissionError), not on the receiving node."""
         target = Path(path)
-        if target.is_dir():
+        info = os.stat(target)  # FileNotFoundError, PermissionError
+        if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(f"{target}: is a directory, not a file to stream")
-        with open(target, "rb") as f:  # exists and is readable now (it is read again when sent)
-            size = os.fstat(f.fileno()).st_size
+        size = None
+        if stat.S_ISREG(info.st_mode):  # (a FIFO is not opened here: that would wait for a writer)
+            if not os.access(target, os.R_OK):
+                raise PermissionError(f"{target}: not readable")
+            size = info.st_size
         stream = cls(**kw)
         stream.size = size
         stream._source = _file_chunks(Path(path), stream.max_chunk)

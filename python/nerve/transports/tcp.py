@@ -151,6 +151,9 @@ def parse_address(url: str) -> tuple[str, int]:
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
 
 
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+
+
 def peer_address(url: Any) -> str | None:
     """``url`` if it is a dialable ``tcp://host:port`` (port 1..65535), else None: for
     addresses that peers tell us (HELLO, PEERS), which are never trusted."""
@@ -162,6 +165,8 @@ def peer_address(url: Any) -> str | None:
         return None
     if not (0 < port < 65536 and len(host) <= 253 and _HOST_CHARS.issuperset(host)):
         return None  # a host name of letters, digits, '.', '-', or an IP literal; no IDNA
+    if host in _WILDCARDS:
+        return None  # "any address" is where a node listens, never where one is reached
     return url
 
 
@@ -516,8 +521,8 @@ class TcpTransport(Transport):
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  advertise: str | None = None) -> None:
         self.host, self.port = parse_address(url)
-        if advertise is not None:
-            parse_address(advertise)
+        if advertise is not None and (parse_address(advertise)[0] in _WILDCARDS or parse_address(advertise)[1] == 0):
+            raise BrokerOptionsError(f"advertise={advertise!r}: peers cannot dial a wildcard host or port 0")
         #: what peers are told to dial (HELLO, relayed in PEERS): ``advertise=``, else the bound
         #: address, a wildcard host replaced by this host's first non-loopback address
         self._advertise = advertise
@@ -545,6 +550,9 @@ class TcpTransport(Transport):
         self.connections: dict[str, Connection] = {}
         #: seed address -> why its last dial failed (cleared when it connects)
         self._seed_errors: dict[str, str] = {}
+        #: seed address -> the kind of failure last warned about (a seed that flaps or a
+        #: peer that varies its refusal text gets one warning per kind, not one per redial)
+        self._seed_warned: dict[str, str] = {}
         self._dialing: dict[str, str] = {}  # address -> node id we expect (or "")
         self._dial_loops: set[str] = set()  # addresses with a dial loop (dialling or waiting)
         self._learned_loops = 0  # of which learned from peers
@@ -664,7 +672,10 @@ class TcpTransport(Transport):
                                      data={"address": f"tcp://{self.host}:{self.port}"}) from exc
         sockname = listeners[0].socket.getsockname()
         self.address = f"tcp://{self.host}:{sockname[1]}"
-        self.advertised = self._advertise or _advertisable(self.host, sockname[1])
+        self.advertised = self._advertise or await _advertisable(self.host, sockname[1])
+        if self.advertised.startswith(("tcp://127.", "tcp://[::1]")) and self.host in _WILDCARDS:
+            self.log.warning("listening on %s but this host has no address but loopback to tell peers: "
+                             "peers on other hosts cannot dial %s; set advertise=", self.address, self.advertised)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(trio.serve_listeners, self._handle_inbound, listeners)
@@ -888,20 +899,23 @@ class TcpTransport(Transport):
     def _dial_failed(self, address: str, why: str) -> None:
         """A dial of ``address`` failed: a seed's first failure (or a new reason) is a warning
         naming the address and the reason; the retries after it are debug lines."""
-        if self._is_seed(address) and self._seed_errors.get(address) != why:
+        if self._is_seed(address):
             self._seed_errors[address] = why
-            self.log.warning("cannot reach seed %s: %s (retrying in the background)", address, why)
-        else:
-            self.log.debug("cannot connect to %s: %s", address, why)
+            if self._seed_warned.get(address) != _category(why):
+                self._seed_warned[address] = _category(why)
+                self.log.warning("cannot reach seed %s: %s (retrying in the background)", address, why)
+                return
+        self.log.debug("cannot connect to %s: %s", address, why)
 
     def _refused(self, address: str, why: str) -> None:
         """A handshake with ``address`` was refused (a wrong secret, a certificate, another
         cluster): a warning (for a seed, once per reason), and the seed's failure recorded."""
         if self._is_seed(address):
-            if self._seed_errors.get(address) == why:
+            self._seed_errors[address] = why
+            if self._seed_warned.get(address) == _category(why):  # (the text is the peer's)
                 self.log.debug("%s: %s", address, why)
                 return
-            self._seed_errors[address] = why
+            self._seed_warned[address] = _category(why)
         self.log.warning("%s: %s", address, why)
 
     def unreachable_seeds(self) -> dict[str, str]:
@@ -1146,6 +1160,12 @@ def _cert_names_node(stream: trio.abc.Stream, name: str) -> bool:
     return name in names
 
 
+def _category(why: str) -> str:
+    """The kind of a dial failure ("connection refused", "it refused us", ...), without the
+    detail a peer may vary."""
+    return why.split(":", 1)[0]
+
+
 def _connect_failure(exc: BaseException) -> str:
     """Why a connect failed, in a few words ("connection refused"): trio wraps each address's
     own OSError in a group behind "all attempts to connect ... failed"."""
@@ -1163,15 +1183,16 @@ def _connect_failure(exc: BaseException) -> str:
     return str(exc)[:200]
 
 
-def _advertisable(host: str, port: int) -> str:
+async def _advertisable(host: str, port: int) -> str:
     """The address to tell peers for a listener bound to ``host``: a wildcard (``0.0.0.0``,
     ``::``, empty) is not an address anyone can dial, so this host's first non-loopback
     address stands for it (loopback if it has none)."""
     if host not in ("", "0.0.0.0", "::"):
         return f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
     family = socket.AF_INET6 if host == "::" else socket.AF_INET
-    try:
-        found = sorted({str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, family)})
+    try:  # (trio's resolver runs in a thread: a slow DNS blocks nothing)
+        infos = await trio.socket.getaddrinfo(socket.gethostname(), None, family)
+        found = sorted({str(info[4][0]) for info in infos})
     except OSError:
         found = []
     usable = [a for a in found if not a.startswith("127.") and a != "::1"]
