@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from nats_server import ensure_nats
+
 NODE = Path(__file__).with_name("stream_node.py")
 
 
@@ -500,25 +502,8 @@ def test_sigint_during_the_demo_stops_its_nodes() -> None:
             os.kill(pid, 0)
 
 
-def nats_up() -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", 4222), timeout=1) as s:
-            return s.recv(4) == b"INFO"
-    except OSError:
-        return False
-
-
 def test_transport_nats() -> None:
-    if not nats_up():  # the machine's server, started as tests/test_moleculer_interop.py does
-        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec",
-                        "/usr/sbin/nats-server", "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd",
-                        "/var/lib/nats-server", "-l", "/var/log/nats-server.log"], check=True, timeout=30)
-        deadline = time.monotonic() + 15
-        while not nats_up():
-            assert time.monotonic() < deadline, "nats-server did not come up"
-            time.sleep(0.2)
+    ensure_nats()  # the machine's server, started if it is down
     namespace = f"cli-{os.getpid()}"
     nats = "nats://127.0.0.1:4222"
     node = Lab("--listen", nats, "--namespace", namespace, node_id="cli-nats")

@@ -19,32 +19,15 @@ import trio
 import nerve
 from nerve.errors import ClientError
 
+from nats_server import ensure_nats
+
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "benches" / "peers" / "js"
 NODE_SCRIPT = Path(__file__).with_name("interop") / "moleculer_node.js"
-NATS_START = ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/nats-server",
-              "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server",
-              "-l", "/var/log/nats-server.log"]
-
-
-def nats_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 4222), timeout=1) as s:
-            return s.recv(4) == b"INFO"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def nats() -> str:
     """The machine's NATS server, started (with the command of DESIGN section 5) if it is down."""
-    if not nats_up():
-        subprocess.run(NATS_START, check=True, timeout=30)
-        deadline = time.monotonic() + 15
-        while not nats_up():
-            assert time.monotonic() < deadline, "nats-server did not come up"
-            time.sleep(0.2)
-    return "nats://127.0.0.1:4222"
+    return ensure_nats()
 
 
 @pytest.fixture(scope="module")
