@@ -593,13 +593,8 @@ class Transit:
         its timer and, if it was never answered, tell its node (CANCEL). The flat lane of
         ``nerve._calls`` waits inline (``expire_at``, park on ``pending.task``, then this)."""
         del self.pending[call_id]
-        slot = pending.slot
-        if slot is not None:  # (_metered_done, inline: the flat lane's exit)
-            pending.slot = None
-            slot.active -= 1
-            slot.observe(perf_counter() - pending.started)
-            if pending.error is not None or not pending.settled:
-                slot.failed_as(error_kind(pending.error) if pending.error is not None else CANCELLED)
+        if pending.slot is not None:
+            self._metered_done(pending)
         if expiry is not None:
             self.timers.discard(expiry, pending)
         if not pending.answered and (not pending.settled or isinstance(pending.error, RequestTimeoutError)):

@@ -897,26 +897,30 @@ class TcpTransport(Transport):
                 self._learned_loops -= 1
 
     def _dial_failed(self, address: str, why: str) -> None:
-        """A dial of ``address`` failed: a seed's first failure (or a new reason) is a warning
-        naming the address and the reason; the retries after it are debug lines."""
-        if self._is_seed(address):
-            self._seed_errors[address] = why
-            if self._seed_warned.get(address) != _category(why):
-                self._seed_warned[address] = _category(why)
-                self.log.warning("cannot reach seed %s: %s (retrying in the background)", address, why)
-                return
-        self.log.debug("cannot connect to %s: %s", address, why)
+        """A dial of ``address`` failed (nothing listens, no answer): see :meth:`_failed`."""
+        self._failed(address, why, f"cannot reach seed {address}: {why} (retrying in the background)",
+                     f"cannot connect to {address}: {why}", other_warns=False)
 
     def _refused(self, address: str, why: str) -> None:
         """A handshake with ``address`` was refused (a wrong secret, a certificate, another
-        cluster): a warning (for a seed, once per reason), and the seed's failure recorded."""
+        cluster): see :meth:`_failed`; a learned address's refusal is a warning too."""
+        self._failed(address, why, f"{address}: {why}", f"{address}: {why}", other_warns=True)
+
+    def _failed(self, address: str, why: str, warning: str, repeat: str, *, other_warns: bool) -> None:
+        """A seed's failure is recorded (``unreachable_seeds``) and warned about once per kind
+        (the detail is the peer's text; a flapping seed does not re-warn); the repeats, and a
+        learned address's failures unless ``other_warns``, are debug lines."""
         if self._is_seed(address):
             self._seed_errors[address] = why
-            if self._seed_warned.get(address) == _category(why):  # (the text is the peer's)
-                self.log.debug("%s: %s", address, why)
+            kind = why.split(":", 1)[0]
+            if self._seed_warned.get(address) != kind:
+                self._seed_warned[address] = kind
+                self.log.warning("%s", warning)
                 return
-            self._seed_warned[address] = _category(why)
-        self.log.warning("%s: %s", address, why)
+        elif other_warns:
+            self.log.warning("%s", warning)
+            return
+        self.log.debug("%s", repeat)
 
     def unreachable_seeds(self) -> dict[str, str]:
         return dict(self._seed_errors)
@@ -1158,12 +1162,6 @@ def _cert_names_node(stream: trio.abc.Stream, name: str) -> bool:
     for rdn in cert.get("subject", ()):
         names.update(value for key, value in rdn if key == "commonName")
     return name in names
-
-
-def _category(why: str) -> str:
-    """The kind of a dial failure ("connection refused", "it refused us", ...), without the
-    detail a peer may vary."""
-    return why.split(":", 1)[0]
 
 
 def _connect_failure(exc: BaseException) -> str:
