@@ -1,10 +1,11 @@
 """Metering: per-action and per-event counters and latency histograms, in plain Python.
 
 Theory of operation. When a broker is created with ``metrics=``, it owns one :class:`Meter`.
-The hot paths bump slots of it inline, with no coroutine frame of their own where they can
-avoid one: the serving pipeline (``nerve._serving``) wraps each action's ``serve`` and each
-event handler once, outermost, and the transit stamps each REQ it sends and settles it when
-the call stops waiting. A slot is a handful of integers and a fixed list of histogram
+The hot paths bump slots of it inline, with no coroutine frame of their own: a served action
+is counted where its ``serve`` is awaited (the transit's ``_serve`` for a peer, the caller's
+local branch in ``nerve._calls``; ``spec.slot``), the transit stamps each REQ it sends and
+settles it when the call stops waiting, and each event handler (not a hot path) is wrapped
+once, outermost, by ``nerve._serving``. A slot is a handful of integers and a fixed list of histogram
 buckets; observing a duration is one ``bisect``. Nothing here knows Prometheus:
 ``nerve.metrics`` reads the slots when scraped (so a scrape costs the hot path nothing, and
 the counters are exact).
