@@ -62,6 +62,12 @@ class Broker:
     for a slot; so one peer holds at most ``max_peer_streams`` x ``stream_window`` bytes);
     ``stream_window`` / ``max_chunk`` per stream; ``max_frame_size`` on TCP;
     ``stream_idle_timeout`` between chunks; ``heartbeat_timeout`` for silent peers;
+    ``max_stream_buffer`` (16 MiB): bytes a stream may hold unread when its producer takes
+    no credit (a moleculer.js node: Moleculer's streams have no flow control); beyond it the
+    stream fails with ``StreamOverflowError`` rather than grow.
+    ``disable_balancer=True`` (NATS): Moleculer's ``disableBalancer``: calls and events go
+    to the bus's queue groups (``REQB.<action>``, ``EVENTB.<group>.<event>``), which pick
+    the node, instead of this node choosing one (see docs/guide.md, "Transports").
     ``max_write_queue`` (TCP, 64 MiB): bytes queued for a peer that does not read them before
     its connection is dropped.
     ``secret`` (TCP): nodes prove they share it (HMAC-SHA256 challenge-response in the
@@ -111,6 +117,8 @@ class Broker:
         max_pending_requests: int = 10_000,
         max_peer_requests: int | None = None,
         max_peer_streams: int = 64,
+        max_stream_buffer: int = 16 * 1024 * 1024,
+        disable_balancer: bool = False,
         max_write_queue: int | None = None,
         max_hello_size: int | None = None,
         max_handshakes: int | None = None,
@@ -169,6 +177,10 @@ class Broker:
         self.max_peer_requests = max_peer_requests
         self.max_peer_streams = max_peer_streams
         self.stream_idle_timeout = stream_idle_timeout
+        if max_stream_buffer < 1024:
+            raise BrokerOptionsError("max_stream_buffer must be at least 1024 bytes")
+        self.max_stream_buffer = max_stream_buffer
+        self.disable_balancer = disable_balancer
         self.metadata = dict(metadata or {})
         self.serializer = get_serializer(serializer)
         self.registry = Registry(self.node_id, strategy=strategy, prefer_local=prefer_local)
@@ -735,6 +747,8 @@ class _Port:
         self.max_pending_requests = broker.max_pending_requests
         self.max_peer_requests = broker.max_peer_requests
         self.max_peer_streams = broker.max_peer_streams
+        self.max_stream_buffer = broker.max_stream_buffer
+        self.disable_balancer = broker.disable_balancer
         self.heartbeat_interval = broker.heartbeat_interval
         self.heartbeat_timeout = broker.heartbeat_timeout
         self.meter = broker._meter

@@ -85,6 +85,7 @@ __all__ = [
     "StreamError",
     "StreamIdleTimeoutError",
     "StreamClosedError",
+    "StreamOverflowError",
     "SerializationError",
     "ForbiddenError",
     "CircuitBreakerOpenError",
@@ -459,6 +460,15 @@ class StreamIdleTimeoutError(StreamError, TimeoutError):
     wire_name = "StreamIdleTimeoutError"
     default_code = 504
     default_type = "STREAM_IDLE_TIMEOUT"
+
+
+class StreamOverflowError(StreamError):
+    """A producer without flow control (a moleculer.js node: Moleculer's streams have none)
+    got further ahead of its reader than the node's ``max_stream_buffer`` bytes, or than its
+    reorder bound: the stream fails rather than grow."""
+
+    wire_name = "StreamOverflowError"
+    default_type = "STREAM_OVERFLOW"
 
 
 class StreamClosedError(StreamError):

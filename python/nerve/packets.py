@@ -81,6 +81,9 @@ class Info(Packet, kw_only=True):
     metadata: dict[str, Any] | None | UnsetType = UNSET
     seq: int | None | UnsetType = UNSET
     port: int | None | UnsetType = UNSET
+    #: nerve's own (on a bus): ``{"streams": {"window", "maxChunk", "maxStreams"}}`` says this
+    #: node reads nerve's credited stream frames; moleculer.js keeps it unread in rawInfo
+    nerve: dict[str, Any] | None | UnsetType = UNSET
 
 
 class Heartbeat(Packet, kw_only=True):

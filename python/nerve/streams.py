@@ -43,6 +43,7 @@ from nerve.errors import (
     StreamClosedError,
     StreamError,
     StreamIdleTimeoutError,
+    StreamOverflowError,
 )
 from nerve.statistics import StreamStatistics
 
@@ -196,6 +197,9 @@ class PacketStream:
         self.chunks_received = 0
         #: seconds the producer waited for credit (see statistics())
         self.credit_wait = 0.0
+        #: reader side: its producer takes no credit (a Moleculer stream); ``window`` is then
+        #: only the bound past which the stream fails with StreamOverflowError
+        self.uncredited = False
         #: per-chunk observers (middlewares' stream_sent / stream_received), see ``watch``
         self._on_sent: Callable[[int], None] | None = None
         self._on_received: Callable[[int], None] | None = None
@@ -584,7 +588,7 @@ class PacketStream:
         try:
             self._rx.push(seq, chunk)
         except FlowError as exc:
-            self.deliver_error(exc)
+            self.deliver_error(self._overflow(exc) if self.uncredited else exc)
             self._notify_producer_stop()
             return
         self.bytes_received += len(chunk)
@@ -592,6 +596,15 @@ class PacketStream:
         if self._on_received is not None:
             self._on_received(len(chunk))
         self._rx_wakeup.set()
+
+    def _overflow(self, exc: FlowError) -> StreamOverflowError:
+        """What a reader without credit to give (its producer has no flow control) says when
+        the producer got too far ahead: the stream fails; it never grows past the bound."""
+        return StreamOverflowError(
+            f"the stream's producer has no flow control (a Moleculer stream) and got more than "
+            f"{self.window} bytes (max_stream_buffer) or {self._max_reorder} chunks ahead of this "
+            f"reader ({exc}); read faster or raise max_stream_buffer",
+            data={"buffered": self._rx.buffered_bytes, "limit": self.window})
 
     def deliver_end(self, seq: int) -> None:
         """Reader: the producer ended the stream after chunk ``seq - 1``."""

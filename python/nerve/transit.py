@@ -36,6 +36,7 @@ from nerve._timers import DeadlineQueue
 from nerve.context import Context
 from nerve.errors import (
     BrokerDisconnectedError,
+    BrokerOptionsError,
     NerveError,
     ProtocolError,
     QueueIsFullError,
@@ -85,6 +86,11 @@ _MAX_BUDGET_MS = 100 * 86400 * 1000
 _RES = int(PacketType.RES)
 #: a stream is named by its call's id in the stream frame header (one length byte)
 _MAX_STREAM_ID = 255
+#: Moleculer's default ``maxChunkSize``: larger chunks are split to it
+_MOLECULER_MAX_CHUNK = 256 * 1024
+#: room kept in a frame for a stream packet's other fields (ids, action, headers)
+_PACKET_ROOM = 8192
+_MAX_SEQ = 1 << 53
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 _DISCOVER = int(PacketType.DISCOVER)
 _INFO = int(PacketType.INFO)
@@ -161,6 +167,56 @@ class _RemoteLink(StreamLink):
 
     async def wait_ready(self, n: int) -> None:
         await self.transit.transport.wait_ready(self.node_id, n)
+
+
+class _MoleculerLink(_RemoteLink):
+    """A producer's chunks as Moleculer's stream packets, for a node that reads no stream
+    frames of nerve's (a moleculer.js node): REQ ``params`` / RES ``data`` numbered from
+    ``seq`` 1 (the packet that opened the stream was 0), then a packet with ``stream: false``
+    (the end, or the error). Moleculer's streams have no flow control: what the transport
+    took counts as read, so the producer is paced by the transport's queue alone."""
+
+    def __init__(self, transit: Transit, node_id: str, stream_id: str, template: Request | Response) -> None:
+        super().__init__(transit, node_id, stream_id, 0)
+        self.template = template
+        self.kind = _RES if isinstance(template, Response) else _REQ
+        self.seq = 0  # the last Moleculer seq sent
+        self.sent = 0
+        self.stream: PacketStream | None = None
+
+    def _send(self, **fields: Any) -> None:
+        transit = self.transit
+        packet = msgspec.structs.replace(self.template, **fields)
+        transit.transport.send(self.node_id, self.kind, transit.serializer.encode(packet))
+        transit.packets_sent += 1
+
+    def data(self, seq: int, chunk: Any) -> None:
+        self.seq = seq + 1
+        if self.kind == _REQ:
+            self._send(seq=self.seq, stream=True, params=chunk)
+        else:
+            self._send(seq=self.seq, stream=True, data=chunk)
+        self.sent += len(chunk)
+        if self.stream is not None:
+            self.stream.on_credit(self.sent)
+
+    def end(self, seq: int) -> None:
+        self.seq += 1
+        self._send(seq=self.seq, stream=False)
+
+    def fail(self, exc: BaseException) -> None:
+        transit = self.transit
+        plain = error_to_wire(exc, transit.node_id)
+        self.seq += 1
+        try:
+            if self.kind == _RES:
+                self._send(seq=self.seq, stream=False, success=False, error=plain)
+            elif transit.v5:  # where each version of moleculer.js looks for it
+                self._send(seq=self.seq, stream=False, headers={"$streamError": plain})
+            else:
+                self._send(seq=self.seq, stream=False, meta={"$streamError": plain})
+        except NerveError:
+            pass
 
 
 class _StreamSlots:
@@ -254,6 +310,10 @@ class NodePort(Protocol):
     max_pending_requests: int
     max_peer_requests: int | None
     max_peer_streams: int
+    #: bytes a stream from a producer without flow control (Moleculer's) may hold unread
+    max_stream_buffer: int
+    #: Moleculer's ``disableBalancer``: calls and events go through the bus's queue groups
+    disable_balancer: bool
     heartbeat_interval: float
     heartbeat_timeout: float
     #: the node's ``nerve._metering.Meter`` when metrics are on, else None
@@ -377,6 +437,9 @@ class Transit:
             instance_id=self.instance_id,
             metadata=dict(self.node.metadata),
             seq=self.info_seq,
+            nerve={"streams": {"window": self.stream_config[0], "maxChunk": self.stream_config[1],
+                               "maxStreams": self.node.max_peer_streams}}
+            if self.transport.bus_streams else UNSET,
         )
 
     # --- what transports ask (transports.base.Upstream) ------------------------------------
@@ -434,7 +497,7 @@ class Transit:
     def send_request(self, ep: ActionEndpoint, call_id: str, params: Any, meta: dict[str, Any],
                      headers: dict[str, Any], level: int, request_id: str, parent_id: str | None,
                      caller: str | None, *, timeout: float | None = None, stream: bool = False,
-                     tracing: bool | None = None) -> Pending:
+                     tracing: bool | None = None, seq: int | None = None) -> Pending:
         """Send a REQ and register its Pending (the caller waits for it and unregisters it).
         Takes the call's fields rather than a Context: a remote call needs no Context here.
 
@@ -448,6 +511,7 @@ class Transit:
             ver=self.ver, sender=self.node_id, id=call_id, action=ep.name, params=params,
             meta=meta, headers=headers if self.v5 else UNSET, timeout=budget, level=level,
             tracing=tracing, parent_id=parent_id, request_id=request_id, caller=caller, stream=stream,
+            seq=UNSET if seq is None else seq,
         ))
         pending = Pending(node_id)
         self.pending[call_id] = pending  # before sending: an in-process answer comes at once
@@ -494,11 +558,21 @@ class Transit:
         if aborted is not None:  # aborted before any call took it: send nothing
             await trio.lowlevel.checkpoint()
             raise aborted
+        native = self.transport.streams_native(node_id)
+        params = ctx.params
+        if not native and not self.v5:
+            # Moleculer 0.14: the stream *is* the params; a REQ has no room for others.
+            if params not in (None, {}):
+                await trio.lowlevel.checkpoint()
+                raise BrokerOptionsError(
+                    f"'{ep.name}' is called with a stream over protocol v4 (moleculer.js 0.14), "
+                    "where the stream is the call's params: pass the other values in meta")
+            params = None
         slots = await self._stream_slot(node_id, timeout if timeout is not None else stream.idle_timeout)
         try:
-            pending = self.send_request(ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
+            pending = self.send_request(ep, ctx.id, params, ctx.meta, ctx.headers, ctx.level,
                                         ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
-                                        stream=True, tracing=ctx.tracing)
+                                        stream=True, tracing=ctx.tracing, seq=None if native else 0)
         except BaseException:
             if slots is not None:
                 slots.release()
@@ -506,10 +580,19 @@ class Transit:
         key = (node_id, ctx.id, False)
         try:
             with trio.CancelScope() as scope:
-                window, max_chunk = self.transport.peer_stream_config(node_id)
                 if stream.idle_timeout is None:
                     stream.idle_timeout = self.node.stream_idle_timeout
-                stream.bind_producer(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
+                if native:
+                    window, max_chunk = self.transport.peer_stream_config(node_id)
+                    stream.bind_producer(_RemoteLink(self, node_id, ctx.id, 0), window, max_chunk)
+                else:
+                    window, max_chunk = self.moleculer_stream_config()
+                    link = _MoleculerLink(self, node_id, ctx.id, Request(
+                        ver=self.ver, sender=self.node_id, id=ctx.id, action=ep.name, params=None,
+                        meta={}, headers={} if self.v5 else UNSET, level=ctx.level,
+                        request_id=ctx.request_id, parent_id=ctx.parent_id, caller=ctx.caller))
+                    stream.bind_producer(link, window, max_chunk)
+                    link.stream = stream
                 self.writers[key] = stream
                 stream.add_closed_callback(lambda: self._forget_writer(key))
                 if timeout is not None:
@@ -744,6 +827,8 @@ class Transit:
                 self.log.error("another node uses our node id %r", sender)
             return
         services = [s for s in (pkt.services or []) if isinstance(s, dict)]
+        if self.transport.bus_streams:
+            self.transport.set_peer_streams(sender, _stream_offer(pkt.nerve))
         fresh = self.node.registry.update_node(
             sender, services=services, instance_id=pkt.instance_id or None,
             seq=pkt.seq if isinstance(pkt.seq, int) else None,
@@ -756,11 +841,15 @@ class Transit:
         self.node.services_changed()
 
     def _on_request(self, sender: str, pkt: Request) -> None:
-        self.requests_received += 1
         if pkt.seq not in (UNSET, None, 0):
-            raise ProtocolError(f"{sender} sent a Moleculer stream chunk (seq {pkt.seq}) on a native "
-                                "transport; streams travel as STREAM_DATA frames here",
-                                reason="unexpected_stream_packet")
+            if self.transport.native_streams:
+                self.requests_received += 1
+                raise ProtocolError(f"{sender} sent a Moleculer stream chunk (seq {pkt.seq}) on a native "
+                                    "transport; streams travel as STREAM_DATA frames here",
+                                    reason="unexpected_stream_packet")
+            self._on_stream_packet(sender, pkt, pkt.id, False)
+            return
+        self.requests_received += 1
         if pkt.stream and ((sender, pkt.id, False) in self.readers
                            or (sender, pkt.id, False) in self._reader_done):
             raise ProtocolError(f"{sender} reused the id of a request stream in progress: {pkt.id[:80]!r}",
@@ -811,7 +900,9 @@ class Transit:
         if pkt.stream:
             # The stream counts until its answer is out and its reader is done with it.
             self.peer_streams[sender] = self.peer_streams.get(sender, 0) + 1
-            reader = self._make_reader(sender, pkt.id, response=False)
+            # seq 0: Moleculer's stream packets follow (nerve's own frames carry no seq here)
+            reader = self._make_reader(sender, pkt.id, response=False,
+                                       uncredited=pkt.seq == 0 and not self.transport.native_streams)
             countdown = _Countdown(2, lambda: self._stream_served(sender))
             self._reader_done[(sender, pkt.id, False)] = countdown.part()
             handlers.start_soon(self._serve, sender, pkt, spec, reader, _INF, countdown.part())
@@ -923,10 +1014,6 @@ class Transit:
                 if reader is not None:
                     self._finish_request_stream(sender, pkt.id, reader)
                 self._respond_error(sender, pkt.id, ctx.meta, exc)
-                return
-            if isinstance(result, PacketStream) and not self.transport.native_streams:
-                self._respond_error(sender, pkt.id, ctx.meta, StreamError(
-                    f"'{pkt.action}' answered with a stream, which this transport does not carry"))
                 return
             if isinstance(result, PacketStream) and len(pkt.id.encode("utf-8", "surrogatepass")) > _MAX_STREAM_ID:
                 result.abort_untaken(StreamError("the call's id is too long to name a stream"))
@@ -1042,25 +1129,40 @@ class Transit:
 
     async def _send_response_stream(self, sender: str, call_id: str, meta: dict[str, Any],
                                     stream: PacketStream) -> None:
+        native = self.transport.streams_native(sender)
+        # seq 0 opens a Moleculer stream (its packets follow); nerve's frames need none
         res = Response(ver=self.ver, sender=self.node_id, id=call_id, success=True, data=None,
-                       meta=meta, headers={} if self.v5 else UNSET, stream=True, seq=0)
+                       meta=meta, headers={} if self.v5 else UNSET, stream=True, seq=UNSET if native else 0)
         try:
             self.transport.send(sender, _RES, self.serializer.encode(res))
             self.packets_sent += 1
-            window, max_chunk = self.transport.peer_stream_config(sender)
+            if native:
+                window, max_chunk = self.transport.peer_stream_config(sender)
+            else:
+                window, max_chunk = self.moleculer_stream_config()
         except BrokerDisconnectedError:
             stream.fail_producer(StreamError(f"node '{sender}' is gone"))
             return
         key = (sender, call_id, True)
         if stream.idle_timeout is None:  # a peer that reads nothing holds it no longer than this
             stream.idle_timeout = self.node.stream_idle_timeout
-        stream.bind_producer(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
+        if native:
+            stream.bind_producer(_RemoteLink(self, sender, call_id, STREAM_FLAG_RESPONSE), window, max_chunk)
+        else:
+            link = _MoleculerLink(self, sender, call_id, Response(
+                ver=self.ver, sender=self.node_id, id=call_id, success=True, data=None, meta={},
+                headers={} if self.v5 else UNSET))
+            stream.bind_producer(link, window, max_chunk)
+            link.stream = stream
         self.writers[key] = stream
         _when_closed(stream, lambda: self._forget_writer(key))
         if stream.has_source:
             await stream.pump()
 
     def _on_response(self, sender: str, pkt: Response) -> None:
+        if pkt.seq not in (UNSET, None, 0) and not self.transport.native_streams:
+            self._on_stream_packet(sender, pkt, pkt.id, True)
+            return
         pending = self.pending.get(pkt.id)
         if pending is None:
             late = self._late.pop((sender, pkt.id), None)
@@ -1087,7 +1189,8 @@ class Transit:
         if not pkt.success:
             pending.error = error_from_wire(pkt.error, sender)
         elif pkt.stream:
-            pending.result = reader = self._make_reader(sender, pkt.id, response=True)
+            pending.result = reader = self._make_reader(
+                sender, pkt.id, response=True, uncredited=pkt.seq == 0 and not self.transport.native_streams)
             self.node.watch_stream(None, reader)  # before its first chunk (the caller is not back yet)
         else:
             pending.result = pkt.data
@@ -1106,16 +1209,27 @@ class Transit:
     def _forget_writer(self, key: tuple[str, str, bool]) -> None:
         self.writers.pop(key, None)
 
-    def _make_reader(self, sender: str, stream_id: str, *, response: bool) -> PacketStream:
+    def _make_reader(self, sender: str, stream_id: str, *, response: bool,
+                     uncredited: bool = False) -> PacketStream:
+        """A reader for ``sender``'s stream. ``uncredited``: its producer sends Moleculer's
+        stream packets and takes no credit; the reader then holds at most
+        ``max_stream_buffer`` bytes unread before the stream fails (StreamOverflowError)."""
         node = self.node
-        reader = PacketStream(window=node.stream_window, max_chunk=node.max_chunk,
-                              idle_timeout=node.stream_idle_timeout)
+        if uncredited:
+            bound = node.max_stream_buffer
+            reader = PacketStream(window=bound, max_chunk=bound, idle_timeout=node.stream_idle_timeout)
+            reader.uncredited = True
+        else:
+            reader = PacketStream(window=node.stream_window, max_chunk=node.max_chunk,
+                                  idle_timeout=node.stream_idle_timeout)
         flags = STREAM_FLAG_RESPONSE if response else 0
         key = (sender, stream_id, response)
 
         def grant(consumed: int, stop: bool) -> None:
             if stop:
                 self._pop_reader(key)
+            if uncredited:
+                return  # nobody to tell: a Moleculer producer has no flow control
             try:
                 self.transport.send_stream_credit(sender, flags | (STREAM_FLAG_END if stop else 0),
                                                   stream_id, consumed)
@@ -1149,6 +1263,55 @@ class Transit:
             return
         reader.deliver(seq, chunk)
 
+    def moleculer_stream_config(self) -> tuple[int, int]:
+        """(window, chunk) of a stream sent as Moleculer's packets: chunks of at most
+        Moleculer's 256 KiB (its ``maxChunkSize``) that fit one transport frame once encoded
+        (JSON writes a byte as up to 4 characters of Node's Buffer form)."""
+        chunk = min(_MOLECULER_MAX_CHUNK, self.node.max_chunk)
+        room = self.transport.max_payload
+        if room is not None:
+            per_byte = 4 if self.serializer.name == "json" else 1
+            chunk = max(1024, min(chunk, (room - _PACKET_ROOM) // per_byte))
+        return 4 * chunk, chunk
+
+    def _on_stream_packet(self, sender: str, pkt: Request | Response, stream_id: str, response: bool) -> None:
+        """One of Moleculer's stream packets after the one that opened the stream (seq >= 1):
+        a chunk (``stream: true``), or the end or the stream's error (``stream: false``)."""
+        key = (sender, stream_id, response)
+        reader = self.readers.get(key)
+        if reader is None:
+            return  # a stream that ended, failed or was stopped here: the rest is not read
+        seq = pkt.seq
+        if type(seq) is not int or not 1 <= seq <= _MAX_SEQ:
+            self._fail_reader(key, reader, StreamError(f"{sender} sent a stream packet with seq {seq!r}"))
+            return
+        if pkt.stream:
+            chunk = pkt.data if response else pkt.params  # type: ignore[union-attr]
+            if not isinstance(chunk, (bytes, bytearray)):
+                self._fail_reader(key, reader, StreamError(
+                    f"{sender} sent a stream chunk of {type(chunk).__name__}, not bytes (an "
+                    "object-mode stream: nerve's streams carry bytes)"))
+                return
+            reader.deliver(seq - 1, chunk)
+            return
+        if response:
+            error = pkt.error if pkt.success is False else None  # type: ignore[union-attr]
+        else:  # v5 puts it in headers, v4 in meta
+            error = None
+            for holder in (pkt.headers, pkt.meta):
+                if isinstance(holder, dict) and holder.get("$streamError") is not None:
+                    error = holder["$streamError"]
+                    break
+        if error is not None:
+            self._fail_reader(key, reader, error_from_wire(error, sender))
+            return
+        reader.deliver_end(seq - 1)
+        self._pop_reader(key)
+
+    def _fail_reader(self, key: tuple[str, str, bool], reader: PacketStream, exc: BaseException) -> None:
+        self._pop_reader(key)
+        reader.deliver_error(exc)
+
     def on_stream_credit(self, sender: str, flags: int, stream_id: str, consumed: int) -> None:
         key = (sender, stream_id, bool(flags & STREAM_FLAG_RESPONSE))
         writer = self.writers.get(key)
@@ -1159,6 +1322,22 @@ class Transit:
             writer.on_credit(consumed, stop=True)
         else:
             writer.on_credit(consumed)
+
+
+def _stream_offer(nerve: Any) -> tuple[int, int, int] | None:
+    """The (window, max chunk, max request streams) a nerve node's INFO offers for nerve's
+    stream frames on a bus, or None (a moleculer.js node, or values out of range)."""
+    if not isinstance(nerve, dict):
+        return None
+    streams = nerve.get("streams")
+    if not isinstance(streams, dict):
+        return None
+    window, chunk, most = streams.get("window"), streams.get("maxChunk"), streams.get("maxStreams")
+    if type(window) is not int or type(chunk) is not int or type(most) is not int:
+        return None
+    if not (1024 <= chunk <= window <= 1 << 31 and 1 <= most <= 1 << 16):
+        return None
+    return window, chunk, most
 
 
 def _budget_ms(timeout: float | None) -> int:

@@ -66,6 +66,12 @@ class Transport:
     address: str | None = None
     #: Request streams this node serves at once per peer, told to peers (0: not told).
     max_streams: int = 0
+    #: A bus (NATS): nerve's stream frames reach the nerve nodes that said in their INFO that
+    #: they read them (``set_peer_streams``); the others get Moleculer's stream packets.
+    bus_streams: bool = False
+    #: The largest payload one frame may carry (a NATS server's ``max_payload``; None: the
+    #: transport's frame limit is far above any chunk)
+    max_payload: int | None = None
     #: Bytes written to / read from the network so far (see TransportStatistics).
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -141,6 +147,30 @@ class Transport:
     def peer_max_streams(self, node_id: str) -> int:
         """Request streams ``node_id`` serves at once for us (0: no limit known)."""
         return 0
+
+    def streams_native(self, node_id: str) -> bool:
+        """True if streams to ``node_id`` travel as nerve's credited stream frames (always on
+        a connection transport that carries them; on a bus, for nodes that said so)."""
+        return self.native_streams
+
+    def set_peer_streams(self, node_id: str, config: tuple[int, int, int] | None) -> None:
+        """A bus: ``node_id`` reads nerve's stream frames with this (window, max chunk, max
+        request streams), as its INFO says (None: it does not, or no longer)."""
+
+    def set_balanced(self, actions: list[str], events: list[tuple[str, str]]) -> None:
+        """Balanced mode (a bus): serve these actions and (group, event) pairs through the
+        bus's queue groups."""
+        from nerve.errors import BrokerOptionsError
+
+        raise BrokerOptionsError("disable_balancer=True needs a NATS transport (its queue groups balance)")
+
+    def send_balanced_request(self, action: str, payload: bytes) -> None:
+        """Balanced mode: a REQ for whichever node of the bus serves ``action``."""
+        raise NotImplementedError
+
+    def send_balanced_event(self, group: str, event: str, payload: bytes) -> None:
+        """Balanced mode: an EVENT for one node of the bus whose ``group`` listens to it."""
+        raise NotImplementedError
 
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
         """(stream window, max chunk) the reading node ``node_id`` accepts."""

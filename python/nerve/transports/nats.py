@@ -2,9 +2,17 @@
 join a moleculer.js cluster (``MOL[-namespace].<TYPE>[.<nodeID>]``, JSON by default).
 
 Discovery and liveness are Moleculer's: DISCOVER and INFO broadcasts, HEARTBEAT every
-``heartbeat_interval``, a node silent for ``heartbeat_timeout`` is lost. Streams are not
-carried over NATS yet (a call with a stream raises a clear error). A broken NATS connection
-is re-established with backoff; peers then rediscover each other.
+``heartbeat_interval``, a node silent for ``heartbeat_timeout`` is lost. A broken NATS
+connection is re-established with backoff (rotating through the servers given); what is
+published meanwhile waits in a buffer bounded in bytes, and peers rediscover each other.
+
+Streams: to a node that said in its INFO that it reads them (a nerve node), nerve's own stream
+frames (binary chunks and credit, as on TCP) travel on ``<prefix>.NSTREAM.<nodeID>``, a
+subject moleculer.js never subscribes to; each message is the sender's id (one length byte,
+then UTF-8) and one whole frame. To any other node the transit sends Moleculer's stream
+packets (REQ / RES with ``seq``) on the usual subjects. Balanced mode (Moleculer's
+``disableBalancer``): ``<prefix>.REQB.<action>`` and ``<prefix>.EVENTB.<group>.<event>``,
+subscribed in queue groups so that NATS picks one subscriber per message.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from nerve.errors import BrokerDisconnectedError, BrokerOptionsError, NerveError, ProtocolError
+from nerve.frames import FrameDecoder, FrameEncoder, FrameError
 from nerve.packets import PacketType
 from nerve.transports.base import Transport
 from nerve.transports.nats_client import NatsClient
@@ -24,6 +33,14 @@ if TYPE_CHECKING:
 __all__ = ["NatsTransport", "NatsClient"]
 
 _DISCONNECT = int(PacketType.DISCONNECT)
+_REQ = int(PacketType.REQ)
+_EVENT = int(PacketType.EVENT)
+_STREAM_DATA = 21
+_STREAM_CREDIT = 22
+#: bytes queued for the NATS server above which stream producers wait (calls never do)
+_HIGH_WATER = 8 * 1024 * 1024
+#: bytes published while disconnected that wait for the reconnection; beyond, publishes fail
+_RECONNECT_BUFFER = 8 * 1024 * 1024
 
 
 class NatsTransport(Transport):
@@ -32,8 +49,10 @@ class NatsTransport(Transport):
     logger_name = "nerve.nats"
 
     native_streams = False
+    bus_streams = True
 
-    def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (), **_: Any) -> None:
+    def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (),
+                 max_reconnect_buffer: int = _RECONNECT_BUFFER, **_: Any) -> None:
         if peers:
             raise BrokerOptionsError("peers= is for the tcp transport; NATS finds nodes by itself")
         self.url = url
@@ -42,6 +61,17 @@ class NatsTransport(Transport):
         self.client: NatsClient | None = None
         self.prefix = "MOL"
         self._last_seen: dict[str, float] = {}
+        #: nodes reading nerve's stream frames: (window, max chunk, max request streams)
+        self._stream_peers: dict[str, tuple[int, int, int]] = {}
+        self._encoder = FrameEncoder()
+        #: what was published while disconnected, sent once connected again
+        self._held: list[tuple[str, bytes]] = []
+        self._held_bytes = 0
+        self.max_reconnect_buffer = max_reconnect_buffer
+        self._connected = trio.Event()
+        #: balanced mode: queue-group subscriptions wanted (subject -> queue) and made (sid)
+        self._balanced: dict[str, str] = {}
+        self._balanced_sids: dict[str, int] = {}
 
     def _subject(self, kind: int, node_id: str | None = None) -> str:
         name = PacketType(kind).name
@@ -71,16 +101,25 @@ class NatsTransport(Transport):
                 self.log.warning("NATS connection lost (%s); reconnecting", group.exceptions[0])
             finally:
                 self.client = None
+                self._connected = trio.Event()
+                self._balanced_sids.clear()
             first = False
 
     async def _run(self, client: NatsClient, task_status: Any) -> None:
         assert self.upstream is not None
         me = self.upstream.node_id
-        for name in ("EVENT", "REQ", "RES", "DISCOVER", "INFO", "PING", "PONG"):
+        for name in ("EVENT", "REQ", "RES", "DISCOVER", "INFO", "PING", "PONG", "NSTREAM"):
             client.subscribe(f"{self.prefix}.{name}.{me}")
         for name in ("DISCOVER", "INFO", "HEARTBEAT", "DISCONNECT"):
             client.subscribe(f"{self.prefix}.{name}")
+        for subject, queue in self._balanced.items():
+            self._balanced_sids[subject] = client.subscribe(subject, queue)
+        self.max_payload = client.max_payload
         self.client = client
+        held, self._held, self._held_bytes = self._held, [], 0
+        for subject, payload in held:  # what waited for the reconnection, in order
+            client.publish(subject, payload)
+        self._connected.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.writer)
@@ -95,24 +134,38 @@ class NatsTransport(Transport):
                 await trio.aclose_forcefully(client.stream)
 
     def _publish(self, kind: int, node_id: str | None, payload: bytes) -> None:
-        if self.client is None:
-            raise BrokerDisconnectedError("not connected to NATS")
-        self.client.publish(self._subject(kind, node_id), payload)
+        self._publish_to(self._subject(kind, node_id), payload)
+
+    def _publish_to(self, subject: str, payload: bytes) -> None:
+        client = self.client
+        if client is None:
+            if self._held_bytes + len(payload) > self.max_reconnect_buffer:
+                raise BrokerDisconnectedError(
+                    f"not connected to NATS, and {self._held_bytes} bytes already wait for the "
+                    f"reconnection (max_reconnect_buffer={self.max_reconnect_buffer})")
+            self._held.append((subject, payload))
+            self._held_bytes += len(payload)
+        else:
+            client.publish(subject, payload)
         self.bytes_sent += len(payload)
 
     async def _reader(self, client: NatsClient) -> None:
         assert self.upstream is not None
         upstream = self.upstream
         async for subject, payload in client.messages():
-            parts = subject.split(".")
+            parts = subject.split(".", 2)
             if len(parts) < 2:
                 continue
+            self.bytes_received += len(payload)
+            name = parts[1]
+            if name == "NSTREAM":
+                self._on_stream_message(payload)
+                continue
             try:
-                kind = int(PacketType[parts[1]])
+                kind = _REQ if name == "REQB" else _EVENT if name == "EVENTB" else int(PacketType[name])
             except KeyError:
                 self.log.debug("ignoring NATS subject %s", subject)
                 continue
-            self.bytes_received += len(payload)
             try:
                 upstream.on_bus_frame(kind, payload)
             except NerveError as exc:
@@ -120,10 +173,37 @@ class NatsTransport(Transport):
             except Exception:  # a packet reached something unexpected: drop it, keep the node
                 self.log.exception("dropping a %s on %s: error while handling it", parts[1], subject)
 
+    def _on_stream_message(self, payload: bytes) -> None:
+        """A message on our NSTREAM subject: the sender's id, then one stream frame."""
+        assert self.upstream is not None
+        try:
+            n = payload[0]
+            sender = payload[1:1 + n].decode("utf-8")
+            if not sender or len(payload) < 1 + n:
+                raise ValueError("no sender")
+            decoder = FrameDecoder(max(len(payload), 64), split_streams=True)
+            frames = decoder.feed(memoryview(payload)[1 + n:])
+            if len(frames) != 1 or decoder.buffered or frames[0][0] not in (_STREAM_DATA, _STREAM_CREDIT):
+                raise ValueError("not one stream frame")
+        except (IndexError, ValueError, FrameError) as exc:  # UnicodeDecodeError is a ValueError
+            self.log.warning("dropping a malformed stream message: %s", exc)
+            return
+        if sender not in self._stream_peers:
+            return  # a node we do not read stream frames from (unknown, or gone)
+        frame = frames[0]
+        try:
+            if frame[0] == _STREAM_DATA:
+                self.upstream.on_stream_data(sender, frame[1], frame[2], frame[3], frame[4])
+            else:
+                self.upstream.on_stream_credit(sender, frame[1], frame[2], frame[3])
+        except NerveError as exc:
+            self.log.warning("dropping a stream frame of %s: %s", sender, exc)
+
     def seen(self, node_id: str, kind: int) -> bool:
         fresh = node_id not in self._last_seen
         if kind == _DISCONNECT:
             self._last_seen.pop(node_id, None)
+            self._stream_peers.pop(node_id, None)
         else:
             self._last_seen[node_id] = trio.current_time()
         return fresh
@@ -139,6 +219,7 @@ class NatsTransport(Transport):
             for node, seen in list(self._last_seen.items()):
                 if now - seen > upstream.heartbeat_timeout:
                     del self._last_seen[node]
+                    self._stream_peers.pop(node, None)
                     self.log.warning("node %s silent for %.1fs: marking it lost", node, now - seen)
                     upstream.on_disconnected(node, graceful=False)
 
@@ -150,25 +231,99 @@ class NatsTransport(Transport):
     def broadcast(self, kind: int, payload: bytes) -> None:
         self._publish(kind, None, payload)
 
+    def streams_native(self, node_id: str) -> bool:
+        return node_id in self._stream_peers
+
+    def set_peer_streams(self, node_id: str, config: tuple[int, int, int] | None) -> None:
+        if config is None:
+            self._stream_peers.pop(node_id, None)
+        else:
+            self._stream_peers[node_id] = config
+
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
-        raise BrokerOptionsError("streams are not carried over the NATS transport yet; use tcp://")
+        try:
+            window, chunk, _ = self._stream_peers[node_id]
+        except KeyError:
+            raise BrokerDisconnectedError(f"node '{node_id}' reads no stream frames of nerve's") from None
+        if self.max_payload is not None:  # a chunk and its headers in one NATS message
+            chunk = max(1024, min(chunk, self.max_payload - 512))
+        return max(window, chunk), chunk
+
+    def peer_max_streams(self, node_id: str) -> int:
+        config = self._stream_peers.get(node_id)
+        return config[2] if config is not None else 0
+
+    def _stream_frame(self, node_id: str) -> tuple[str, bytes]:
+        assert self.upstream is not None
+        if node_id not in self._last_seen and node_id not in self._stream_peers:
+            raise BrokerDisconnectedError(f"node '{node_id}' is not connected")
+        me = self.upstream.node_id.encode("utf-8")
+        return f"{self.prefix}.NSTREAM.{node_id}", bytes((len(me),)) + me
 
     def send_stream_data(self, node_id: str, flags: int, stream_id: str, seq: int, chunk: Any) -> None:
-        raise BrokerOptionsError("streams are not carried over the NATS transport yet")
+        subject, head = self._stream_frame(node_id)
+        self._encoder.append_stream_data(flags, stream_id, seq, chunk)
+        self._publish_to(subject, head + self._encoder.take())
 
     def send_stream_credit(self, node_id: str, flags: int, stream_id: str, consumed: int) -> None:
-        raise BrokerOptionsError("streams are not carried over the NATS transport yet")
+        subject, head = self._stream_frame(node_id)
+        self._encoder.append_stream_credit(flags, stream_id, consumed)
+        self._publish_to(subject, head + self._encoder.take())
+
+    def _queued(self) -> int:
+        client = self.client
+        return client.pending_bytes if client is not None else self._held_bytes
+
+    def has_room(self, node_id: str, n: int) -> bool:
+        return self.client is not None and self._queued() + n <= _HIGH_WATER
+
+    async def wait_ready(self, node_id: str, n: int) -> None:
+        while not self.has_room(node_id, n):
+            client = self.client
+            if client is None:
+                await self._connected.wait()
+            else:
+                await client.drained()
+        await trio.lowlevel.checkpoint()
+
+    async def reserve(self, node_id: str, n: int) -> Any:
+        await self.wait_ready(node_id, n)
+        return None
+
+    async def wait_writable(self, node_id: str) -> None:
+        await self.wait_ready(node_id, 0)
+
+    # --- balanced mode (Moleculer's disableBalancer) -----------------------------------------
+
+    def set_balanced(self, actions: list[str], events: list[tuple[str, str]]) -> None:
+        """Serve these actions and (group, event) pairs through queue groups (replacing the
+        previous set): NATS gives each message to one subscriber of its group."""
+        wanted = {f"{self.prefix}.REQB.{a}": a for a in actions}
+        wanted.update({f"{self.prefix}.EVENTB.{g}.{e}": g for g, e in events})
+        client = self.client
+        for subject in [s for s in self._balanced if s not in wanted]:
+            del self._balanced[subject]
+            sid = self._balanced_sids.pop(subject, None)
+            if client is not None and sid is not None:
+                client.unsubscribe(sid)
+        for subject, queue in wanted.items():
+            if subject not in self._balanced:
+                self._balanced[subject] = queue
+                if client is not None:
+                    self._balanced_sids[subject] = client.subscribe(subject, queue)
+
+    def send_balanced_request(self, action: str, payload: bytes) -> None:
+        self._publish_to(f"{self.prefix}.REQB.{action}", payload)
+
+    def send_balanced_event(self, group: str, event: str, payload: bytes) -> None:
+        self._publish_to(f"{self.prefix}.EVENTB.{group}.{event}", payload)
 
     def connected(self) -> list[str]:
         return list(self._last_seen)
 
     async def disconnect_all(self) -> None:
-        if self.client is not None:
-            with trio.move_on_after(1):
-                while self.client._out:
-                    await trio.sleep(0.01)
+        client = self.client
+        if client is not None:
+            with trio.move_on_after(1):  # our goodbye (DISCONNECT) out before the socket closes
+                await client.drained()
         await trio.lowlevel.checkpoint()
-
-    async def wait_writable(self, node_id: str) -> None:
-        await trio.lowlevel.checkpoint()
-
