@@ -201,6 +201,8 @@ class Broker:
         if advertise is not None and not (isinstance(transport, str) and transport.startswith("tcp://")):
             raise BrokerOptionsError("advertise= needs a tcp:// transport (it is the address peers dial)")
         self.transport = make_transport(transport, **options)
+        if disable_balancer:
+            self.transport.set_balanced([], [])  # BrokerOptionsError unless the transport balances
         if not self.transport.max_streams:
             self.transport.max_streams = max_peer_streams  # told to peers (TCP's HELLO)
         else:  # a transport given with its own: that is what peers are told, and what holds
@@ -660,6 +662,19 @@ class Broker:
                 event_meta.update(meta)
         else:
             event_meta = dict(meta) if meta else {}
+        if not broadcast and self.disable_balancer:
+            # Moleculer's disableBalancer: one EVENTB per group, and the bus's queue group
+            # picks the listener (this node's own included).
+            if group_list is None:
+                group_list = sorted({ep.group for ep in self.registry.event_endpoints(event)})
+            for group in group_list:
+                try:
+                    self.transit.send_balanced_event(self._next_id(), event, data, group, event_meta,
+                                                     parent, headers)
+                except NerveError as exc:
+                    self.logger.warning("event %s to group %s not sent: %r", event, group, exc)
+            await trio.lowlevel.checkpoint()
+            return
         if not broadcast:
             # A strategy that reads the call (shard) sees the event's data and meta, not the
             # context that emits it.

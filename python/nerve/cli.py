@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.wait is None:
                 args.wait = 10.0
         if getattr(args, "transport", None):
-            if not args.transport.startswith("nats://"):
+            if not args.transport.startswith(("nats://", "tls://")):
                 parser.error(f"--transport wants nats://HOST:PORT, got {args.transport!r}")
             if args.peer or args.secret or args.tls_cert or args.tls_ca:
                 parser.error("--transport nats:// goes without --peer, --secret and --tls-*")

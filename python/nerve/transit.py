@@ -84,6 +84,7 @@ _INF = float("inf")
 #: REQ budgets at or beyond this (or not finite) mean no budget: 100 days, in ms
 _MAX_BUDGET_MS = 100 * 86400 * 1000
 _RES = int(PacketType.RES)
+_EVENT = int(PacketType.EVENT)
 #: a stream is named by its call's id in the stream frame header (one length byte)
 _MAX_STREAM_ID = 255
 #: Moleculer's default ``maxChunkSize``: larger chunks are split to it
@@ -386,6 +387,14 @@ class Transit:
         self.timers = DeadlineQueue()
         self.instance_id = os.urandom(8).hex()
         self.info_seq = 1
+        me = node.registry.nodes.get(self.node_id)
+        if me is not None:  # our own entry ($node.list), as our INFO tells peers
+            me.instance_id = self.instance_id
+            me.hostname = socket.gethostname()
+            me.ip_list = list(local_ip_list())
+            me.client = _client_info()
+            me.metadata = dict(node.metadata)
+            me.seq = self.info_seq
         # Counters (see nerve.statistics.TransitStatistics): plain attributes, bumped inline.
         self.packets_sent = 0
         self.packets_received = 0
@@ -432,8 +441,7 @@ class Transit:
             config={},
             ip_list=list(local_ip_list()),
             hostname=socket.gethostname(),
-            client={"type": "python", "version": _version(),
-                    "langVersion": platform.python_version(), "name": "nerve"},
+            client=_client_info(),
             instance_id=self.instance_id,
             metadata=dict(self.node.metadata),
             seq=self.info_seq,
@@ -452,7 +460,22 @@ class Transit:
         self.packets_sent += 1
         return _HEARTBEAT, self.serializer.encode(Heartbeat(ver=self.ver, sender=self.node_id, cpu=cpu))
 
+    def balance(self) -> None:
+        """Balanced mode: serve our actions and event groups through the bus's queue groups
+        (Moleculer subscribes every action of the node and every (group, event) it listens to)."""
+        if not self.node.disable_balancer:
+            return
+        actions: list[str] = []
+        events: list[tuple[str, str]] = []
+        for svc in self.node.describe_services():
+            actions.extend(a for a in (svc.get("actions") or {}))
+            for name, definition in (svc.get("events") or {}).items():
+                group = definition.get("group") if isinstance(definition, dict) else None
+                events.append((group or svc.get("name") or "", name))
+        self.transport.set_balanced(actions, events)
+
     def greeting_frames(self) -> list[tuple[int, bytes]]:
+        self.balance()
         self.packets_sent += 2
         return [(_DISCOVER, self.serializer.encode(Discover(ver=self.ver, sender=self.node_id))),
                 (_INFO, self.serializer.encode(self.info_packet()))]
@@ -466,7 +489,13 @@ class Transit:
             raise
         self.packets_received += 1
         sender = pkt.sender
-        if not sender or not isinstance(sender, str) or sender == self.node_id:
+        if not sender or not isinstance(sender, str):
+            return
+        if sender == self.node_id:
+            # Our own packets come back from the bus; in balanced mode a queue group may give
+            # us our own REQ / EVENT (and so our own RES), as Moleculer handles them.
+            if self.node.disable_balancer and kind in (_REQ, _RES, _EVENT):
+                self._on_packet(sender, kind, pkt)
             return
         if self.transport.seen(sender, kind) and kind not in (_INFO, _DISCONNECT):
             # A node we do not know yet (or lost): ask for its INFO.
@@ -486,9 +515,27 @@ class Transit:
             caller=parent.service if parent else None, need_ack=False))
         self.events_sent += 1
 
+    def send_balanced_event(self, event_id: str, event: str, data: Any, group: str, meta: dict[str, Any],
+                            parent: Context | None, headers: dict[str, Any] | None = None) -> None:
+        """Balanced mode: an EVENT for one listener of ``group``, whichever node the bus picks."""
+        payload = self.serializer.encode(Event(
+            ver=self.ver, sender=self.node_id, id=event_id, event=event, data=data, groups=[group],
+            broadcast=False, meta=meta, headers=(headers or {}) if self.v5 else UNSET,
+            level=parent.level + 1 if parent is not None else 1,
+            tracing=parent.tracing if parent is not None else None,
+            parent_id=parent.id if parent else None, request_id=parent.request_id if parent else None,
+            caller=parent.service if parent else None, need_ack=False))
+        self.transport.send_balanced_event(group, event, payload)
+        self.packets_sent += 1
+        self.events_sent += 1
+
     def announce(self) -> None:
         """Tell every connected node our (changed) services."""
         self.info_seq += 1
+        me = self.node.registry.nodes.get(self.node_id)
+        if me is not None:
+            me.seq = self.info_seq
+        self.balance()
         try:
             self.broadcast_packet(self.info_packet())
         except NerveError as exc:  # pragma: no cover - broadcast skips gone peers
@@ -513,10 +560,15 @@ class Transit:
             tracing=tracing, parent_id=parent_id, request_id=request_id, caller=caller, stream=stream,
             seq=UNSET if seq is None else seq,
         ))
-        pending = Pending(node_id)
+        balanced = self.node.disable_balancer and not stream
+        # Balanced: the bus's queue group picks the node, and any node may answer ("").
+        pending = Pending("" if balanced else node_id)
         self.pending[call_id] = pending  # before sending: an in-process answer comes at once
         try:
-            self.transport.send(node_id, _REQ, payload)
+            if balanced:
+                self.transport.send_balanced_request(ep.name, payload)
+            else:
+                self.transport.send(node_id, _REQ, payload)
         except BaseException:
             del self.pending[call_id]
             raise
@@ -686,6 +738,8 @@ class Transit:
     def _cancel_remote(self, node_id: str, call_id: str) -> None:
         """We stopped waiting for ``call_id`` (cancelled, or our timeout fired): the callee's
         handler is cancelled where the transport can say so (CANCEL frame)."""
+        if not node_id:  # a balanced call: no node to tell
+            return
         try:
             self.transport.send_cancel(node_id, call_id)
         except NerveError:
@@ -1177,7 +1231,7 @@ class Transit:
                         pass
                 late()
             return
-        if pending.node_id != sender:
+        if pending.node_id != sender and pending.node_id:
             self.log.warning("ignoring RES for %s from %s (sent to %s)", pkt.id, sender, pending.node_id)
             return
         if pending.settled:  # timed out, its caller not yet back: it will see this
@@ -1384,6 +1438,12 @@ def _version() -> str:
         return version("nerve")
     except Exception:  # pragma: no cover - not installed as a distribution
         return "0"
+
+
+def _client_info() -> dict[str, Any]:
+    """INFO's ``client``: what runs this node (Moleculer's type, version, langVersion)."""
+    return {"type": "python", "version": _version(), "langVersion": platform.python_version(),
+            "name": "nerve"}
 
 
 @lru_cache(maxsize=1)

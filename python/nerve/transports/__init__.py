@@ -17,11 +17,11 @@ def make_transport(spec: "str | Transport | None", **options: object) -> Transpo
         from nerve.transports.tcp import TcpTransport
 
         return TcpTransport(spec, **options)  # type: ignore[arg-type]
-    if isinstance(spec, str) and spec.startswith("nats://"):
+    if isinstance(spec, str) and spec.startswith(("nats://", "tls://")):
         from nerve.transports.nats import NatsTransport
 
         return NatsTransport(spec, **options)  # type: ignore[arg-type]
     from nerve.errors import BrokerOptionsError
 
     raise BrokerOptionsError(
-        f"unknown transport {spec!r}; expected None, 'local', 'tcp://host:port' or 'nats://host:port'")
+        f"unknown transport {spec!r}; expected None, 'local', 'tcp://host:port' or 'nats://host:port' (a NATS server list: 'nats://h1:4222,h2:4222'; TLS: 'tls://host:4222')")

@@ -25,12 +25,12 @@ from nerve.errors import BrokerDisconnectedError, BrokerOptionsError, NerveError
 from nerve.frames import FrameDecoder, FrameEncoder, FrameError
 from nerve.packets import PacketType
 from nerve.transports.base import Transport
-from nerve.transports.nats_client import NatsClient
+from nerve.transports.nats_client import NatsClient, NatsOptions, parse_nats_url
 
 if TYPE_CHECKING:
     from nerve.transports.base import Upstream
 
-__all__ = ["NatsTransport", "NatsClient"]
+__all__ = ["NatsTransport", "NatsClient", "NatsOptions"]
 
 _DISCONNECT = int(PacketType.DISCONNECT)
 _REQ = int(PacketType.REQ)
@@ -44,18 +44,30 @@ _RECONNECT_BUFFER = 8 * 1024 * 1024
 
 
 class NatsTransport(Transport):
-    """Moleculer's NATS transporter, for moleculer.js interop (``transport="nats://host:port"``)."""
+    """Moleculer's NATS transporter (``transport="nats://host:port"``).
+
+    ``url``: one server or several (``"nats://h1:4222,nats://h2:4222"`` or a list), tried in
+    turn, ``tls://`` for TLS; credentials in it (``nats://user:pass@host``,
+    ``nats://token@host``) or given as ``user`` / ``password`` / ``token``; ``tls``: an
+    ``ssl.SSLContext`` (required TLS with that context), ``tls_hostname`` to check instead of
+    the host dialled. ``max_reconnect_buffer``: bytes published while the connection is down
+    that wait for it; beyond, a publish fails with ``BrokerDisconnectedError``."""
 
     logger_name = "nerve.nats"
 
     native_streams = False
     bus_streams = True
 
-    def __init__(self, url: str, *, peers: list[str] | tuple[str, ...] = (),
+    def __init__(self, url: str | list[str] | tuple[str, ...], *, peers: list[str] | tuple[str, ...] = (),
+                 user: str | None = None, password: str | None = None, token: str | None = None,
+                 tls: Any = None, tls_hostname: str | None = None,
                  max_reconnect_buffer: int = _RECONNECT_BUFFER, **_: Any) -> None:
         if peers:
             raise BrokerOptionsError("peers= is for the tcp transport; NATS finds nodes by itself")
-        self.url = url
+        self.options: NatsOptions = parse_nats_url(url, user=user, password=password, token=token,
+                                                   tls=tls, tls_hostname=tls_hostname)
+        #: the servers, without credentials (safe to log)
+        self.url = ",".join(self.options.servers)
         self.address = None
         self.upstream: Upstream | None = None
         self.client: NatsClient | None = None
@@ -84,17 +96,28 @@ class NatsTransport(Transport):
             self.prefix = f"MOL-{upstream.namespace}"
         first = True
         delay = 0.1
+        servers = self.options.servers
+        turn = 0
+        failures: list[str] = []
         while True:
+            server = servers[turn % len(servers)]
+            turn += 1
             try:
-                client = await NatsClient.connect(self.url, name=upstream.node_id)
+                client = await NatsClient.connect(server, name=upstream.node_id, options=self.options)
             except (OSError, trio.BrokenResourceError, ProtocolError) as exc:
+                failures.append(f"{server}: {exc}")
+                if turn % len(servers):
+                    continue  # the next server of the list, at once
                 if first:
-                    raise BrokerDisconnectedError(f"cannot connect to NATS at {self.url}: {exc}") from exc
-                self.log.warning("NATS at %s unreachable (%s); retrying in %.1fs", self.url, exc, delay)
+                    raise BrokerDisconnectedError(f"cannot connect to NATS ({'; '.join(failures)})") from exc
+                self.log.warning("NATS unreachable (%s); retrying in %.1fs", "; ".join(failures), delay)
+                failures.clear()
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
+            failures.clear()
+            turn -= 1  # stay with the server that answered
             try:
                 await self._run(client, task_status if first else trio.TASK_STATUS_IGNORED)
             except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
