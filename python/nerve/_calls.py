@@ -229,7 +229,7 @@ class Caller:
                         transit = self.transit
                         pending = transit.send_request(ep, call_id, params, call_meta, call_headers, level,
                                                        request_id or call_id, parent_id, caller, timeout=timeout,
-                                                       tracing=tracing)
+                                                       tracing=tracing, targeted=node_id is not None)
                         if timeout is None:
                             due, expiry = _INF, None
                         else:
@@ -256,6 +256,7 @@ class Caller:
                         ctx.tracing = tracing
                         ctx.stream = stream
                         ctx.timeout = timeout
+                        ctx.targeted = node_id is not None
                         if stream is not None:
                             self.chain.watch(ctx, stream)
                         handler = ep.handler
@@ -328,7 +329,7 @@ class Caller:
             if stream is None:
                 pending = transit.send_request(the_ep, ctx.id, ctx.params, ctx.meta, ctx.headers, ctx.level,
                                                ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
-                                               tracing=ctx.tracing)
+                                               tracing=ctx.tracing, targeted=ctx.targeted)
                 due = _INF if timeout is None else trio.current_time() + timeout
                 await transit.wait_response(ctx.id, pending, due, the_ep.name)
                 if isinstance(pending.error, RequestTimeoutError):

@@ -44,6 +44,7 @@ class Context:
         "timeout",
         "reply_meta",
         "tracing",
+        "targeted",
         "_locals",
     )
 
@@ -77,6 +78,8 @@ class Context:
         self.meta = {} if meta is None else meta
         self.headers = {} if headers is None else headers
         self.stream = stream
+        #: a call made with ``node_id=``: it goes to that node, even in balanced mode
+        self.targeted = False
         self.action = action
         self.event = event
         self.event_groups = event_groups

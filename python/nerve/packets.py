@@ -83,7 +83,7 @@ class Info(Packet, kw_only=True):
     port: int | None | UnsetType = UNSET
     #: nerve's own (on a bus): ``{"streams": {"window", "maxChunk", "maxStreams"}}`` says this
     #: node reads nerve's credited stream frames; moleculer.js keeps it unread in rawInfo
-    nerve: dict[str, Any] | None | UnsetType = UNSET
+    nerve: Any = UNSET
 
 
 class Heartbeat(Packet, kw_only=True):

@@ -652,7 +652,12 @@ class PacketStream:
             if self._rx_stopped:
                 assert self._rx_error is not None
                 raise self._rx_error
-            chunk = self._rx.pop()
+            try:
+                chunk = self._rx.pop()
+            except FlowError:  # the receiver broke on a chunk: the error it was given says why
+                if self._rx_error is not None:
+                    raise self._rx_error from None
+                raise
             if chunk is not None:
                 grant = self._rx.take_grant()
                 if grant is not None and self._grant is not None:
@@ -671,7 +676,12 @@ class PacketStream:
         out: list[Any] = []
         size = 0
         while size < limit:
-            chunk = self._rx.pop()
+            try:
+                chunk = self._rx.pop()
+            except FlowError:
+                if self._rx_error is not None:
+                    raise self._rx_error from None
+                raise
             if chunk is None:
                 break
             out.append(chunk)

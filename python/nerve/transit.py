@@ -544,11 +544,13 @@ class Transit:
     def send_request(self, ep: ActionEndpoint, call_id: str, params: Any, meta: dict[str, Any],
                      headers: dict[str, Any], level: int, request_id: str, parent_id: str | None,
                      caller: str | None, *, timeout: float | None = None, stream: bool = False,
-                     tracing: bool | None = None, seq: int | None = None) -> Pending:
+                     tracing: bool | None = None, seq: int | None = None, targeted: bool = False) -> Pending:
         """Send a REQ and register its Pending (the caller waits for it and unregisters it).
         Takes the call's fields rather than a Context: a remote call needs no Context here.
 
-        Raises RequestSkippedError, without sending, when the call has no budget left."""
+        Raises RequestSkippedError, without sending, when the call has no budget left. In
+        balanced mode a call without a stream that was not ``targeted`` at a node (``node_id=``)
+        goes to the bus's queue group for its action."""
         node_id = ep.node_id
         budget = _budget_ms(timeout)
         if budget < 0:
@@ -560,7 +562,7 @@ class Transit:
             tracing=tracing, parent_id=parent_id, request_id=request_id, caller=caller, stream=stream,
             seq=UNSET if seq is None else seq,
         ))
-        balanced = self.node.disable_balancer and not stream
+        balanced = self.node.disable_balancer and not stream and not targeted
         # Balanced: the bus's queue group picks the node, and any node may answer ("").
         pending = Pending("" if balanced else node_id)
         self.pending[call_id] = pending  # before sending: an in-process answer comes at once

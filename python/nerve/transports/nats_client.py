@@ -171,11 +171,13 @@ def parse_nats_url(url: str | Sequence[str], *, user: str | None = None, passwor
 
 
 def _client_version() -> str:
+    """nerve's version, as its distribution says (a transport imports nothing above the wire)."""
     try:
-        import nerve  # the package is fully imported by the time a connection is opened
-    except ImportError:  # pragma: no cover
+        from importlib.metadata import version
+
+        return version("nerve")
+    except Exception:  # pragma: no cover - not installed as a distribution
         return _FALLBACK_VERSION
-    return str(getattr(nerve, "__version__", _FALLBACK_VERSION))
 
 
 def _is_auth_error(text: str) -> bool:
