@@ -189,7 +189,8 @@ class Server:
                     parent: Context | None, node_id: str, groups: list[str] | None, broker: Any, *,
                     level: int | None = None, request_id: str | None = None,
                     parent_id: str | None = None, caller: str | None = None,
-                    headers: dict[str, Any] | None = None, tracing: bool | None = None) -> None:
+                    headers: dict[str, Any] | None = None, tracing: bool | None = None,
+                    broadcast: bool = False) -> None:
         """Serve one event in the handler pool (no answer: its failure is logged)."""
         if spec is None:
             return
@@ -202,6 +203,9 @@ class Server:
             caller=caller or (parent.service if parent else None),
         )
         ctx.tracing = tracing if tracing is not None else (parent.tracing if parent else None)
+        ctx.event_type = "broadcast" if broadcast else "emit"
+        if not broadcast and groups is None:
+            ctx.event_groups = [spec.group]  # the group it was picked for
         self.events_handled += 1
         self.handlers.start_soon(self._run_event, spec, ctx)
 
@@ -227,7 +231,8 @@ class Server:
                              request_id=pkt.request_id or None, parent_id=pkt.parent_id or None,
                              caller=pkt.caller or None,
                              headers=dict(pkt.headers) if isinstance(pkt.headers, dict) else None,
-                             tracing=pkt.tracing if isinstance(pkt.tracing, bool) else None)
+                             tracing=pkt.tracing if isinstance(pkt.tracing, bool) else None,
+                             broadcast=bool(pkt.broadcast))
 
 
 def _metered(inner: Handler, slot: TimedSlot) -> Handler:

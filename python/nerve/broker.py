@@ -640,7 +640,8 @@ class Broker:
         group_list = [groups] if isinstance(groups, str) else groups
         for ep in self.registry.event_endpoints(event):
             if ep.local and (group_list is None or ep.group in group_list):
-                self._server.spawn_event(ep.spec, event, data, meta or {}, None, self.node_id, group_list, self)
+                self._server.spawn_event(ep.spec, event, data, meta or {}, None, self.node_id, group_list, self,
+                                         broadcast=True)
         await trio.lowlevel.checkpoint()
 
     async def _emit_core(self, event: str, data: Any, opts: EventOptions) -> None:
@@ -684,7 +685,8 @@ class Broker:
         for ep in endpoints:
             if ep.local:
                 self._server.spawn_event(ep.spec, event, data, dict(event_meta), parent, self.node_id,
-                                         group_list, self, headers=dict(headers) if headers else None)
+                                         group_list, self, headers=dict(headers) if headers else None,
+                                         broadcast=broadcast)
             else:
                 remote.setdefault(ep.node_id, []).append(ep.group)
         for node, node_groups in remote.items():
@@ -707,7 +709,7 @@ class Broker:
         data = {"node": {"id": node_id}, "unexpected": unexpected}
         for ep in self.registry.event_endpoints(name):
             if ep.local:
-                self._server.spawn_event(ep.spec, name, data, {}, None, self.node_id, None, self)
+                self._server.spawn_event(ep.spec, name, data, {}, None, self.node_id, None, self, broadcast=True)
         self._services_updated()
 
     async def ping(self, node_id: str, timeout: float = 2.0) -> float:

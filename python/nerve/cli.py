@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -346,16 +347,39 @@ async def _run_node(args: argparse.Namespace) -> None:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # --service mod:Class from the current directory
     services = [_load_service(s) for s in args.service]
-    async with nerve.Broker(args.node_id, transport=args.listen, peers=_peers(args), services=services,
+    transport = getattr(args, "transport", None) or args.listen or "tcp://127.0.0.1:0"
+    gateway_serve: Any = None
+    if args.http is not None:
+        try:
+            from nerve.gateway import serve as gateway_serve
+        except ImportError as exc:
+            raise CliError(f"--http needs nerve's 'gateway' extra (hypercorn, starlette, httpx): {exc}") from None
+    async with nerve.Broker(args.node_id, transport=transport, peers=_peers(args), services=services,
                             metrics_port=args.metrics, advertise=args.advertise,
-                            **_broker_options(args)) as broker:
+                            protocol_version=args.protocol_version, **_broker_options(args)) as broker:
         shown = {"nodeID": broker.node_id, "address": broker.address}
         if broker.metrics is not None:
             shown["metrics"] = broker.metrics.url
-        print(json.dumps(shown), flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
+        async with AsyncExitStack() as stack:
+            if gateway_serve is not None:
+                options: dict[str, Any] = {}
+                if args.token:
+                    from nerve.gateway.app import bearer_token
+
+                    options["auth"] = bearer_token(*args.token)
+                if args.expose:
+                    options["expose"] = args.expose
+                if args.cors:
+                    options["cors_origins"] = args.cors
+                try:
+                    server = await stack.enter_async_context(gateway_serve(broker, args.http, **options))
+                except ValueError as exc:
+                    raise CliError(f"--http: {exc}") from None
+                shown["http"] = server.url
+            print(json.dumps(shown), flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
 
 
 def _print_json(value: Any) -> None:
@@ -613,6 +637,19 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-mutual", action="store_true", help="require client certificates (mutual TLS)")
 
 
+def _add_node_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of a long-running node (run, gateway)."""
+    p.add_argument("--protocol-version", choices=["4", "5"], default="5",
+                   help="Moleculer protocol version: 5 (moleculer.js 0.15, default) or 4 (0.14)")
+    p.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                   help="with --http: HTTP clients must send 'Authorization: Bearer TOKEN' (repeatable)")
+    p.add_argument("--expose", action="append", default=[], metavar="PATTERN",
+                   help="with --http: actions HTTP clients may call ('users.*', '**'; repeatable; default all)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="with --http: an origin allowed by CORS (repeatable)")
+    _add_cluster_flags(p)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nerve", description=__doc__)
     p.add_argument("--version", action="version", version=f"nerve {nerve.__version__}",
@@ -643,7 +680,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--advertise", metavar="tcp://HOST:PORT", default=None,
                    help="the address peers are told to dial (behind NAT or in a container); default: the "
                         "--listen address, a wildcard host replaced by this host's first non-loopback address")
-    _add_cluster_flags(r)
+    _add_node_flags(r)
+    r.add_argument("--http", metavar="HOST:PORT", default=None,
+                   help="also serve the HTTP gateway there (the Moleculer Sidecar's API under /v1; needs "
+                        "nerve's 'gateway' extra; port 0 picks a free one, shown in the JSON line)")
+
+    g = sub.add_parser("gateway", help="run an HTTP gateway node (the Moleculer Sidecar's API under /v1) "
+                                       "joined to a cluster, until SIGTERM or Ctrl-C")
+    g.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:5103",
+                   help="where to serve HTTP (default 127.0.0.1:5103, the Sidecar's port)")
+    g.add_argument("--listen", default=None,
+                   help="tcp://HOST:PORT to listen on for nodes (default tcp://127.0.0.1:0 unless --transport)")
+    g.add_argument("--transport", metavar="nats://HOST:PORT", default=None,
+                   help="join through a NATS server (moleculer.js clusters) instead of TCP")
+    g.add_argument("--peer", action="append", default=[], metavar="tcp://HOST:PORT",
+                   help=f"a node to join (repeatable; default ${PEER_ENV})")
+    g.add_argument("--node-id", default=None, help="this node's id (default HOSTNAME-PID-N)")
+    g.add_argument("--service", action="append", default=[], metavar="MODULE:CLASS",
+                   help="a nerve.Service subclass to host beside the gateway (repeatable)")
+    g.add_argument("--metrics", metavar="HOST:PORT", default=None, help="serve Prometheus metrics there")
+    g.add_argument("--advertise", metavar="tcp://HOST:PORT", default=None,
+                   help="the address peers are told to dial")
+    _add_node_flags(g)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
@@ -733,7 +791,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[None]]] = {
-    "demo": _demo, "run": _run_node, "call": _call, "upload": _upload, "download": _download,
+    "demo": _demo, "run": _run_node, "gateway": _run_node, "call": _call, "upload": _upload, "download": _download,
     "nodes": _nodes, "actions": _listing, "services": _listing, "events": _listing, "emit": _emit_one,
     "broadcast": _broadcast, "ping": _ping, "watch": _watch, "fuzz": _fuzz,
 }
@@ -762,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         # A client's failure is its one error line; the warnings behind it show with -v.
-        quiet = logging.WARNING if args.command in ("run", "demo", "fuzz") else logging.ERROR
+        quiet = logging.WARNING if args.command in ("run", "gateway", "demo", "fuzz") else logging.ERROR
         logging.basicConfig(level=logging.INFO if args.verbose else quiet, handlers=[handler])
         trio.run(_with_sigint, _COMMANDS[args.command], args)
     except BaseException as exc:

@@ -39,6 +39,7 @@ class Context:
         "action",
         "event",
         "event_groups",
+        "event_type",
         "service",
         "endpoint",
         "timeout",
@@ -81,6 +82,8 @@ class Context:
         #: a call made with ``node_id=``: it goes to that node, even in balanced mode
         self.targeted = False
         self.action = action
+        #: for an event: ``"emit"`` (one handler per group) or ``"broadcast"``
+        self.event_type: str | None = None
         self.event = event
         self.event_groups = event_groups
         self.service = service

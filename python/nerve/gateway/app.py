@@ -1,0 +1,608 @@
+"""The gateway's ASGI application and its server (see the package docstring for the routes).
+
+Theory of operation: every route runs on the broker's trio run (hypercorn's trio worker is
+started in the caller's nursery), so a route awaits ``broker.call`` / ``emit`` directly.
+Bodies are bounded: a JSON body is read up to ``max_body`` bytes (413 beyond); a streamed
+body is pulled from the socket only as the call's request stream takes credit; a streamed
+answer is written only as fast as the client reads. Live events reach outside clients through
+one event subscription of the gateway's node (``**`` in a group of its own), made while at
+least one client listens and fanned out to per-client queues of ``event_queue`` events (a
+client that falls that far behind is disconnected, never buffered without bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import trio
+
+from nerve.context import Context
+from nerve.errors import (
+    ForbiddenError,
+    NerveError,
+    ServiceNotFoundError,
+    StreamError,
+    ValidationError,
+    error_to_wire,
+)
+from nerve.gateway.external import SchemaError, external_service
+from nerve.registry import match_event
+from nerve.service import Service, event
+from nerve.streams import PacketStream
+
+__all__ = ["Gateway", "GatewayServer", "serve", "bearer_token"]
+
+log = logging.getLogger("nerve.gateway")
+
+_JSON = "application/json; charset=utf-8"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_FILENAME = re.compile(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)"?', re.IGNORECASE)
+_SSE_PING = 15.0
+
+
+class HttpError(NerveError):
+    """An HTTP-level refusal of the gateway's own (bad body, too large, unknown route)."""
+
+    wire_name = "HttpError"
+    default_code = 400
+    default_type = "BAD_REQUEST"
+
+
+def bearer_token(*tokens: str) -> Callable[[Any], Awaitable[None]]:
+    """An access check for ``Gateway(auth=...)``: the request must carry
+    ``Authorization: Bearer <one of tokens>`` (401 otherwise; compared in constant time)."""
+    if not tokens or not all(isinstance(t, str) and t for t in tokens):
+        raise ValueError("bearer_token needs at least one non-empty token")
+    wanted = [t.encode() for t in tokens]
+
+    async def check(request: Any) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = scheme.lower() == "bearer" and any(secrets.compare_digest(given.strip().encode(), w) for w in wanted)
+        await trio.lowlevel.checkpoint()
+        if not ok:
+            raise NerveError("Unauthorized: a valid bearer token is required", 401, "UNAUTHORIZED")
+
+    return check
+
+
+def _status(exc: BaseException) -> int:
+    code = getattr(exc, "code", 500)
+    return code if isinstance(code, int) and 400 <= code <= 599 else 500
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return msgspec.json.encode(value)
+    except (TypeError, ValueError, OverflowError):
+        return msgspec.json.encode(msgspec.to_builtins(value, builtin_types=(), str_keys=True, enc_hook=repr))
+
+
+class Gateway:
+    """The ASGI application (``gateway.app``) of a running ``broker``.
+
+    ``prefix``: where the Sidecar API lives (``/v1``). ``max_body``: bytes of a JSON body
+    (1 MiB). ``timeout``: seconds a call may take unless its body says (None: the broker's
+    ``request_timeout``). ``expose``: which actions HTTP clients may call, as event-style
+    patterns (``"users.*"``, ``"**"``); default all, as the Sidecar. ``auth``: an async check
+    given the Starlette request, run before anything else; it raises a NerveError (401 / 403)
+    to refuse (:func:`bearer_token` is one). ``cors_origins``: origins allowed by CORS.
+    ``event_queue``: events a live-events client may fall behind before it is disconnected.
+    ``external_timeout``: seconds an external service's handler may take (30).
+    """
+
+    def __init__(self, broker: Any, *, prefix: str = "/v1", max_body: int = 1024 * 1024,
+                 timeout: float | None = None, expose: Iterable[str] | None = None,
+                 auth: Callable[[Any], Awaitable[None]] | None = None,
+                 cors_origins: Iterable[str] = (), event_queue: int = 256,
+                 external_timeout: float | None = 30.0) -> None:
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+        from starlette.routing import Route
+
+        if not prefix.startswith("/") or prefix.endswith("/"):
+            raise ValueError(f"prefix must start with '/' and not end with one, got {prefix!r}")
+        if max_body < 2:
+            raise ValueError("max_body must be at least 2 bytes")
+        self.broker = broker
+        self.prefix = prefix
+        self.max_body = max_body
+        self.timeout = timeout
+        self.expose = None if expose is None else [str(p) for p in expose]
+        self.auth = auth
+        self.event_queue = event_queue
+        self.external_timeout = external_timeout
+        #: services registered over HTTP (full name -> service)
+        self.external: dict[str, Service] = {}
+        self.http_client: Any = None
+        self._listeners: set[_Listener] = set()
+        self._events_service: Service | None = None
+        self._nursery: trio.Nursery | None = None
+        p = prefix
+        routes = [
+            Route(f"{p}/call/{{action:path}}", self.call, methods=["POST"]),
+            Route(f"{p}/emit/{{event:path}}", self.emit, methods=["POST"]),
+            Route(f"{p}/broadcast/{{event:path}}", self.broadcast, methods=["POST"]),
+            Route(f"{p}/registry/nodes", self.registry_list("$node.list"), methods=["GET"]),
+            Route(f"{p}/registry/services", self.registry_list("$node.services"), methods=["GET"]),
+            Route(f"{p}/registry/actions", self.registry_list("$node.actions"), methods=["GET"]),
+            Route(f"{p}/registry/events", self.registry_list("$node.events"), methods=["GET"]),
+            Route(f"{p}/registry/services", self.register_service, methods=["POST"]),
+            Route(f"{p}/registry/services/{{name:path}}", self.unregister_service, methods=["DELETE"]),
+            Route(f"{p}/events", self.live_events, methods=["GET"]),
+        ]
+        from nerve.gateway import openapi, websocket
+
+        routes += websocket.routes(self)
+        routes += openapi.routes(self)
+        middleware = []
+        origins = list(cors_origins)
+        if origins:
+            middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                                         allow_headers=["*"], expose_headers=["X-Request-ID"]))
+        self.app = Starlette(routes=routes, middleware=middleware,
+                             exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    def responds_json(self, body: Any, status: int = 200, request_id: str | None = None) -> Any:
+        """A JSON response as the gateway's routes answer (for the modules adding routes)."""
+        return self._json(body, status, request_id)
+
+    def responds_error(self, exc: BaseException, request_id: str, *, wrap: bool = False) -> Any:
+        """An error response (a Moleculer error body, the status from its code)."""
+        return self._error(exc, request_id, wrap=wrap)
+
+    async def admit(self, request: Any) -> None:
+        """Run the access check (``auth``) on ``request``: raises to refuse."""
+        await self._admit(request)
+
+    def exposed(self, action: str) -> bool:
+        """Whether HTTP clients may call ``action`` (``expose``)."""
+        return self._exposed(action)
+
+    def listen(self, patterns: list[str]) -> Any:
+        """A live-events listener for ``patterns``: ``await listener.get()`` returns the next
+        event as ``{"event", "data", "nodeID"}``, or None once it fell more than
+        ``event_queue`` events behind (it gets nothing more); ``unlisten`` it when done."""
+        listener = _Listener(patterns, self.event_queue)
+        self._listen(listener)
+        return listener
+
+    def unlisten(self, listener: Any) -> None:
+        self._unlisten(listener)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    # --- responses ------------------------------------------------------------------------
+
+    def _json(self, body: Any, status: int = 200, request_id: str | None = None,
+              headers: dict[str, str] | None = None) -> Any:
+        from starlette.responses import Response
+
+        out = {"X-Request-ID": request_id or secrets.token_hex(8)}
+        if headers:
+            out.update(headers)
+        return Response(_dumps(body), status_code=status, media_type=_JSON, headers=out)
+
+    def _error(self, exc: BaseException, request_id: str, meta: dict[str, Any] | None = None, *,
+               wrap: bool = True) -> Any:
+        plain = error_to_wire(exc, self.broker.node_id)
+        status = _status(exc)
+        fields = {k: plain.get(k) for k in ("name", "message", "code", "type", "data")}
+        if wrap:
+            fields["stack"] = getattr(exc, "stack", None)  # a remote one; never the gateway's own
+            fields["nodeID"] = plain.get("nodeID")
+            the_meta = dict(meta or {})
+            the_meta["$statusCode"] = status
+            return self._json({"error": fields, "meta": the_meta}, status, request_id)
+        return self._json(fields, status, request_id)
+
+    async def _not_found(self, request: Any, exc: Any) -> Any:
+        return self._error(HttpError(f"Not found: {request.method} {request.url.path}", 404, "NOT_FOUND"),
+                           _request_id(request), wrap=False)
+
+    async def _not_allowed(self, request: Any, exc: Any) -> Any:
+        return self._error(HttpError(f"Method not allowed: {request.method} {request.url.path}", 405,
+                                     "METHOD_NOT_ALLOWED"), _request_id(request), wrap=False)
+
+    # --- request bodies ---------------------------------------------------------------------
+
+    async def _read_json(self, request: Any) -> Any:
+        """The JSON body (``{}`` when empty), at most ``max_body`` bytes; HttpError otherwise."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise HttpError(f"Request body is larger than {self.max_body} bytes", 413, "PAYLOAD_TOO_LARGE")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > self.max_body:
+                raise HttpError(f"Request body is larger than {self.max_body} bytes", 413, "PAYLOAD_TOO_LARGE")
+        if not body.strip():
+            return {}
+        try:
+            return msgspec.json.decode(bytes(body))
+        except msgspec.DecodeError as exc:
+            raise HttpError(f"Invalid request body: {exc}", 400, "INVALID_REQUEST_BODY") from None
+
+    async def _admit(self, request: Any) -> None:
+        if self.auth is not None:
+            await self.auth(request)
+
+    def _exposed(self, action: str) -> bool:
+        return self.expose is None or any(match_event(action, p) for p in self.expose)
+
+    # --- routes -----------------------------------------------------------------------------
+
+    async def call(self, request: Any) -> Any:
+        request_id = _request_id(request)
+        action = request.path_params["action"]
+        meta: dict[str, Any] = {}
+        try:
+            await self._admit(request)
+            if not self._exposed(action):
+                raise ServiceNotFoundError(f"Service '{action}' is not found.", data={"action": action})
+            ctype = request.headers.get("content-type", "")
+            stream = None
+            if _is_json(ctype) or not _has_body(request):
+                body = await self._read_json(request)
+                if not isinstance(body, dict):
+                    raise HttpError("The body must be a JSON object {params, meta, options}", 400,
+                                    "INVALID_REQUEST_BODY")
+                params = body.get("params")
+                if params is None:
+                    params = {}
+                given_meta = body.get("meta")
+                if given_meta is not None and not isinstance(given_meta, dict):
+                    raise HttpError("'meta' must be an object", 400, "INVALID_REQUEST_BODY")
+                meta.update(given_meta or {})
+                options = body.get("options")
+                if options is not None and not isinstance(options, dict):
+                    raise HttpError("'options' must be an object", 400, "INVALID_REQUEST_BODY")
+                options = options or {}
+                timeout = _millis(body.get("timeout", options.get("timeout")), "timeout")
+                retries = _count(body.get("retries", options.get("retries")), "retries")
+            else:
+                params = {k: v for k, v in request.query_params.items()}
+                meta.update(_stream_meta(request, ctype))
+                timeout = _millis(request.query_params.get("timeout"), "timeout")
+                retries = None
+                stream = PacketStream.from_iterable(request.stream())
+            result = await self.broker.call(action, params, meta=meta, timeout=timeout or self.timeout,
+                                            retries=retries, stream=stream)
+        except HttpError as exc:  # refused before any call: moleculer-web's plain error body
+            return self._error(exc, request_id, wrap=False)
+        except NerveError as exc:
+            return self._error(exc, request_id, meta)
+        if isinstance(result, PacketStream):
+            return self._stream_response(result, meta, request_id)
+        return self._json({"response": result, "meta": meta}, 200, request_id)
+
+    def _stream_response(self, stream: PacketStream, meta: dict[str, Any], request_id: str) -> Any:
+        from starlette.responses import StreamingResponse
+
+        headers = {"X-Request-ID": request_id}
+        size = meta.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            headers["Content-Length"] = str(size)
+        name = meta.get("filename")
+        if isinstance(name, str) and name:
+            safe = name.replace("\\", "_").replace('"', "_").replace("\r", "").replace("\n", "")
+            headers["Content-Disposition"] = f'attachment; filename="{safe}"'
+        ctype = meta.get("$responseType") or meta.get("contentType") or "application/octet-stream"
+        return StreamingResponse(_chunks(stream), media_type=str(ctype), headers=headers)
+
+    async def emit(self, request: Any) -> Any:
+        return await self._event(request, broadcast=False)
+
+    async def broadcast(self, request: Any) -> Any:
+        return await self._event(request, broadcast=True)
+
+    async def _event(self, request: Any, *, broadcast: bool) -> Any:
+        from starlette.responses import Response
+
+        request_id = _request_id(request)
+        name = request.path_params["event"]
+        try:
+            await self._admit(request)
+            body = await self._read_json(request)
+            if not isinstance(body, dict):
+                raise HttpError("The body must be a JSON object {params, meta, options}", 400,
+                                "INVALID_REQUEST_BODY")
+            meta = body.get("meta") or {}
+            options = body.get("options") or {}
+            if not isinstance(meta, dict) or not isinstance(options, dict):
+                raise HttpError("'meta' and 'options' must be objects", 400, "INVALID_REQUEST_BODY")
+            groups = body.get("groups", options.get("groups"))
+            if groups is not None and not (isinstance(groups, str) or (
+                    isinstance(groups, list) and all(isinstance(g, str) for g in groups))):
+                raise HttpError("'groups' must be a string or a list of strings", 400, "INVALID_REQUEST_BODY")
+            send = self.broker.broadcast if broadcast else self.broker.emit
+            await send(name, body.get("params"), groups=groups, meta=meta)
+        except NerveError as exc:
+            return self._error(exc, request_id, wrap=False)
+        return Response(b"", status_code=200, headers={"X-Request-ID": request_id})
+
+    def registry_list(self, action: str) -> Callable[[Any], Awaitable[Any]]:
+        async def route(request: Any) -> Any:
+            request_id = _request_id(request)
+            try:
+                await self._admit(request)
+                params = {k: _query_value(v) for k, v in request.query_params.items()}
+                result = await self.broker.call(action, params, node_id=self.broker.node_id)
+            except NerveError as exc:
+                return self._error(exc, request_id, wrap=False)
+            return self._json(result, 200, request_id)
+
+        return route
+
+    async def register_service(self, request: Any) -> Any:
+        request_id = _request_id(request)
+        try:
+            await self._admit(request)
+            schema = await self._read_json(request)
+            if self.http_client is None:
+                raise HttpError("external services need the gateway to be served (nerve.gateway.serve)",
+                                503, "NOT_SERVING")
+            svc = external_service(schema, self.http_client, timeout=self.external_timeout)
+            name = svc.full_name
+            if name in self.broker.services:
+                if name not in self.external:
+                    raise HttpError(f"service {name!r} is a service of this node, not an external one: "
+                                    "it is not replaced over HTTP", 409, "CONFLICT")
+                await self.broker.remove_service(name)
+            self.external[name] = svc
+            self.broker.add_service(svc)
+        except ValidationError as exc:
+            return self._error(exc, request_id, wrap=False)
+        except (SchemaError, NerveError) as exc:
+            return self._error(exc, request_id, wrap=False)
+        return self._json({"status": "OK"}, 200, request_id)
+
+    async def unregister_service(self, request: Any) -> Any:
+        request_id = _request_id(request)
+        name = request.path_params["name"]
+        try:
+            await self._admit(request)
+            if name not in self.external:
+                raise NerveError("Service not found", 404, "NOT_FOUND", {"serviceName": name})
+            del self.external[name]
+            await self.broker.remove_service(name)
+        except NerveError as exc:
+            return self._error(exc, request_id, wrap=False)
+        return self._json({"status": "OK"}, 200, request_id)
+
+    # --- live events (Server-Sent Events) -----------------------------------------------------
+
+    async def live_events(self, request: Any) -> Any:
+        from starlette.responses import StreamingResponse
+
+        request_id = _request_id(request)
+        try:
+            await self._admit(request)
+            patterns = request.query_params.getlist("match") or ["**"]
+            for p in patterns:
+                if not p or len(p) > 200 or match_event("x", p) is None:
+                    raise HttpError(f"bad event pattern {p[:200]!r}", 400, "BAD_PATTERN")
+        except NerveError as exc:
+            return self._error(exc, request_id, wrap=False)
+        listener = _Listener(patterns, self.event_queue)
+        self._listen(listener)
+        headers = {"X-Request-ID": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(self._sse(listener), media_type="text/event-stream", headers=headers)
+
+    def _listen(self, listener: _Listener) -> None:
+        self._listeners.add(listener)
+        if self._events_service is None:
+            self._events_service = _events_service(self, self.broker.node_id)
+            self.broker.add_service(self._events_service)
+
+    def _unlisten(self, listener: _Listener) -> None:
+        self._listeners.discard(listener)
+        listener.close()
+        if not self._listeners and self._events_service is not None:
+            svc, self._events_service = self._events_service, None
+            if svc.full_name in self.broker.services and self._nursery is not None:
+                self._nursery.start_soon(self._remove_quietly, svc.full_name)
+
+    async def _remove_quietly(self, name: str) -> None:
+        try:
+            await self.broker.remove_service(name)
+        except NerveError:  # gone already (the broker stopped)
+            pass
+
+    def deliver(self, ctx: Context) -> None:
+        """An event reached the gateway's node: to every listener whose patterns match it."""
+        name = ctx.event or ""
+        for listener in list(self._listeners):
+            if listener.wants(name):
+                listener.put(name, ctx.params, ctx.node_id)
+
+    async def _sse(self, listener: _Listener) -> AsyncIterator[bytes]:
+        try:
+            yield b": nerve gateway live events\n\n"
+            while True:
+                with trio.move_on_after(_SSE_PING) as idle:
+                    item = await listener.get()
+                if idle.cancelled_caught:
+                    yield b": ping\n\n"
+                    continue
+                if item is None:  # fell too far behind
+                    yield b"event: overflow\ndata: {}\n\n"
+                    return
+                yield b"event: " + _sse_field(item["event"]) + b"\ndata: " + _dumps(item) + b"\n\n"
+        finally:
+            self._unlisten(listener)
+
+
+class _Listener:
+    """One live-events client: its patterns and a bounded queue of encoded events."""
+
+    def __init__(self, patterns: list[str], size: int) -> None:
+        self.patterns = patterns
+        self.send, self.receive = trio.open_memory_channel[dict[str, Any]](max(1, size))
+        self.overflowed = False
+
+    def wants(self, name: str) -> bool:
+        return any(match_event(name, p) for p in self.patterns)
+
+    def put(self, name: str, data: Any, sender: str | None) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.send.send_nowait({"event": name, "data": data, "nodeID": sender})
+        except trio.WouldBlock:
+            self.overflowed = True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def get(self) -> dict[str, Any] | None:
+        if self.overflowed and self.receive.statistics().current_buffer_used == 0:
+            await trio.lowlevel.checkpoint()
+            return None
+        try:
+            return await self.receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+
+    def close(self) -> None:
+        self.send.close()
+        self.receive.close()
+
+
+def _events_service(gateway: Gateway, node_id: str) -> Service:
+    """The gateway's subscription to every event, in a group of its own (an emit reaches one
+    handler per group: this one, on every gateway node)."""
+
+    async def on_event(self: Service, ctx: Context) -> None:
+        gateway.deliver(ctx)
+        await trio.lowlevel.checkpoint()
+
+    attrs = {"name": f"$gateway-events-{node_id}"[:200],
+             "on_event": event("**", group=f"$gateway.{node_id}"[:200])(on_event)}
+    return type("GatewayEvents", (Service,), attrs)()  # type: ignore[no-any-return]
+
+
+def _sse_field(name: str) -> bytes:
+    return name.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
+
+
+async def _chunks(stream: PacketStream) -> AsyncIterator[bytes]:
+    """A response stream's chunks for an HTTP body; the reader stops if the client goes."""
+    finished = False
+    try:
+        async for chunk in stream:
+            yield chunk
+        finished = True
+    except StreamError as exc:
+        log.warning("a streamed answer failed mid-way: %s", exc)
+    finally:
+        if not finished:
+            with trio.CancelScope(shield=True):
+                await stream.close()
+
+
+def _request_id(request: Any) -> str:
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.fullmatch(given):
+        return str(given)
+    return secrets.token_hex(12)
+
+
+def _is_json(ctype: str) -> bool:
+    main = ctype.split(";", 1)[0].strip().lower()
+    return main in ("", "application/json", "text/json") or main.endswith("+json")
+
+
+def _has_body(request: Any) -> bool:
+    length = request.headers.get("content-length")
+    if length is not None:
+        return length.strip() not in ("", "0")
+    return "chunked" in request.headers.get("transfer-encoding", "").lower()
+
+
+def _stream_meta(request: Any, ctype: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"contentType": ctype}
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit():
+        meta["contentLength"] = int(length)
+    name = request.query_params.get("filename")
+    if not name:
+        found = _FILENAME.search(request.headers.get("content-disposition", ""))
+        name = found.group(1) if found else None
+    if name:
+        meta["filename"] = name[:255]
+    return meta
+
+
+def _millis(value: Any, what: str) -> float | None:
+    """A Moleculer timeout in milliseconds as seconds (None / 0: none)."""
+    if value is None or value == "":
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        raise HttpError(f"'{what}' must be a number of milliseconds", 400, "INVALID_REQUEST_BODY") from None
+    if isinstance(value, bool) or not math.isfinite(ms) or ms < 0:
+        raise HttpError(f"'{what}' must be a number of milliseconds", 400, "INVALID_REQUEST_BODY")
+    return ms / 1000 if ms else None
+
+
+def _count(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise HttpError(f"'{what}' must be an integer from 0 to 100", 400, "INVALID_REQUEST_BODY")
+    return value
+
+
+def _query_value(value: str) -> Any:
+    return {"true": True, "false": False}.get(value, value)
+
+
+class GatewayServer:
+    """A gateway being served: ``url`` (``http://host:port``), ``gateway`` (the app)."""
+
+    def __init__(self, gateway: Gateway, urls: list[str]) -> None:
+        self.gateway = gateway
+        self.urls = urls
+        self.url = urls[0] if urls else ""
+
+
+@asynccontextmanager
+async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) -> AsyncIterator[GatewayServer]:
+    """Serve a :class:`Gateway` of the running ``broker`` at ``address`` (``HOST:PORT``; port 0
+    picks a free one, read ``.url``) until the block ends. ``options`` go to :class:`Gateway`."""
+    import httpx
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    gateway = options.pop("gateway", None) or Gateway(broker, **options)
+    config = Config()
+    config.bind = [address]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("nerve.gateway.http")  # type: ignore[assignment]
+    config.keep_alive_timeout = 30
+    config.graceful_timeout = 2
+    done = trio.Event()
+    async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+        gateway.http_client = client
+        gateway._nursery = nursery
+        urls = await nursery.start(lambda task_status: hypercorn_serve(
+            gateway, config, shutdown_trigger=done.wait, task_status=task_status))
+        try:
+            yield GatewayServer(gateway, list(urls))
+        finally:
+            done.set()
+            for listener in list(gateway._listeners):
+                listener.close()
