@@ -229,8 +229,9 @@ class Gateway:
             return {}
         try:
             return msgspec.json.decode(bytes(body))
-        except msgspec.DecodeError as exc:
-            raise HttpError(f"Invalid request body: {exc}", 400, "INVALID_REQUEST_BODY") from None
+        except Exception as exc:  # DecodeError; RecursionError (nested too deep); UnicodeDecodeError
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise HttpError(f"Invalid request body: {why}", 400, "INVALID_REQUEST_BODY") from None
 
     async def _admit(self, request: Any) -> None:
         if self.auth is not None:

@@ -151,7 +151,8 @@ def external_service(schema: Any, client: Any, *, timeout: float | None = None) 
     version = schema.get("version")
     if version is not None and not isinstance(version, (int, str)) or isinstance(version, bool):
         raise SchemaError("'version' must be a number or a string")
-    settings = schema.get("settings") or {}
+    settings = schema.get("settings")
+    settings = {} if settings is None else settings
     if not isinstance(settings, dict):
         raise SchemaError("'settings' must be an object")
     base_url = settings.get("baseUrl") or ""
@@ -161,8 +162,10 @@ def external_service(schema: Any, client: Any, *, timeout: float | None = None) 
     attrs: dict[str, Any] = {"name": name, "version": version,
                              "settings": {k: v for k, v in settings.items() if isinstance(k, str)},
                              "metadata": {"$external": True}}
-    actions = schema.get("actions") or {}
-    events = schema.get("events") or {}
+    actions = schema.get("actions")
+    events = schema.get("events")
+    actions = {} if actions is None else actions
+    events = {} if events is None else events
     if not isinstance(actions, dict) or not isinstance(events, dict):
         raise SchemaError("'actions' and 'events' must be objects")
     for i, (raw, spec) in enumerate(actions.items()):
