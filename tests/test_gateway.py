@@ -420,3 +420,70 @@ def test_nerve_gateway_as_a_process_serves_the_sidecar_api(tmp_path: Path) -> No
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+
+
+# --- REST aliases ---------------------------------------------------------------------------
+
+
+class Users(nerve.Service):
+    name = "users"
+    settings = {"rest": "/api/users"}
+
+    @nerve.action(rest="GET /{id}")
+    async def get(self, ctx: nerve.Context, p: UserId) -> dict[str, Any]:
+        ctx.meta["$responseHeaders"] = {"X-User": str(p.id), "Bad\r\nHeader": "x", "X-Inject": "a\r\nb"}
+        return {"id": p.id, "verbose": p.verbose}
+
+    @nerve.action(rest=["POST /", "PUT /{id}"])
+    async def save(self, ctx: nerve.Context) -> dict[str, Any]:
+        ctx.meta["$statusCode"] = 201
+        ctx.meta["$location"] = f"/api/users/{ctx.params.get('id', 'new')}"
+        return {"saved": ctx.params}
+
+    @nerve.action(rest="GET /export/all.csv")
+    async def export(self, ctx: nerve.Context) -> str:
+        ctx.meta["$responseType"] = "text/csv"
+        return "id\n1\n"
+
+    @nerve.action(rest=["", 5, "FETCH /x", "GET nope", "GET //x", {"a": 1}])
+    async def ignored(self, ctx: nerve.Context) -> None:
+        return None
+
+
+class UserId(msgspec.Struct):
+    id: int
+    verbose: bool = False
+
+
+async def test_rest_aliases_publish_actions_as_routes() -> None:
+    async with nerve.Broker("gw", services=[Users()]) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.get("/api/users/42?verbose=true")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"id": 42, "verbose": True}
+        assert r.headers["x-user"] == "42" and "x-inject" not in r.headers
+        r = await http.get("/api/users/abc")
+        assert r.status_code == 422 and r.json()["data"]["field"] == "id"
+        r = await http.post("/api/users", json={"name": "ann"})
+        assert r.status_code == 201 and r.headers["location"] == "/api/users/new"
+        assert r.json() == {"saved": {"name": "ann"}}
+        r = await http.put("/api/users/7?x=1", json={"name": "bob"})
+        assert r.json() == {"saved": {"x": "1", "name": "bob", "id": "7"}}
+        r = await http.get("/api/users/export/all.csv")  # the literal path wins over /{id}
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv") and r.text == "id\n1\n"
+        assert (await http.delete("/api/users/7")).status_code == 404
+        assert (await http.post("/api/users", content=b"[1]", headers={"content-type": "application/json"})).status_code == 400
+        assert (await http.get("/v1/call/users.get")).status_code == 405
+        aliases = {(a.method, a.path) for a in gw.gateway.aliases()}
+        assert aliases == {("GET", "/api/users/{id}"), ("POST", "/api/users"), ("PUT", "/api/users/{id}"),
+                           ("GET", "/api/users/export/all.csv")}
+
+
+async def test_aliases_of_another_nodes_actions() -> None:
+    async with nerve.Broker("svc", transport="tcp://127.0.0.1:0", services=[Users()]) as svc, \
+            nerve.Broker("gw", transport="tcp://127.0.0.1:0", peers=[svc.address]) as broker, \
+            serve(broker, "127.0.0.1:0") as gw, httpx.AsyncClient(base_url=gw.url) as http:
+        with trio.fail_after(10):
+            await broker.wait_for_services("users")
+        r = await http.get("/api/users/5")
+        assert r.json() == {"id": 5, "verbose": False} and r.headers["x-user"] == "5"

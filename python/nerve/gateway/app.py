@@ -143,6 +143,9 @@ class Gateway:
 
         routes += websocket.routes(self)
         routes += openapi.routes(self)
+        # REST aliases last: any other path is looked up among the actions' ``rest`` aliases
+        routes.append(Route("/{path:path}", self.alias, methods=list(_METHODS)))
+        self._aliases: tuple[Any, list[_Alias]] = (None, [])
         middleware = []
         origins = list(cors_origins)
         if origins:
@@ -380,6 +383,87 @@ class Gateway:
             return self._error(exc, request_id, wrap=False)
         return self._json({"status": "OK"}, 200, request_id)
 
+    # --- REST aliases ---------------------------------------------------------------------------
+
+    def aliases(self) -> list[_Alias]:
+        """The REST aliases of every available node's actions, rebuilt when a node's services
+        change (the registry's node ``seq``s and this node's services say when)."""
+        broker = self.broker
+        nodes = broker.registry.available_nodes()
+        key = (tuple((n.id, n.seq, len(n.services)) for n in nodes), tuple(broker.services))
+        if key == self._aliases[0]:
+            return self._aliases[1]
+        table: list[_Alias] = []
+        for node in nodes:
+            services = broker.describe_services() if node.local else node.services
+            for svc in services:
+                if not isinstance(svc, dict):
+                    continue
+                settings = svc.get("settings")
+                prefix = settings.get("rest") if isinstance(settings, dict) else None
+                actions = svc.get("actions")
+                if not isinstance(actions, dict):
+                    continue
+                for name, definition in actions.items():
+                    if isinstance(definition, dict) and "rest" in definition and isinstance(name, str):
+                        if self._exposed(name):
+                            table.extend(parse_rest(definition["rest"], prefix, name))
+        unique: dict[tuple[str, str], _Alias] = {}
+        for alias in table:
+            unique.setdefault((alias.method, alias.path), alias)
+        ordered = sorted(unique.values(), key=lambda a: a.rank)
+        self._aliases = (key, ordered)
+        return ordered
+
+    async def alias(self, request: Any) -> Any:
+        request_id = _request_id(request)
+        path = request.url.path
+        for alias in self.aliases():
+            path_params = alias.match(request.method, path)
+            if path_params is not None:
+                break
+        else:
+            from starlette.routing import Match
+
+            for route in self.app.routes[:-1]:  # a route of ours, with another method: 405
+                if route.matches(request.scope)[0] is Match.PARTIAL:
+                    return await self._not_allowed(request, None)
+            return await self._not_found(request, None)
+        meta: dict[str, Any] = {}
+        try:
+            await self._admit(request)
+            params: dict[str, Any] = dict(request.query_params.items())
+            stream = None
+            ctype = request.headers.get("content-type", "")
+            if _has_body(request) and not _is_json(ctype):
+                meta.update(_stream_meta(request, ctype))
+                stream = PacketStream.from_iterable(request.stream())
+            elif _has_body(request):
+                body = await self._read_json(request)
+                if isinstance(body, dict):
+                    params.update(body)
+                elif body != {}:
+                    raise HttpError("An alias's JSON body must be an object", 400, "INVALID_REQUEST_BODY")
+            params.update(path_params)
+            result = await self.broker.call(alias.action, params, meta=meta, timeout=self.timeout, stream=stream)
+        except NerveError as exc:
+            return self._error(exc, request_id, wrap=False)
+        if isinstance(result, PacketStream):
+            return self._stream_response(result, meta, request_id)
+        status = meta.get("$statusCode")
+        headers = _response_headers(meta)
+        from starlette.responses import Response
+
+        if request.method == "HEAD":
+            return Response(b"", status_code=200, headers={"X-Request-ID": request_id, **headers})
+        code = status if isinstance(status, int) and 200 <= status <= 599 else 200
+        ctype = meta.get("$responseType")
+        if isinstance(ctype, str) and isinstance(result, (str, bytes)):
+            body = result.encode() if isinstance(result, str) else result
+            return Response(body, status_code=code, media_type=ctype,
+                            headers={"X-Request-ID": request_id, **headers})
+        return self._json(result, code, request_id, headers)
+
     # --- live events (Server-Sent Events) -----------------------------------------------------
 
     async def live_events(self, request: Any) -> Any:
@@ -443,6 +527,60 @@ class Gateway:
             self._unlisten(listener)
 
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+_SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Alias:
+    """``METHOD /path/{param}`` published by an action's ``rest`` property (under its
+    service's ``settings["rest"]`` prefix)."""
+
+    def __init__(self, method: str, path: str, action: str) -> None:
+        self.method = method
+        self.path = path
+        self.action = action
+        pattern = ""
+        at = 0
+        for m in _SEGMENT.finditer(path):
+            pattern += re.escape(path[at:m.start()]) + f"(?P<{m.group(1)}>[^/]+)"
+            at = m.end()
+        pattern += re.escape(path[at:])
+        self.regex = re.compile(pattern)
+        #: literal paths before templated ones, longer before shorter
+        self.rank = (bool(_SEGMENT.search(path)), -len(path))
+
+    def match(self, method: str, path: str) -> dict[str, str] | None:
+        if method != self.method and not (method == "HEAD" and self.method == "GET"):
+            return None
+        found = self.regex.fullmatch(path)
+        return found.groupdict() if found is not None else None
+
+
+def parse_rest(spec: Any, prefix: Any, action: str) -> list[_Alias]:
+    """The aliases of one action: ``rest`` is ``"GET /users/{id}"``, ``"/users"`` (POST), or a
+    list of them; ``prefix`` (the service's ``settings["rest"]``) goes in front. Malformed
+    entries (a peer's INFO is not trusted) are skipped."""
+    out: list[_Alias] = []
+    specs = spec if isinstance(spec, list) else [spec]
+    base = prefix.rstrip("/") if isinstance(prefix, str) and prefix.startswith("/") else ""
+    for item in specs[:16]:
+        if not isinstance(item, str) or len(item) > 500:
+            continue
+        method, _, path = item.strip().partition(" ")
+        if not path:
+            method, path = "POST", method
+        method = method.upper()
+        path = path.strip()
+        if method not in _METHODS or not path.startswith("/") or "//" in path:
+            continue
+        full = base + path if path != "/" or not base else base
+        try:
+            out.append(_Alias(method, full, action))
+        except re.error:
+            continue
+    return out
+
+
 class _Listener:
     """One live-events client: its patterns and a bounded queue of encoded events."""
 
@@ -489,6 +627,26 @@ def _events_service(gateway: Gateway, node_id: str) -> Service:
     attrs = {"name": f"$gateway-events-{node_id}"[:200],
              "on_event": event("**", group=f"$gateway.{node_id}"[:200])(on_event)}
     return type("GatewayEvents", (Service,), attrs)()  # type: ignore[no-any-return]
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
+
+
+def _response_headers(meta: dict[str, Any]) -> dict[str, str]:
+    """The headers a handler set in ``meta["$responseHeaders"]`` (moleculer-web's way), with
+    names and values that can be headers (no CR / LF); ``$location`` as Location."""
+    out: dict[str, str] = {}
+    given = meta.get("$responseHeaders")
+    if isinstance(given, dict):
+        for name, value in list(given.items())[:50]:
+            if isinstance(name, str) and _HEADER_NAME.fullmatch(name) and isinstance(value, (str, int, float)):
+                text = str(value)
+                if "\r" not in text and "\n" not in text and len(text) <= 4096:
+                    out[name] = text
+    location = meta.get("$location")
+    if isinstance(location, str) and "\r" not in location and "\n" not in location:
+        out["Location"] = location
+    return out
 
 
 def _sse_field(name: str) -> bytes:
