@@ -149,6 +149,51 @@ def test_moleculer_js_uploads_to_nerve(js: MoleculerNode, nats: str) -> None:
     run(case)
 
 
+class PySlow(nerve.Service):
+    """A consumer far slower than moleculer.js produces (it has no flow control)."""
+
+    name = "pyslow"
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException] = []
+        self.peak = 0
+
+    @nerve.action
+    async def upload(self, ctx: nerve.Context) -> int:
+        assert ctx.stream is not None
+        n = 0
+        try:
+            async for chunk in ctx.stream:
+                n += len(chunk)
+                self.peak = max(self.peak, ctx.stream.statistics().bytes_buffered)
+                await trio.sleep(0.05)
+        except nerve.errors.StreamError as exc:
+            self.failures.append(exc)
+            raise
+        return n
+
+
+def test_a_moleculer_js_producer_cannot_outgrow_a_slow_nerve_consumer(js: MoleculerNode, nats: str) -> None:
+    """moleculer.js streams without flow control: against a slow nerve handler the stream fails
+    with StreamOverflowError once max_stream_buffer is unread; nerve never holds more."""
+    limit = 1024 * 1024
+
+    async def case() -> None:
+        slow = PySlow()
+        async with nerve_node(js, nats, slow, max_stream_buffer=limit) as b:
+            with pytest.raises(nerve.errors.NerveError) as info:
+                await b.call("jsstream.callPyUpload", {"action": "pyslow.upload", "size": 8 * 1024 * 1024, "seed": 1})
+            assert info.value.name == "StreamOverflowError", repr(info.value)
+            assert len(slow.failures) == 1 and isinstance(slow.failures[0], nerve.errors.StreamOverflowError)
+            assert slow.peak <= limit
+            assert b.statistics().transit.streams_reading == 0
+            # the node serves on: a normal upload afterwards
+            got = await b.call("jsstream.callPyUpload", {"action": "pyslow.upload", "size": 20_000, "seed": 2})
+            assert got == 20_000
+
+    run(case)
+
+
 def test_moleculer_js_downloads_from_nerve(js: MoleculerNode, nats: str) -> None:
     async def case() -> None:
         async with nerve_node(js, nats, PyStream()) as b:
