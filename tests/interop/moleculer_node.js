@@ -56,6 +56,12 @@ broker.createService({
 		events() {
 			return received;
 		},
+		async callAction(ctx) {
+			// For the gateway's test: call any action (an external HTTP service's, say) and show
+			// the answer and the meta merged back.
+			const response = await ctx.call(ctx.params.action, ctx.params.params, { meta: ctx.params.meta || {} });
+			return { response, meta: ctx.meta };
+		},
 		emitEvent(ctx) {
 			return ctx.emit(ctx.params.event, ctx.params.payload);
 		},
