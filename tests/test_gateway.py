@@ -487,3 +487,14 @@ async def test_aliases_of_another_nodes_actions() -> None:
             await broker.wait_for_services("users")
         r = await http.get("/api/users/5")
         assert r.json() == {"id": 5, "verbose": False} and r.headers["x-user"] == "5"
+
+
+async def test_metrics_on_the_gateways_port() -> None:
+    async with nerve.Broker("gw", services=[Math()], metrics=True) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as http:
+        await http.post("/v1/call/math.add", json={"params": {"a": 1, "b": 2}})
+        r = await http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert 'moleculer_request_total{action="math.add",service="math",type="local"} 1.0' in r.text
+    async with gateway() as (_, _, http):  # without metrics there is no such route
+        assert (await http.get("/metrics")).status_code == 404

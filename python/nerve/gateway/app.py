@@ -143,6 +143,10 @@ class Gateway:
 
         routes += websocket.routes(self)
         routes += openapi.routes(self)
+        if getattr(broker, "metrics", None) is not None:
+            # Prometheus' exposition of this node, on the gateway's port too (the scrape runs
+            # on the broker's trio run, as the metrics port's does)
+            routes.append(Route("/metrics", self._metrics_route(broker.metrics.asgi_app()), methods=["GET"]))
         # REST aliases last: any other path is looked up among the actions' ``rest`` aliases
         routes.append(Route("/{path:path}", self.alias, methods=list(_METHODS)))
         self._aliases: tuple[Any, list[_Alias]] = (None, [])
@@ -153,6 +157,34 @@ class Gateway:
                                          allow_headers=["*"], expose_headers=["X-Request-ID"]))
         self.app = Starlette(routes=routes, middleware=middleware,
                              exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    def _metrics_route(self, app: Any) -> Callable[[Any], Awaitable[Any]]:
+        async def route(request: Any) -> Any:
+            from starlette.responses import Response
+
+            try:
+                await self._admit(request)
+            except NerveError as exc:
+                return self._error(exc, _request_id(request), wrap=False)
+            sent: dict[str, Any] = {"status": 500, "headers": [], "body": b""}
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    sent["status"] = message["status"]
+                    sent["headers"] = message.get("headers", [])
+                elif message["type"] == "http.response.body":
+                    sent["body"] += message.get("body", b"")
+
+            scope = dict(request.scope, path="/metrics", root_path="")
+            await app(scope, receive, send)
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in sent["headers"]
+                       if k.lower() != b"content-length"}
+            return Response(sent["body"], status_code=sent["status"], headers=headers)
+
+        return route
 
     def responds_json(self, body: Any, status: int = 200, request_id: str | None = None) -> Any:
         """A JSON response as the gateway's routes answer (for the modules adding routes)."""
