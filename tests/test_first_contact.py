@@ -183,7 +183,7 @@ async def test_a_producer_waiting_for_its_call_is_told_why(tmp_path: Path, monke
 
 
 PUBLIC_MODULES = ["nerve", "nerve.errors", "nerve.middlewares", "nerve.strategies", "nerve.statistics",
-                  "nerve.metrics", "nerve.logs", "nerve.testing", "nerve.tracing", "nerve.middleware"]
+                  "nerve.metrics", "nerve.logs", "nerve.testing", "nerve.tracing", "nerve.middleware", "nerve.gateway"]
 
 
 def test_every_public_name_has_a_docstring() -> None:

@@ -24,6 +24,6 @@ client reads. Errors are Moleculer error bodies with the HTTP status of their co
 Needs the ``gateway`` extra (hypercorn, Starlette, httpx).
 """
 
-from nerve.gateway.app import Gateway, GatewayServer, serve
+from nerve.gateway.app import Gateway, GatewayServer, bearer_token, serve
 
-__all__ = ["Gateway", "GatewayServer", "serve"]
+__all__ = ["Gateway", "GatewayServer", "bearer_token", "serve"]

@@ -211,6 +211,7 @@ class Gateway:
         return listener
 
     def unlisten(self, listener: Any) -> None:
+        """Remove a listener made by :meth:`listen`."""
         self._unlisten(listener)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -278,6 +279,8 @@ class Gateway:
     # --- routes -----------------------------------------------------------------------------
 
     async def call(self, request: Any) -> Any:
+        """``POST {prefix}/call/{action}``: the call, its answer ``{response, meta}`` (or a
+        streamed body), or its error with the error's status."""
         request_id = _request_id(request)
         action = request.path_params["action"]
         meta: dict[str, Any] = {}
@@ -336,9 +339,11 @@ class Gateway:
         return StreamingResponse(_chunks(stream), media_type=str(ctype), headers=headers)
 
     async def emit(self, request: Any) -> Any:
+        """``POST {prefix}/emit/{event}``: emit ``params`` (to ``groups``); 200, empty body."""
         return await self._event(request, broadcast=False)
 
     async def broadcast(self, request: Any) -> Any:
+        """``POST {prefix}/broadcast/{event}``: broadcast ``params``; 200, empty body."""
         return await self._event(request, broadcast=True)
 
     async def _event(self, request: Any, *, broadcast: bool) -> Any:
@@ -367,6 +372,8 @@ class Gateway:
         return Response(b"", status_code=200, headers={"X-Request-ID": request_id})
 
     def registry_list(self, action: str) -> Callable[[Any], Awaitable[Any]]:
+        """The route answering ``GET {prefix}/registry/...`` with this node's ``action``
+        (``$node.list``, ...), the query string as its params."""
         async def route(request: Any) -> Any:
             request_id = _request_id(request)
             try:
@@ -380,6 +387,7 @@ class Gateway:
         return route
 
     async def register_service(self, request: Any) -> Any:
+        """``POST {prefix}/registry/services``: register (or replace) an external service."""
         request_id = _request_id(request)
         try:
             await self._admit(request)
@@ -403,6 +411,7 @@ class Gateway:
         return self._json({"status": "OK"}, 200, request_id)
 
     async def unregister_service(self, request: Any) -> Any:
+        """``DELETE {prefix}/registry/services/{name}``: remove an external service."""
         request_id = _request_id(request)
         name = request.path_params["name"]
         try:
@@ -448,6 +457,9 @@ class Gateway:
         return ordered
 
     async def alias(self, request: Any) -> Any:
+        """Any other path: the action whose REST alias matches it, params from the path, the
+        query and a JSON body; its result is the body, shaped by ``$statusCode``,
+        ``$responseType``, ``$responseHeaders`` and ``$location`` in its meta."""
         request_id = _request_id(request)
         path = request.url.path
         for alias in self.aliases():
@@ -499,6 +511,8 @@ class Gateway:
     # --- live events (Server-Sent Events) -----------------------------------------------------
 
     async def live_events(self, request: Any) -> Any:
+        """``GET {prefix}/events?match=PATTERN``: the events matching the patterns (repeat
+        ``match``; default ``**``) as Server-Sent Events, with a comment line every 15 s."""
         from starlette.responses import StreamingResponse
 
         request_id = _request_id(request)
