@@ -498,3 +498,12 @@ async def test_metrics_on_the_gateways_port() -> None:
         assert 'moleculer_request_total{action="math.add",service="math",type="local"} 1.0' in r.text
     async with gateway() as (_, _, http):  # without metrics there is no such route
         assert (await http.get("/metrics")).status_code == 404
+
+
+async def test_per_route_timeouts() -> None:
+    async with gateway(timeout={"math.slow": 0.1, "**": 30}) as (_, _, http):
+        r = await http.post("/v1/call/math.slow", json={})
+        assert r.status_code == 504
+        assert (await http.post("/v1/call/math.add", json={"params": {"a": 1, "b": 1}})).status_code == 200
+    with pytest.raises(ValueError):
+        nerve.gateway.Gateway(nerve.Broker("x"), timeout={"a": -1})

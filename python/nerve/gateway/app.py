@@ -89,8 +89,8 @@ class Gateway:
     """The ASGI application (``gateway.app``) of a running ``broker``.
 
     ``prefix``: where the Sidecar API lives (``/v1``). ``max_body``: bytes of a JSON body
-    (1 MiB). ``timeout``: seconds a call may take unless its body says (None: the broker's
-    ``request_timeout``). ``expose``: which actions HTTP clients may call, as event-style
+    (1 MiB). ``timeout``: seconds a call may take unless its body says, or a dict
+    of action patterns to seconds (the first match wins; none: the broker's ``request_timeout``). ``expose``: which actions HTTP clients may call, as event-style
     patterns (``"users.*"``, ``"**"``); default all, as the Sidecar. ``auth``: an async check
     given the Starlette request, run before anything else; it raises a NerveError (401 / 403)
     to refuse (:func:`bearer_token` is one). ``cors_origins``: origins allowed by CORS.
@@ -99,7 +99,7 @@ class Gateway:
     """
 
     def __init__(self, broker: Any, *, prefix: str = "/v1", max_body: int = 1024 * 1024,
-                 timeout: float | None = None, expose: Iterable[str] | None = None,
+                 timeout: float | dict[str, float] | None = None, expose: Iterable[str] | None = None,
                  auth: Callable[[Any], Awaitable[None]] | None = None,
                  cors_origins: Iterable[str] = (), event_queue: int = 256,
                  external_timeout: float | None = 30.0) -> None:
@@ -115,7 +115,14 @@ class Gateway:
         self.broker = broker
         self.prefix = prefix
         self.max_body = max_body
-        self.timeout = timeout
+        if isinstance(timeout, dict):
+            if not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in timeout.items()):
+                raise ValueError("timeout= maps action patterns to positive seconds")
+            self.timeouts: list[tuple[str, float]] = list(timeout.items())
+        elif timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive seconds")
+        else:
+            self.timeouts = [("**", timeout)] if timeout is not None else []
         self.expose = None if expose is None else [str(p) for p in expose]
         self.auth = auth
         self.event_queue = event_queue
@@ -157,6 +164,14 @@ class Gateway:
                                          allow_headers=["*"], expose_headers=["X-Request-ID"]))
         self.app = Starlette(routes=routes, middleware=middleware,
                              exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    def timeout_of(self, action: str) -> float | None:
+        """Seconds a call of ``action`` may take unless its body says: the first ``timeout``
+        pattern that matches it (None: the broker's ``request_timeout``)."""
+        for pattern, seconds in self.timeouts:
+            if match_event(action, pattern):
+                return seconds
+        return None
 
     def _metrics_route(self, app: Any) -> Callable[[Any], Awaitable[Any]]:
         async def route(request: Any) -> Any:
@@ -314,7 +329,7 @@ class Gateway:
                 timeout = _millis(request.query_params.get("timeout"), "timeout")
                 retries = None
                 stream = PacketStream.from_iterable(request.stream())
-            result = await self.broker.call(action, params, meta=meta, timeout=timeout or self.timeout,
+            result = await self.broker.call(action, params, meta=meta, timeout=timeout or self.timeout_of(action),
                                             retries=retries, stream=stream)
         except HttpError as exc:  # refused before any call: moleculer-web's plain error body
             return self._error(exc, request_id, wrap=False)
@@ -489,7 +504,8 @@ class Gateway:
                 elif body != {}:
                     raise HttpError("An alias's JSON body must be an object", 400, "INVALID_REQUEST_BODY")
             params.update(path_params)
-            result = await self.broker.call(alias.action, params, meta=meta, timeout=self.timeout, stream=stream)
+            result = await self.broker.call(alias.action, params, meta=meta, timeout=self.timeout_of(alias.action),
+                                            stream=stream)
         except NerveError as exc:
             return self._error(exc, request_id, wrap=False)
         if isinstance(result, PacketStream):
