@@ -398,3 +398,113 @@ async def test_stream_offers_in_info_are_checked() -> None:
                 nursery.cancel_scope.cancel()
         finally:
             await raw.aclose()
+
+
+async def test_senders_that_cannot_name_a_subject_are_dropped() -> None:
+    """A sender id is written into our answers' subjects: one with a line break would inject
+    protocol lines (UNSUB our own subscriptions), one over the control-line limit would get
+    the connection closed. Both are dropped where they enter; the node serves on."""
+    url = ensure_nats()
+    ns = namespace()
+    async with nerve.Broker("srv", transport=url, namespace=ns, serializer="json", services=[Files()]), \
+            nerve.Broker("cli", transport=url, namespace=ns, serializer="json") as cli:
+        with trio.fail_after(10):
+            await cli.wait_for_services("files")
+        raw = await NatsClient.connect(url, name="attacker")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(raw.writer)
+                for sender in ["x 0\r\n\r\nUNSUB 1\r\nUNSUB 2\r\nUNSUB 3\r\nPUB junk", "y" * 5000, "*", "a.>", "tab\there"]:
+                    for kind in ("HEARTBEAT", "DISCOVER", "INFO"):
+                        raw.publish(f"MOL-{ns}.{kind}", _json(ver="5", sender=sender, services=[]))
+                await raw.drained()
+                await trio.sleep(0.3)
+                with trio.fail_after(10):
+                    assert await cli.call("files.who") == "srv"
+                nursery.cancel_scope.cancel()
+        finally:
+            await raw.aclose()
+        assert all(" " not in n and len(n) < 256 for n in cli.registry.nodes)
+
+
+async def test_a_stream_request_id_in_service_is_not_taken_twice() -> None:
+    """A stream REQ reusing the id of one still in service (its stream over, its handler not)
+    is refused: two handlers would share one call's slot (and CANCEL)."""
+    url = ensure_nats()
+    ns = namespace()
+    runs: list[int] = []
+
+    class Hold(nerve.Service):
+        name = "hold"
+
+        @nerve.action
+        async def upload(self, ctx: nerve.Context) -> int:
+            assert ctx.stream is not None
+            data = await ctx.stream.read_all()
+            runs.append(len(data))
+            await trio.sleep(0.5)
+            return len(data)
+
+    async with nerve.Broker("srv", transport=url, namespace=ns, serializer="json", services=[Hold()]) as srv:
+        raw = await NatsClient.connect(url, name="attacker")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(raw.writer)
+                base = {"ver": "5", "sender": "evil", "id": "X", "action": "hold.upload", "meta": {}, "headers": {}}
+                for _ in range(2):
+                    raw.publish(f"MOL-{ns}.REQ.srv", _json(**base, params=None, stream=True, seq=0))
+                    raw.publish(f"MOL-{ns}.REQ.srv", _json(**base, params={"type": "Buffer", "data": [1, 2]},
+                                                           stream=True, seq=1))
+                    raw.publish(f"MOL-{ns}.REQ.srv", _json(**base, params=None, stream=False, seq=2))
+                    await raw.drained()
+                    await trio.sleep(0.2)
+                with trio.fail_after(10):
+                    while srv.statistics().transit.requests_in_service:
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        finally:
+            await raw.aclose()
+        assert runs == [2]
+        assert srv.statistics().requests_served == 1
+
+
+async def test_balanced_wildcard_subscriptions_use_the_tail_wildcard() -> None:
+    url = ensure_nats()
+    ns = namespace()
+    got: list[str] = []
+
+    class Listener(nerve.Service):
+        name = "listener"
+
+        @nerve.event("user.**")
+        async def users(self, ctx: nerve.Context) -> None:
+            got.append(ctx.event or "")
+
+    async with nerve.Broker("srv", transport=url, namespace=ns, disable_balancer=True, services=[Listener()]), \
+            nerve.Broker("cli", transport=url, namespace=ns, disable_balancer=True) as cli:
+        with trio.fail_after(10):
+            await cli.wait_for_services("listener")
+            await trio.sleep(0.3)
+            await cli.emit("user.created.today", 1)
+            while not got:
+                await trio.sleep(0.02)
+        assert got == ["user.created.today"]
+
+
+def test_held_publishes_over_the_servers_max_payload_are_refused_at_once() -> None:
+    t = NatsTransport("nats://127.0.0.1:4222")
+    t.max_payload = 1000
+    from nerve.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="max_payload"):
+        t.broadcast(int(PacketType.HEARTBEAT), b"x" * 2000)
+    t.broadcast(int(PacketType.HEARTBEAT), b"x" * 900)
+
+
+def test_a_node_id_that_cannot_name_a_subject_is_refused() -> None:
+    async def main() -> None:
+        with pytest.raises(BrokerOptionsError, match="subject"):
+            async with nerve.Broker("has space", transport=ensure_nats()):
+                pass
+
+    trio.run(main)

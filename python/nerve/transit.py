@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from time import perf_counter
 import os
+import re
 import platform
 import socket
 import time
@@ -92,6 +93,8 @@ _MOLECULER_MAX_CHUNK = 256 * 1024
 #: room kept in a frame for a stream packet's other fields (ids, action, headers)
 _PACKET_ROOM = 8192
 _MAX_SEQ = 1 << 53
+#: a node id that can name a bus subject (NATS): no whitespace, control character or wildcard
+_BUS_ID = re.compile(r"[^\s\x00-\x1f\x7f*>]{1,255}")
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 _DISCOVER = int(PacketType.DISCOVER)
 _INFO = int(PacketType.INFO)
@@ -491,6 +494,12 @@ class Transit:
         sender = pkt.sender
         if not sender or not isinstance(sender, str):
             return
+        if not _BUS_ID.fullmatch(sender) or len(sender.encode("utf-8", "surrogatepass")) > 255:
+            # Our answers name their subject after it: a space or a line break would inject into
+            # the bus's protocol, a wildcard would reach other nodes.
+            self.protocol_errors += 1
+            raise ProtocolError(f"a {PacketType(kind).name} from a sender that cannot be a node id on a "
+                                f"bus: {sender[:80]!r}", reason="bad_sender")
         if sender == self.node_id:
             # Our own packets come back from the bus; in balanced mode a queue group may give
             # us our own REQ / EVENT (and so our own RES), as Moleculer handles them.
@@ -624,8 +633,11 @@ class Transit:
             params = None
         slots = await self._stream_slot(node_id, timeout if timeout is not None else stream.idle_timeout)
         try:
+            # (No budget in a Moleculer stream's REQ: moleculer.js would cut the upload with it,
+            # where nerve's timeout starts once the stream has ended; this side still bounds it.)
             pending = self.send_request(ep, ctx.id, params, ctx.meta, ctx.headers, ctx.level,
-                                        ctx.request_id, ctx.parent_id, ctx.caller, timeout=timeout,
+                                        ctx.request_id, ctx.parent_id, ctx.caller,
+                                        timeout=timeout if native else None,
                                         stream=True, tracing=ctx.tracing, seq=None if native else 0)
         except BaseException:
             if slots is not None:
@@ -910,11 +922,12 @@ class Transit:
                            or (sender, pkt.id, False) in self._reader_done):
             raise ProtocolError(f"{sender} reused the id of a request stream in progress: {pkt.id[:80]!r}",
                                 reason="stream_id_reused")
-        if (sender, pkt.id) in self.in_service and self.transport.native_streams:
+        if (sender, pkt.id) in self.in_service and (self.transport.native_streams or pkt.stream):
             # (Over Moleculer transports a retry may resend a context's id while its first
             # attempt still runs, as moleculer.js does: tolerated there, where no stream is
             # named by it.)
-            # Its answer (or response stream) would be confused with the other's.
+            # Its answer (or response stream) would be confused with the other's (and a stream
+            # request's handler with the other's, whatever the transport).
             raise ProtocolError(f"{sender} reused the id of a request in progress: {pkt.id[:80]!r}",
                                 reason="request_id_reused")
         node = self.node

@@ -25,7 +25,7 @@ from nerve.errors import BrokerDisconnectedError, BrokerOptionsError, NerveError
 from nerve.frames import FrameDecoder, FrameEncoder, FrameError
 from nerve.packets import PacketType
 from nerve.transports.base import Transport
-from nerve.transports.nats_client import NatsClient, NatsOptions, parse_nats_url
+from nerve.transports.nats_client import NatsClient, NatsOptions, check_subject, parse_nats_url
 
 if TYPE_CHECKING:
     from nerve.transports.base import Upstream
@@ -39,8 +39,18 @@ _STREAM_DATA = 21
 _STREAM_CREDIT = 22
 #: bytes queued for the NATS server above which stream producers wait (calls never do)
 _HIGH_WATER = 8 * 1024 * 1024
+#: the largest stream chunk sent to a nerve node over NATS (a frame holds it with its header)
+_MAX_CHUNK = 4 * 1024 * 1024
 #: bytes published while disconnected that wait for the reconnection; beyond, publishes fail
 _RECONNECT_BUFFER = 8 * 1024 * 1024
+
+
+def _subject_ok(text: str) -> bool:
+    try:
+        check_subject(text)
+    except ProtocolError:
+        return False
+    return True
 
 
 class NatsTransport(Transport):
@@ -81,6 +91,8 @@ class NatsTransport(Transport):
         self._held_bytes = 0
         self.max_reconnect_buffer = max_reconnect_buffer
         self._connected = trio.Event()
+        #: set when the current connection is lost (then replaced by a fresh event)
+        self._lost = trio.Event()
         #: balanced mode: queue-group subscriptions wanted (subject -> queue) and made (sid)
         self._balanced: dict[str, str] = {}
         self._balanced_sids: dict[str, int] = {}
@@ -94,6 +106,13 @@ class NatsTransport(Transport):
         self.upstream = upstream
         if upstream.namespace:
             self.prefix = f"MOL-{upstream.namespace}"
+        try:  # our own id and namespace name subjects: they must be able to
+            check_subject(f"{self.prefix}.INFO.{upstream.node_id}")
+        except ProtocolError:
+            raise BrokerOptionsError(f"node id {upstream.node_id!r} / namespace {upstream.namespace!r} cannot "
+                                     "name a NATS subject (no spaces, control characters, '*' or '>')") from None
+        if len(upstream.node_id.encode("utf-8", "surrogatepass")) > 255:
+            raise BrokerOptionsError("a node id on NATS is at most 255 bytes of UTF-8")
         first = True
         delay = 0.1
         servers = self.options.servers
@@ -115,9 +134,9 @@ class NatsTransport(Transport):
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            delay = 0.1
             failures.clear()
             turn -= 1  # stay with the server that answered
+            began = trio.current_time()
             try:
                 await self._run(client, task_status if first else trio.TASK_STATUS_IGNORED)
             except* (OSError, trio.BrokenResourceError, ProtocolError) as group:
@@ -125,8 +144,15 @@ class NatsTransport(Transport):
             finally:
                 self.client = None
                 self._connected = trio.Event()
+                self._lost.set()  # wake whoever waits for that connection's queue to drain
+                self._lost = trio.Event()
                 self._balanced_sids.clear()
             first = False
+            if trio.current_time() - began < 1.0:  # a connection that fails at once: back off
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                delay = 0.1
 
     async def _run(self, client: NatsClient, task_status: Any) -> None:
         assert self.upstream is not None
@@ -141,7 +167,10 @@ class NatsTransport(Transport):
         self.client = client
         held, self._held, self._held_bytes = self._held, [], 0
         for subject, payload in held:  # what waited for the reconnection, in order
-            client.publish(subject, payload)
+            try:
+                client.publish(subject, payload)
+            except ProtocolError as exc:  # over this server's max_payload: that one only
+                self.log.warning("dropping a message held during the reconnection: %s", exc)
         self._connected.set()
         try:
             async with trio.open_nursery() as nursery:
@@ -149,7 +178,11 @@ class NatsTransport(Transport):
                 nursery.start_soon(self._reader, client)
                 nursery.start_soon(self._heartbeats)
                 for kind, payload in self.upstream.greeting_frames():
-                    self._publish(kind, None, payload)
+                    try:
+                        self._publish(kind, None, payload)
+                    except ProtocolError as exc:  # our INFO over max_payload: say so, serve on
+                        self.log.error("cannot announce this node on NATS: %s (peers will not see "
+                                       "its services)", exc)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -162,6 +195,10 @@ class NatsTransport(Transport):
     def _publish_to(self, subject: str, payload: bytes) -> None:
         client = self.client
         if client is None:
+            check_subject(subject)
+            if self.max_payload is not None and len(payload) > self.max_payload:
+                raise ProtocolError(f"payload of {len(payload)} bytes is over the NATS max_payload "
+                                    f"{self.max_payload}", reason="nats_max_payload")
             if self._held_bytes + len(payload) > self.max_reconnect_buffer:
                 raise BrokerDisconnectedError(
                     f"not connected to NATS, and {self._held_bytes} bytes already wait for the "
@@ -261,7 +298,9 @@ class NatsTransport(Transport):
         if config is None:
             self._stream_peers.pop(node_id, None)
         else:
-            self._stream_peers[node_id] = config
+            window, chunk, most = config
+            chunk = min(chunk, _MAX_CHUNK)  # one frame, well under the queue's mark
+            self._stream_peers[node_id] = (max(window, chunk), chunk, most)
 
     def peer_stream_config(self, node_id: str) -> tuple[int, int]:
         try:
@@ -293,20 +332,37 @@ class NatsTransport(Transport):
         self._encoder.append_stream_credit(flags, stream_id, consumed)
         self._publish_to(subject, head + self._encoder.take())
 
-    def _queued(self) -> int:
-        client = self.client
-        return client.pending_bytes if client is not None else self._held_bytes
-
     def has_room(self, node_id: str, n: int) -> bool:
-        return self.client is not None and self._queued() + n <= _HIGH_WATER
+        client = self.client
+        if client is None:
+            return False
+        queued = client.pending_bytes
+        return queued == 0 or queued + n <= _HIGH_WATER  # (a chunk over the mark goes alone)
+
+    async def _progress(self, client: NatsClient) -> None:
+        """Wait until ``client``'s queue drained, or its connection was lost."""
+        lost = self._lost
+        async with trio.open_nursery() as nursery:
+            async def drained() -> None:
+                await client.drained()
+                nursery.cancel_scope.cancel()
+
+            async def gone() -> None:
+                await lost.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(drained)
+            nursery.start_soon(gone)
 
     async def wait_ready(self, node_id: str, n: int) -> None:
+        """Wait until a chunk of ``n`` bytes would be admitted: connected, and the queue to the
+        server below its mark (a producer's own bound, the idle timeout, cuts a long wait)."""
         while not self.has_room(node_id, n):
             client = self.client
             if client is None:
                 await self._connected.wait()
             else:
-                await client.drained()
+                await self._progress(client)
         await trio.lowlevel.checkpoint()
 
     async def reserve(self, node_id: str, n: int) -> Any:
@@ -314,15 +370,29 @@ class NatsTransport(Transport):
         return None
 
     async def wait_writable(self, node_id: str) -> None:
-        await self.wait_ready(node_id, 0)
+        """Pace a sender (an emit) while the queue to the server is over its mark. While
+        disconnected nothing waits: the reconnect buffer is bounded and refuses beyond."""
+        client = self.client
+        if client is not None and client.pending_bytes > _HIGH_WATER:
+            await self._progress(client)
+        else:
+            await trio.lowlevel.checkpoint()
 
     # --- balanced mode (Moleculer's disableBalancer) -----------------------------------------
 
     def set_balanced(self, actions: list[str], events: list[tuple[str, str]]) -> None:
         """Serve these actions and (group, event) pairs through queue groups (replacing the
         previous set): NATS gives each message to one subscriber of its group."""
-        wanted = {f"{self.prefix}.REQB.{a}": a for a in actions}
-        wanted.update({f"{self.prefix}.EVENTB.{g}.{e}": g for g, e in events})
+        wanted: dict[str, str] = {}
+        for a in actions:
+            if _subject_ok(a):
+                wanted[f"{self.prefix}.REQB.{a}"] = a
+        for g, e in events:
+            # As moleculer.js: a '**' and what follows it subscribe as NATS's '>'.
+            at = e.find("**")
+            e = e[:at] + ">" if at >= 0 else e
+            if _subject_ok(g) and _subject_ok(e.replace("*", "x").replace(">", "x")):
+                wanted[f"{self.prefix}.EVENTB.{g}.{e}"] = g
         client = self.client
         for subject in [s for s in self._balanced if s not in wanted]:
             del self._balanced[subject]

@@ -18,7 +18,7 @@ import trio
 
 from nerve.errors import BrokerOptionsError, ProtocolError
 
-__all__ = ["NatsClient", "NatsOptions", "parse_nats_url"]
+__all__ = ["NatsClient", "NatsOptions", "parse_nats_url", "check_subject", "MAX_SUBJECT"]
 
 _MAX_CONTROL_LINE = 4096
 _DEFAULT_PORT = 4222
@@ -168,6 +168,19 @@ def parse_nats_url(url: str | Sequence[str], *, user: str | None = None, passwor
         credentials = carried.credentials if carried is not None else (None, None, None)
     addresses = tuple(dict.fromkeys(server.address for server in servers))
     return NatsOptions(addresses, *credentials, tls=tls, tls_hostname=tls_hostname)
+
+
+#: what may appear in a subject (or queue group) on the wire: no whitespace or control
+#: character (they would end the protocol line), at most MAX_SUBJECT characters
+_SUBJECT = re.compile(r"[^\s\x00-\x1f\x7f]{1,1024}")
+MAX_SUBJECT = 1024
+
+
+def check_subject(subject: str, *, wildcards: bool = False) -> None:
+    """Raise ProtocolError unless ``subject`` can go in a NATS protocol line as it is
+    (``wildcards``: ``*`` and ``>`` tokens are allowed, for SUB)."""
+    if not _SUBJECT.fullmatch(subject) or (not wildcards and ("*" in subject or ">" in subject)):
+        raise ProtocolError(f"not a NATS subject: {subject[:80]!r}", reason="nats_subject")
 
 
 def _client_version() -> str:
@@ -336,6 +349,9 @@ class NatsClient:
 
     def subscribe(self, subject: str, queue: str | None = None) -> int:
         """Subscribe to ``subject`` (in ``queue`` group if given); returns the sid."""
+        check_subject(subject, wildcards=True)
+        if queue is not None:
+            check_subject(queue)
         sid = self._next_sid
         self._next_sid += 1
         self._sids[sid] = subject
@@ -349,6 +365,10 @@ class NatsClient:
             self._send(b"UNSUB %d\r\n" % sid)
 
     def publish(self, subject: str, payload: bytes) -> None:
+        """Queue one message for ``subject``: ProtocolError if the subject is not one (a space,
+        a control character or a wildcard in it would inject into the protocol line) or the
+        payload is over the server's ``max_payload``."""
+        check_subject(subject)
         if len(payload) > self.max_payload:
             raise ProtocolError(f"payload of {len(payload)} bytes is over the NATS max_payload "
                                 f"{self.max_payload}", reason="nats_max_payload")
