@@ -507,3 +507,26 @@ async def test_per_route_timeouts() -> None:
         assert (await http.post("/v1/call/math.add", json={"params": {"a": 1, "b": 1}})).status_code == 200
     with pytest.raises(ValueError):
         nerve.gateway.Gateway(nerve.Broker("x"), timeout={"a": -1})
+
+
+async def test_a_handlers_own_exception_is_a_500_body() -> None:
+    class Buggy(nerve.Service):
+        name = "buggy"
+
+        @nerve.action(rest="GET /buggy")
+        async def oops(self, ctx: nerve.Context) -> None:
+            raise TypeError("a bug")
+
+    async with nerve.Broker("gw", services=[Buggy()]) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/v1/call/buggy.oops", json={})
+        assert r.status_code == 500 and r.json()["error"]["message"] == "a bug"
+        r = await http.get("/buggy")
+        assert r.status_code == 500 and r.json()["message"] == "a bug"
+
+
+async def test_bearer_token_in_the_query_for_clients_without_headers() -> None:
+    async with gateway(auth=bearer_token("s3cret")) as (_, _, http):
+        assert (await http.get("/v1/registry/nodes?access_token=s3cret")).status_code == 200
+        assert (await http.get("/v1/registry/nodes?access_token=nope")).status_code == 401
+        assert (await http.get("/v1/registry/nodes?access_token=%FF")).status_code == 401

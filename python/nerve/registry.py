@@ -142,32 +142,92 @@ class RandomStrategy:
         return endpoints[self._random.randrange(len(endpoints))]
 
 
+class _Glob:
+    """A pattern with several wildcards, matched by simulating its automaton: time linear in
+    the name for a given pattern. (As a backtracking regex, ``**.**.**...x`` against a long
+    name takes exponential time, and patterns come from peers' INFO and HTTP clients.)"""
+
+    __slots__ = ("tokens", "end")
+
+    def __init__(self, pattern: str) -> None:
+        tokens: list[str] = []
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                if not tokens or tokens[-1] != "**":
+                    if tokens and tokens[-1] == "*":
+                        tokens[-1] = "**"  # '***' and '*' next to '**' add nothing
+                    else:
+                        tokens.append("**")
+                i += 2
+                continue
+            c = pattern[i]
+            if c == "*" and tokens and tokens[-1] in ("*", "**"):
+                i += 1
+                continue
+            tokens.append(c)
+            i += 1
+        self.tokens = tokens
+        self.end = len(tokens)
+
+    def _close(self, states: set[int]) -> set[int]:
+        tokens = self.tokens
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < self.end and tokens[i] in ("*", "**") and i + 1 not in states:
+                states.add(i + 1)
+                todo.append(i + 1)
+        return states
+
+    def match(self, name: str) -> bool:
+        tokens, end = self.tokens, self.end
+        states = self._close({0})
+        for ch in name:
+            nxt: set[int] = set()
+            for i in states:
+                if i == end:
+                    continue
+                t = tokens[i]
+                if t == "**" or (t == "*" and ch != "."):
+                    nxt.add(i)
+                elif t == ch or (t == "?" and ch != "."):
+                    nxt.add(i + 1)
+            if not nxt:
+                return False
+            states = self._close(nxt)
+        return end in states
+
+
+_MAX_PATTERN = 1024
+
+
 @functools.lru_cache(maxsize=4096)
-def _pattern(pattern: str) -> re.Pattern[str] | None:
+def _pattern(pattern: str) -> re.Pattern[str] | _Glob | None:
     if "*" not in pattern and "?" not in pattern:
         return None
+    if pattern.count("*") + pattern.count("?") > 1 or len(pattern) > _MAX_PATTERN:
+        return _Glob(pattern)
     out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
+    for c in pattern:
         if c == "*":
             out.append("[^.]*")
         elif c == "?":
             out.append("[^.]")
         else:
             out.append(re.escape(c))
-        i += 1
     return re.compile("".join(out) + r"\Z")
 
 
 def match_event(name: str, pattern: str) -> bool:
-    """Moleculer's event-name matching: ``*`` is one segment's worth, ``**`` anything."""
+    """Moleculer's event-name matching: ``*`` is one segment's worth, ``**`` anything, ``?``
+    one character of a segment. Linear in the name's length, whatever the pattern."""
     rx = _pattern(pattern)
-    return name == pattern if rx is None else rx.match(name) is not None
+    if rx is None:
+        return name == pattern
+    if isinstance(rx, _Glob):
+        return rx.match(name)
+    return rx.match(name) is not None
 
 
 class Registry:
