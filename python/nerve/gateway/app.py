@@ -823,6 +823,7 @@ async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) ->
     config.accesslog = None
     config.errorlog = logging.getLogger("nerve.gateway.http")  # type: ignore[assignment]
     config.keep_alive_timeout = 30
+    config.keep_alive_max_requests = 100_000  # (hypercorn closes a connection after 1000 by default)
     config.websocket_max_message_size = 1024 * 1024 + 4096  # (the WebSocket endpoint's bound)
     config.graceful_timeout = 2
     done = trio.Event()
