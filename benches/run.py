@@ -77,6 +77,15 @@ SRV_CPU_GB = Metric("server_cpu_s_per_gb", "server CPU per GB", "s/GB", False)
 CLI_CPU_GB = Metric("client_cpu_s_per_gb", "client CPU per GB", "s/GB", False)
 
 
+@dataclass(frozen=True)
+class Side:
+    """One process of a peer: its runtime (python | node | moleculerpy), script and options."""
+
+    runtime: str
+    script: str
+    args: tuple[str, ...] = ()
+
+
 @dataclass
 class Peer:
     id: str
@@ -84,12 +93,26 @@ class Peer:
     runtime: str  # python | node | moleculerpy
     script: str
     args: tuple[str, ...] = ()
+    client: Side | None = None  # a mixed pair: the client process, when it is not the server's kind
     chunk: int = 256 * 1024  # bytes per message in transfers
     nats: bool = False
     note: str = ""
     pythonpath: str = ""  # prepended to PYTHONPATH (a baseline's tree: nerve is imported from there)
     nerve_under: str = ""  # a nerve peer must report nerve.__file__ under this directory
     probe: bool = False  # ask the peer (nerve_peer.py --probe) whether this nerve can run it
+    # a producer without flow control (moleculer.js) feeds a nerve reader: a stream failed with
+    # StreamOverflowError (max_stream_buffer) is an outcome to record, not a failed run
+    may_overflow: bool = False
+
+    def side(self, mode: str) -> Side:
+        """The server's or the client's process."""
+        if mode == "client" and self.client is not None:
+            return self.client
+        return Side(self.runtime, self.script, self.args)
+
+    @property
+    def runtimes(self) -> set[str]:
+        return {self.side("server").runtime, self.side("client").runtime}
 
 
 PEERS: dict[str, Peer] = {p.id: p for p in [
@@ -138,6 +161,27 @@ PEERS: dict[str, Peer] = {p.id: p for p in [
     Peer("moljs-nats-msgpack", "moleculer.js nats/msgpack", "node", "server.js",
          ("--transport", "nats", "--serializer", "MsgPack"), nats=True,
          note="moleculer.js 0.15 NATS transporter, MsgPack (msgpack5), 0.15 streams, 256 KiB chunks"),
+    Peer("nerve-nats-msgpack", "nerve nats/msgpack", "python", "nerve_peer.py",
+         ("--transport", "nats", "--serializer", "msgpack"), nats=True,
+         note="nerve Broker over NATS (a namespace of the run's own), msgpack; streams between the "
+              "two nerve nodes are nerve's credited binary frames on NSTREAM.<node>, 256 KiB "
+              "chunks, 4 MiB credit window"),
+    Peer("nerve-client-moljs-nats", "nerve client → moleculer.js server, nats/msgpack", "node", "server.js",
+         ("--transport", "nats", "--serializer", "MsgPack"), nats=True,
+         client=Side("python", "nerve_peer.py",
+                     ("--transport", "nats", "--serializer", "msgpack", "--actions", "file")),
+         may_overflow=True,
+         note="nerve_peer.py client (NATS, msgpack) calling js/server.js's file.save (request stream) "
+              "and file.get (response stream) on moleculer.js 0.15: Moleculer's stream packets, "
+              "no flow control; nerve's reader holds at most max_stream_buffer (16 MiB) unread, "
+              "beyond it the stream fails with StreamOverflowError"),
+    Peer("moljs-client-nerve-nats", "moleculer.js client → nerve server, nats/msgpack", "python",
+         "nerve_peer.py", ("--transport", "nats", "--serializer", "msgpack"), nats=True,
+         client=Side("node", "client.js", ("--transport", "nats", "--serializer", "MsgPack")),
+         may_overflow=True,
+         note="js/client.js (moleculer.js 0.15, NATS, MsgPack) calling the nerve server's file.save "
+              "and file.get: Moleculer's stream packets both ways, no flow control (a slow "
+              "moleculer.js reader buffers what nerve sends)"),
     Peer("moleculerpy-nats-json", "MoleculerPy nats/json", "moleculerpy", "moleculerpy_peer.py",
          nats=True, note=f"MoleculerPy {MOLECULERPY_VERSION} (asyncio) NATS transporter, JSON"),
     Peer("bare-await", "bare await + msgspec", "python", "raw_trio.py",
@@ -148,8 +192,15 @@ PEERS: dict[str, Peer] = {p.id: p for p in [
 NERVE_VARIANTS = ["nerve+3mw", "nerve+ft", "nerve+metrics", "nerve+tracing", "nerve+otel-nosdk"]
 RPC_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-json", "moljs-nats-json",
              "moleculerpy-nats-json"]
-TRANSFER_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", "moljs-nats-msgpack"]
-SLOW_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack"]
+#: streams over NATS: nerve ↔ nerve, moleculer.js ↔ moleculer.js and the two mixed pairs
+NATS_STREAM_PEERS = ["nerve-nats-msgpack", "moljs-nats-msgpack", "nerve-client-moljs-nats",
+                     "moljs-client-nerve-nats"]
+TRANSFER_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", *NATS_STREAM_PEERS]
+SLOW_PEERS = ["raw-trio", "grpc-aio", "pyzmq", "moljs-tcp-msgpack", *NATS_STREAM_PEERS]
+#: nerve on both sides: a failure of theirs is nerve's (exit status 1), like nerve's own
+NERVE_PEERS = ("nerve", "nerve-nats-msgpack")
+#: (a, b): the report divides a's medians by b's (same transport, same run)
+SIDE_BY_SIDE = [("nerve-nats-msgpack", "moljs-nats-msgpack")]
 TLS_PEERS = ["grpc-aio"]
 
 
@@ -222,11 +273,11 @@ SCENARIOS: list[Scenario] = [
              RPC_PEERS, [EV_S, LOST, SRV_CPU_OP, CLI_CPU_OP]),
     Scenario("upload", "transfer", "upload (client → server stream)",
              {"full": dict(scenario="upload", size=GIB), "quick": dict(scenario="upload", size=32 * MIB)},
-             TRANSFER_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB]),
+             TRANSFER_PEERS, [MB_S, SRV_CPU_GB, CLI_CPU_GB, SRV_GROWTH, CLI_GROWTH, SRV_PEAK, CLI_PEAK]),
     Scenario("download", "transfer", "download (server → client stream)",
              {"full": dict(scenario="download", size=GIB),
               "quick": dict(scenario="download", size=32 * MIB)},
-             TRANSFER_PEERS, [MB_S, SRV_PEAK, CLI_PEAK, SRV_CPU_GB, CLI_CPU_GB]),
+             TRANSFER_PEERS, [MB_S, SRV_CPU_GB, CLI_CPU_GB, SRV_GROWTH, CLI_GROWTH, SRV_PEAK, CLI_PEAK]),
     # TLS: the same clients over TLS (server authentication, not mutual; a throwaway CA made
     # with trustme at run time). Quick mode keeps RPC to 0.3 s and transfers to 16 MiB.
     Scenario("rpc_1_tls", "tls", "RPC over TLS, 1 in flight, one connection",
@@ -526,7 +577,7 @@ def probe_env(selected_peers: set[str]) -> Env:
     if env.versions["zmq"].startswith("missing"):
         env.skipped["pyzmq"] = "pyzmq is not installed (pip install -e '.[bench]')"
     node = shutil.which("node")
-    js_peers = [p for p in PEERS.values() if p.runtime == "node"]
+    js_peers = [p for p in PEERS.values() if "node" in p.runtimes]
     if node is None:
         for p in js_peers:
             env.skipped[p.id] = "node is not on PATH"
@@ -625,13 +676,14 @@ def _dist_version(mod: str) -> str:
 
 
 def command(peer: Peer, env: Env, mode: str, extra: list[str]) -> list[str]:
-    if peer.runtime == "node":
+    side = peer.side(mode)
+    if side.runtime == "node":
         assert env.node is not None
         script = JS_DIR / ("server.js" if mode == "server" else "client.js")
-        return [env.node, str(script), mode, *peer.args, *extra]
-    python = env.moleculerpy_python if peer.runtime == "moleculerpy" else env.python
+        return [env.node, str(script), mode, *side.args, *extra]
+    python = env.moleculerpy_python if side.runtime == "moleculerpy" else env.python
     assert python is not None
-    return [python, str(PEERS_DIR / peer.script), mode, *peer.args, *extra]
+    return [python, str(PEERS_DIR / side.script), mode, *side.args, *extra]
 
 
 def client_deadline(opts: dict[str, Any]) -> float:
@@ -662,7 +714,7 @@ def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> 
     try:
         port = free_port()
         common = ["--port", str(port)]
-        if peer.runtime in ("node", "moleculerpy"):
+        if peer.nats or peer.runtimes & {"node", "moleculerpy"}:
             common += ["--namespace", namespace]
         if scenario.tls:
             assert env.tls_dir is not None
@@ -703,6 +755,8 @@ def run_once(peer: Peer, scenario: Scenario, opts: dict[str, Any], env: Env) -> 
         if rc != 0 or result is None:
             raise RunFailed(f"the client failed (exit {rc}):\n" + client.stderr_tail())
         out.update(result)
+        if out.get("stream_error") and not peer.may_overflow:
+            raise RunFailed(f"the stream failed: {out['stream_error']}")
         if "nerve" in out:
             out["client_nerve"] = out.pop("nerve")
         for side in ("server", "client") if server is not None else ("client",):
@@ -910,13 +964,14 @@ class Harness:
                     rec["failures"].append({"run": r + 1, "error": str(exc)[-3000:]})
                     self.log(f"  [{r + 1}/{runs}] {PEERS[pid].label:<26} FAILED ({time.monotonic() - t0:.1f}s): "
                              + _gist(str(exc)))
-                    if pid == "nerve" and sc.name not in self.nerve_failed:
+                    if pid in NERVE_PEERS and sc.name not in self.nerve_failed:
                         self.nerve_failed.append(sc.name)
                     continue
                 rec["runs"].append(res)
                 m0 = sc.metrics[0]
-                self.log(f"  [{r + 1}/{runs}] {PEERS[pid].label:<26} {fmt(res.get(m0.key)):>8} {m0.unit}"
-                         f"  ({time.monotonic() - t0:.1f}s)")
+                what = (f"stream failed: {res['stream_error'].split(':', 1)[0]} (outcome recorded)"
+                        if res.get("stream_error") else f"{fmt(res.get(m0.key)):>8} {m0.unit}")
+                self.log(f"  [{r + 1}/{runs}] {PEERS[pid].label:<26} {what}  ({time.monotonic() - t0:.1f}s)")
         for pid in peers:
             rec = entry["peers"][pid]
             rec["summary"] = {}
@@ -926,7 +981,7 @@ class Harness:
                     rec["summary"][m.key] = s
             if not rec["runs"]:
                 rec["status"] = "failed"
-            if pid == "nerve" and not rec["runs"] and sc.name not in self.nerve_failed:
+            if pid in NERVE_PEERS and not rec["runs"] and sc.name not in self.nerve_failed:
                 self.nerve_failed.append(sc.name)
         nerve = entry["peers"].get("nerve", {}).get("summary", {})
         for pid in peers:
@@ -959,17 +1014,21 @@ class Harness:
             sc = self.results.get(name)
             if sc is None:
                 continue
-            nerve = sc["peers"].get("nerve", {})
-            runs = nerve.get("runs", [])
-            window = max((r.get("window", 0) for r in runs), default=0) or 4 * MIB
-            budget = (window + SLOW_BUDGET_EXTRA) / MIB
-            for side in ("server", "client"):
-                worst = max((r.get(f"{side}_rss_growth_mib", 0) for r in runs), default=None)
-                out.append({"target": f"{sc['title']}: nerve {side} peak RSS ≤ idle + window + 16 MiB",
-                            "scenario": name, "metric": f"{side}_rss_growth_mib", "peer": None,
-                            "value_mib": worst, "budget_mib": budget,
-                            "goal": f"<= {budget:g} MiB (worst run)",
-                            "met": None if worst is None else worst <= budget})
+            for pid in NERVE_PEERS:
+                if pid not in sc["peers"]:
+                    continue
+                runs = sc["peers"][pid].get("runs", [])
+                window = max((r.get("window", 0) for r in runs), default=0) or 4 * MIB
+                budget = (window + SLOW_BUDGET_EXTRA) / MIB
+                who = "nerve" if pid == "nerve" else PEERS[pid].label
+                for side in ("server", "client"):
+                    worst = max((r.get(f"{side}_rss_growth_mib", 0) for r in runs), default=None)
+                    out.append({"target": f"{sc['title']}: {who} {side} peak RSS ≤ idle + window + 16 MiB",
+                                "scenario": name, "metric": f"{side}_rss_growth_mib",
+                                "peer": None if pid == "nerve" else pid,
+                                "value_mib": worst, "budget_mib": budget,
+                                "goal": f"<= {budget:g} MiB (worst run)",
+                                "met": None if worst is None else worst <= budget})
         return out
 
     def machine(self) -> dict[str, Any]:
@@ -1192,8 +1251,11 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
                     elif rec.get("status") == "failed":
                         row.append("failed")
                     else:
-                        row.append(_cell(rec.get("summary", {}).get(met["key"]), rec.get("ratio", {}).get(met["key"]),
-                                         with_ratio=True))
+                        cell = _cell(rec.get("summary", {}).get(met["key"]), rec.get("ratio", {}).get(met["key"]),
+                                     with_ratio=True)
+                        outcome = _stream_outcome(rec) if met["key"] == "mb_per_s" else None
+                        row.append(outcome if outcome and cell == "—" else
+                                   f"{cell}; {outcome}" if outcome else cell)
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         for n in names:
@@ -1203,6 +1265,9 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
             lines.extend(_build_lines(doc, names))
         if fam == "tls":
             lines.extend(_tls_cost_lines(scenarios, names))
+        if fam in ("transfer", "slow"):
+            lines.extend(_outcome_lines(doc, names))
+            lines.extend(_side_by_side_lines(doc, names))
         if fam in charts:
             rel = os.path.relpath(charts[fam], base)
             lines.append("")
@@ -1232,6 +1297,79 @@ def markdown(doc: dict[str, Any], charts: dict[str, str], base: Path, *, title: 
         lines.append(f"- **{info['label']}**: {info['note']}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _reader_bound(run: dict[str, Any]) -> tuple[float | None, float]:
+    """A run whose stream failed: the reading side's peak − idle RSS (MiB) and what nerve's
+    bound allows it (max_stream_buffer + 16 MiB, as the slow-consumer target allows the window)."""
+    side = run.get("stream_reader", "client")
+    buffer = run.get("max_stream_buffer") or 16 * MIB
+    return run.get(f"{side}_rss_growth_mib"), (buffer + SLOW_BUDGET_EXTRA) / MIB
+
+
+def _stream_outcome(rec: dict[str, Any]) -> str | None:
+    """The cell "failed: StreamOverflowError (bound held)" of a peer whose runs ended that way
+    (a producer without flow control ahead of a nerve reader), else None."""
+    failed = [r for r in rec.get("runs", []) if r.get("stream_error")]
+    if not failed:
+        return None
+    name = failed[0]["stream_error"].split(":", 1)[0]
+    held = all(g is not None and g <= b for g, b in map(_reader_bound, failed))
+    runs = "" if len(failed) == len(rec["runs"]) else f", {len(failed)} of {len(rec['runs'])} runs"
+    return f"failed: {name} (bound {'held' if held else '**not held**'}{runs})"
+
+
+def _outcome_lines(doc: dict[str, Any], names: list[str]) -> list[str]:
+    """What the streams that failed by design (StreamOverflowError) read first and held."""
+    out = []
+    for n in names:
+        sc = doc["scenarios"][n]
+        for pid, rec in sc["peers"].items():
+            failed = [r for r in rec.get("runs", []) if r.get("stream_error")]
+            if not failed:
+                continue
+            label = doc["peers"].get(pid, {}).get("label", pid)
+            side = failed[0].get("stream_reader", "client")
+            read = [r["bytes_read"] / MIB for r in failed if r.get("bytes_read") is not None]
+            growth = [g for g, _ in map(_reader_bound, failed) if g is not None]
+            budget = _reader_bound(failed[0])[1]
+            text = (f"- `{n}`, {label}: {len(failed)} of {len(rec['runs'])} runs ended with "
+                    f"{failed[0]['stream_error'].split(':', 1)[0]} on the nerve {side} (the producer, "
+                    "moleculer.js, has no flow control and got more than max_stream_buffer ahead)")
+            if read:
+                text += f" after {_span(read, '.0f')} MiB read"
+            if growth:
+                text += (f"; the nerve {side}'s peak − idle RSS {_span(growth, '.1f')} MiB "
+                         f"(bound: max_stream_buffer + 16 MiB = {budget:g} MiB)")
+            out.append(text + ". MB/s and CPU per GB are not given for these runs.")
+    return ["", *out] if out else []
+
+
+def _span(values: list[float], spec: str) -> str:
+    """Some runs' values as a range ("2–5"), or one value when they agree."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _side_by_side_lines(doc: dict[str, Any], names: list[str]) -> list[str]:
+    """SIDE_BY_SIDE pairs (nerve over NATS ÷ moleculer.js over NATS), from the runs above."""
+    rows = []
+    for a, b in SIDE_BY_SIDE:
+        for n in names:
+            sc = doc["scenarios"][n]
+            ra, rb = sc["peers"].get(a, {}), sc["peers"].get(b, {})
+            for met in sc["metrics"]:
+                x = (ra.get("summary") or {}).get(met["key"], {}).get("median")
+                y = (rb.get("summary") or {}).get(met["key"], {}).get("median")
+                if x is None or y is None:
+                    continue
+                rows.append(f"| {n} | {met['label']} ({met['unit']}) | {fmt(x)} | {fmt(y)} | "
+                            + ("—" if not y else f"{x / y:.2f}×") + " |")
+        if rows:
+            la, lb = (doc["peers"].get(p, {}).get("label", p) for p in (a, b))
+            return ["", f"Same transport, same run (medians): {la} ÷ {lb}.", "",
+                    f"| scenario | metric | {la} | {lb} | ÷ |", "|---|---|---|---|---|", *rows]
+    return []
 
 
 def _gist(error: str) -> str:

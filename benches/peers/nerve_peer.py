@@ -1,10 +1,22 @@
 """nerve's side of every benchmark: a server broker and a client broker over nerve's TCP
-transport (one connection between the two nodes), plus the in-process call cost.
+transport (one connection between the two nodes) or over NATS, plus the in-process call cost.
 
     python benches/peers/nerve_peer.py server --port P
     python benches/peers/nerve_peer.py client --port P --scenario rpc --inflight 64 ...
+    python benches/peers/nerve_peer.py server --transport nats --namespace NS --serializer msgpack
+    python benches/peers/nerve_peer.py client --transport nats --namespace NS --actions file ...
     python benches/peers/nerve_peer.py client --scenario inproc --count N
     python benches/peers/nerve_peer.py server --middlewares 3mw --probe   # can this nerve run it?
+
+``--transport nats`` puts both brokers on the NATS server ``--nats`` in the namespace the
+harness makes for the run (``--namespace``, as for the moleculer.js NATS peers), with
+``--serializer``. The server serves the stream actions twice: ``storage.upload`` /
+``storage.download`` (what this client calls) and ``file.save`` / ``file.get`` (what
+``js/client.js`` calls and ``js/server.js`` serves), so either side can face moleculer.js;
+``--actions file`` makes this client call the latter. A moleculer.js producer has no flow
+control: when it gets more than ``max_stream_buffer`` ahead of this client, nerve fails the
+stream with ``StreamOverflowError``; the client then reports that (``stream_error``, with the
+bytes it had read) instead of failing, and the harness decides whether it is an outcome.
 
 ``--middlewares`` picks the variant: ``none`` (plain nerve), ``3mw`` (three do-nothing
 middlewares on both brokers: each wraps ``call``, ``local_action`` and ``remote_action`` and just
@@ -45,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nerve  # noqa: E402
+import nerve.errors  # noqa: E402
 import trio  # noqa: E402
 from _trio_rpc import measure_rpc  # noqa: E402
 from _common import (  # noqa: E402
@@ -89,21 +102,53 @@ class Counter(nerve.Service):
         return Counter.received
 
 
+async def _count(ctx: nerve.Context) -> int:
+    """Read the request stream to its end: the bytes received."""
+    assert ctx.stream is not None
+    n = 0
+    async for chunk in ctx.stream:
+        n += len(chunk)
+    return n
+
+
+def _produce(ctx: nerve.Context) -> nerve.PacketStream:
+    """The response stream of ``{size, chunk}``: data from memory."""
+    p = ctx.params
+    return nerve.PacketStream.from_iterable(_chunks(int(p["size"]), int(p["chunk"])))
+
+
 class Storage(nerve.Service):
     name = "storage"
 
     @nerve.action
     async def upload(self, ctx: nerve.Context) -> int:
-        assert ctx.stream is not None
-        n = 0
-        async for chunk in ctx.stream:
-            n += len(chunk)
-        return n
+        return await _count(ctx)
 
     @nerve.action
     async def download(self, ctx: nerve.Context) -> nerve.PacketStream:
-        p = ctx.params
-        return nerve.PacketStream.from_iterable(_chunks(int(p["size"]), int(p["chunk"])))
+        return _produce(ctx)
+
+
+class File(nerve.Service):
+    """The same actions under the names of js/server.js, which js/client.js calls."""
+
+    name = "file"
+
+    @nerve.action
+    async def save(self, ctx: nerve.Context) -> int:
+        return await _count(ctx)
+
+    @nerve.action
+    async def get(self, ctx: nerve.Context) -> nerve.PacketStream:
+        return _produce(ctx)
+
+
+#: the service and stream actions a client calls, by ``--actions``
+ACTIONS = {"storage": ("storage", "storage.upload", "storage.download"),
+           "file": ("file", "file.save", "file.get")}
+#: what a producer without flow control (moleculer.js) ahead of this reader raises; None in
+#: a nerve without it (an older revision)
+StreamOverflowError: type[Exception] | None = getattr(nerve.errors, "StreamOverflowError", None)
 
 
 class Unsupported(Exception):
@@ -306,18 +351,28 @@ def tls_options(args: Any, side: str) -> dict[str, Any]:
     return {"tls_cert": d / f"{side}.crt", "tls_key": d / f"{side}.key", "tls_ca": d / "ca.pem"}
 
 
+def transport_options(args: Any, side: str) -> dict[str, Any]:
+    """The Broker's transport options: nerve's TCP (the server listens on --port, the client
+    dials it; the serializer left at its default) or NATS (--nats, --namespace, --serializer)."""
+    if args.transport == "nats":
+        return {"transport": args.nats, "namespace": args.namespace, "serializer": args.serializer}
+    if side == "server":
+        return {"transport": f"tcp://{args.host}:{args.port}"}
+    return {"transport": f"tcp://{args.host}:0", "peers": [f"tcp://{args.host}:{args.port}"]}
+
+
 async def server(args: Any) -> None:
     if args.probe:
         await probe(args)
         return
-    services: list[Any] = [Echo(), Counter(), Storage()]
+    services: list[Any] = [Echo(), Counter(), Storage(), File()]
     if args.middlewares in REPORTING:
         report = BenchReport()
         report.variant = args.middlewares
         services.append(report)
     with trio.move_on_after(args.deadline):
-        async with nerve.Broker("bench-server", transport=f"tcp://{args.host}:{args.port}",
-                                services=services,
+        async with nerve.Broker("bench-server", services=services,
+                                **transport_options(args, "server"),
                                 **tls_options(args, "server"),
                                 **middleware_options(args.middlewares, "server")) as broker:
             ready(address=broker.address, nerve=nerve.__file__)
@@ -364,13 +419,14 @@ async def _wait_count(broker: nerve.Broker, expected: int, idle_timeout: float) 
 
 
 async def upload(broker: nerve.Broker, args: Any) -> dict[str, Any]:
-    warm = await broker.call("storage.upload", stream=nerve.PacketStream.from_iterable(
+    action = ACTIONS[args.actions][1]
+    warm = await broker.call(action, stream=nerve.PacketStream.from_iterable(
         _chunks(4 * args.chunk, args.chunk)))
     assert warm == 4 * args.chunk, warm
     idle = idle_and_wait()
     cpu0 = mark("start")
     start = time.perf_counter()
-    got = await broker.call("storage.upload", stream=nerve.PacketStream.from_iterable(
+    got = await broker.call(action, stream=nerve.PacketStream.from_iterable(
         _chunks(args.size, args.chunk)))
     elapsed = time.perf_counter() - start
     cpu = mark("end") - cpu0
@@ -381,20 +437,33 @@ async def upload(broker: nerve.Broker, args: Any) -> dict[str, Any]:
 
 
 async def download(broker: nerve.Broker, args: Any, rate: float = 0.0) -> dict[str, Any]:
-    warm = await broker.call("storage.download", {"size": 4 * args.chunk, "chunk": args.chunk})
+    action = ACTIONS[args.actions][2]
+    warm = await broker.call(action, {"size": 4 * args.chunk, "chunk": args.chunk})
     assert len(await warm.read_all()) == 4 * args.chunk
     idle = idle_and_wait()
     cpu0 = mark("start")
     start = time.perf_counter()
-    stream = await broker.call("storage.download", {"size": args.size, "chunk": args.chunk})
+    stream = await broker.call(action, {"size": args.size, "chunk": args.chunk})
     got = 0
     pacer = Pacer(rate)
-    async for chunk in stream:
-        got += len(chunk)
-        if rate:
-            delay = pacer.delay(got)
-            if delay:
-                await trio.sleep(delay)
+    try:
+        async for chunk in stream:
+            got += len(chunk)
+            if rate:
+                delay = pacer.delay(got)
+                if delay:
+                    await trio.sleep(delay)
+    except Exception as exc:
+        if StreamOverflowError is None or not isinstance(exc, StreamOverflowError):
+            raise
+        # a producer without flow control got more than max_stream_buffer ahead: an outcome
+        # the harness records (or refuses, for nerve on both sides), not a crash
+        elapsed = time.perf_counter() - start
+        cpu = mark("end") - cpu0
+        return {"client_cpu_s": cpu, "stream_error": f"{type(exc).__name__}: {exc}", "stream_reader": "client",
+                "bytes_read": got, "seconds": elapsed, "client_rss_idle_kb": idle,
+                "window": broker.stream_window, "chunk": broker.max_chunk,
+                "max_stream_buffer": getattr(broker, "max_stream_buffer", None), "rate": rate}
     elapsed = time.perf_counter() - start
     cpu = mark("end") - cpu0
     if got != args.size:
@@ -425,12 +494,11 @@ async def client(args: Any) -> None:
     # A process-level alarm, not trio.fail_after: under a trio deadline every call would carry
     # its remaining budget as the REQ timeout, which no peer here pays for.
     arm_deadline(args.deadline)
-    async with nerve.Broker("bench-client", transport=f"tcp://{args.host}:0",
-                            peers=[f"tcp://{args.host}:{args.port}"],
+    async with nerve.Broker("bench-client", **transport_options(args, "client"),
                             **tls_options(args, "client"),
                             **middleware_options(args.middlewares, "client")) as broker:
         reporting = args.middlewares in REPORTING
-        await broker.wait_for_services("echo", "counter", "storage",
+        await broker.wait_for_services("echo", "counter", ACTIONS[args.actions][0],
                                        *(["benchreport"] if reporting else []), timeout=15)
         if args.scenario == "rpc":
             out = await rpc(broker, args)
@@ -493,6 +561,15 @@ def main() -> None:
                         "metrics=True, Tracing with the SDK (spans dropped), Tracing with no SDK")
     p.add_argument("--probe", action="store_true",
                    help="print whether this nerve can run --middlewares, and exit")
+    p.add_argument("--transport", choices=["tcp", "nats"], default="tcp",
+                   help="nerve's TCP transport (one connection) or NATS (--nats, --namespace)")
+    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS: the server's URL")
+    p.add_argument("--namespace", default="", help="NATS: the cluster's namespace (one per run)")
+    p.add_argument("--serializer", choices=["msgpack", "json"], default="msgpack",
+                   help="NATS: the serializer (nerve's TCP transport keeps its default)")
+    p.add_argument("--actions", choices=list(ACTIONS), default="storage",
+                   help="the stream actions the client calls: storage.upload/download (nerve's "
+                        "server) or file.save/get (js/server.js; nerve's server serves both)")
     args = p.parse_args()
     trio.run(server if args.mode == "server" else client, args)
 

@@ -138,6 +138,10 @@ function waitGo() {
 	});
 }
 
+function isOverflow(err) {
+	return !!err && (err.name === "StreamOverflowError" || err.type === "STREAM_OVERFLOW");
+}
+
 async function transfer() {
 	const warm = 4 * opts.chunk;
 	const w = opts.scenario === "upload" ? await upload(warm) : await download(warm, 0);
@@ -145,8 +149,19 @@ async function transfer() {
 	const idle = await waitGo();
 	const cpu0 = mark("start");
 	const start = now();
-	const got = opts.scenario === "upload" ? await upload(opts.size)
-		: await download(opts.size, opts.scenario === "slow" ? opts.rate : 0);
+	let got;
+	try {
+		got = opts.scenario === "upload" ? await upload(opts.size)
+			: await download(opts.size, opts.scenario === "slow" ? opts.rate : 0);
+	} catch (err) {
+		if (!isOverflow(err)) throw err;
+		// A nerve server reads this upload: Moleculer's streams have no flow control, so it
+		// bounds what it holds unread (max_stream_buffer) and fails the stream beyond it.
+		const seconds = Number(now() - start) / 1e9;
+		const cpu = mark("end") - cpu0;
+		return { client_cpu_s: cpu, stream_error: `${err.name}: ${err.message}`, stream_reader: "server", seconds,
+			client_rss_idle_kb: idle, chunk: opts.chunk };
+	}
 	const seconds = Number(now() - start) / 1e9;
 	const cpu = mark("end") - cpu0;
 	if (got !== opts.size) throw new Error(`${opts.scenario}: ${got} bytes, expected ${opts.size}`);
