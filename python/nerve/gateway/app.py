@@ -37,7 +37,7 @@ from nerve.registry import match_event
 from nerve.service import Service, event
 from nerve.streams import PacketStream
 
-__all__ = ["Gateway", "GatewayServer", "serve", "bearer_token"]
+__all__ = ["Gateway", "GatewayServer", "serve", "bearer_token", "request_id_of"]
 
 log = logging.getLogger("nerve.gateway")
 
@@ -739,6 +739,12 @@ async def _chunks(stream: PacketStream) -> AsyncIterator[bytes]:
                 await stream.close()
 
 
+def request_id_of(request: Any) -> str:
+    """The request's ``X-Request-ID`` if it sent a sane one (``[A-Za-z0-9._:-]{1,128}``),
+    else a new one: what the gateway's answers carry."""
+    return _request_id(request)
+
+
 def _request_id(request: Any) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given):
@@ -788,6 +794,8 @@ def _millis(value: Any, what: str) -> float | None:
 def _count(value: Any, what: str) -> int | None:
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 2.0 is an integer to JSON Schema (and to JavaScript)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
         raise HttpError(f"'{what}' must be an integer from 0 to 100", 400, "INVALID_REQUEST_BODY")
     return value
