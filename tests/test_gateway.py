@@ -235,7 +235,7 @@ async def test_streamed_upload_and_download() -> None:
         async with http.stream("POST", "/v1/call/math.download", json={"params": {"size": size}}) as r:
             assert r.status_code == 200
             assert r.headers["content-length"] == str(size)
-            assert r.headers["content-disposition"] == 'attachment; filename="data.bin"'
+            assert r.headers["content-disposition"] == "attachment; filename=\"data.bin\"; filename*=UTF-8''data.bin"
             got = b"".join([piece async for piece in r.aiter_bytes()])
         assert got == expected_download(size)
 
@@ -530,3 +530,127 @@ async def test_bearer_token_in_the_query_for_clients_without_headers() -> None:
         assert (await http.get("/v1/registry/nodes?access_token=s3cret")).status_code == 200
         assert (await http.get("/v1/registry/nodes?access_token=nope")).status_code == 401
         assert (await http.get("/v1/registry/nodes?access_token=%FF")).status_code == 401
+
+
+# --- from the review: hostile clients and peers -------------------------------------------------
+
+
+async def test_a_broken_websocket_upgrade_ends_its_connection_not_the_node() -> None:
+    async with gateway() as (broker, _, http):
+        host, port = str(http.base_url).split("//")[1].rstrip("/").split(":")
+        for tail in (b"x", b"\x00\xff" * 10, b""):
+            s = trio.socket.socket()
+            await s.connect((host, int(port)))
+            await s.send(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" + tail)
+            await trio.sleep(0.3)
+            s.close()
+        assert (await http.post("/v1/call/math.add", json={"params": {"a": 1, "b": 1}})).json()["response"] == 2
+
+
+class Pipe(nerve.Service):
+    name = "pipe"
+
+    @nerve.action
+    async def echo(self, ctx: nerve.Context) -> nerve.PacketStream:
+        assert ctx.stream is not None
+        source = ctx.stream
+
+        async def back() -> AsyncIterator[bytes]:
+            async for chunk in source:
+                yield chunk
+
+        return nerve.PacketStream.from_iterable(back())
+
+    @nerve.action
+    async def broken(self, ctx: nerve.Context) -> nerve.PacketStream:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"x" * 100_000
+            raise RuntimeError("disk gone")
+
+        return nerve.PacketStream.from_iterable(chunks())
+
+    @nerve.action
+    async def named(self, ctx: nerve.Context) -> nerve.PacketStream:
+        ctx.meta.update(filename='résumé "final"\r\n.pdf', **{"$responseType": "text/plain\r\nX-Evil: 1"})
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"ok"
+
+        return nerve.PacketStream.from_iterable(chunks())
+
+
+@pytest.mark.parametrize("size", [16 * 1024, 3 * 1024 * 1024 + 1])
+async def test_an_upload_piped_into_a_streamed_answer_loses_nothing(size: int) -> None:
+    data = os.urandom(size)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, size, 65536):
+            yield data[i:i + 65536]
+
+    async with nerve.Broker("gw", services=[Pipe()]) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+        with trio.fail_after(20):
+            r = await http.post("/v1/call/pipe.echo", content=pieces(), headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200 and r.content == data
+
+
+async def test_a_download_failing_midway_is_cut_not_ended_cleanly() -> None:
+    async with nerve.Broker("gw", services=[Pipe()]) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with http.stream("POST", "/v1/call/pipe.broken", json={}) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_bytes():
+                    pass
+        r = await http.post("/v1/call/pipe.named", json={})
+        assert r.status_code == 200 and r.content == b"ok"
+        assert r.headers["content-type"] == "application/octet-stream" and "x-evil" not in r.headers
+        assert r.headers["content-disposition"].startswith('attachment; filename="r_sum_ _final___.pdf"')
+        assert "filename*=UTF-8''r%C3%A9sum%C3%A9" in r.headers["content-disposition"]
+
+
+async def test_system_names_and_schema_budgets_for_external_services() -> None:
+    async with gateway(max_external=2) as (broker, _, http):
+        r = await http.post("/v1/registry/services", json={"name": "$gateway-events-1"})
+        assert r.status_code == 400
+        for i in range(2):
+            assert (await http.post("/v1/registry/services", json={"name": f"s{i}"})).status_code == 200
+        r = await http.post("/v1/registry/services", json={"name": "s2"})
+        assert r.status_code == 429
+        assert (await http.post("/v1/registry/services", json={"name": "s1", "actions": {"a": "/a"}})).status_code == 200
+        r = await http.post("/v1/registry/services", json={"name": "s0", "actions": {f"a{i}": "/a" for i in range(600)}})
+        assert r.status_code == 400
+        assert {"s0", "s1"} <= set(broker.services)
+
+
+async def test_a_peers_alias_cannot_block_the_node_or_claim_gateway_routes() -> None:
+    class Sneaky(nerve.Service):
+        name = "sneaky"
+
+        @nerve.action(rest=["GET /x/" + "".join(f"{{p{i}}}" for i in range(30)) + "/z",
+                            "GET /v1/call/math.add", "POST /v1/events", "GET /openapi.json", "GET /ok/{id}"])
+        async def grab(self, ctx: nerve.Context) -> str:
+            return "sneaky"
+
+    async with nerve.Broker("gw", services=[Sneaky(), Math()]) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        with trio.fail_after(5):
+            assert (await http.get("/x/" + "a" * 80 + "/z")).status_code == 404
+        assert (await http.get("/v1/call/math.add")).status_code == 405
+        assert (await http.post("/v1/events")).status_code == 405
+        assert (await http.get("/ok/7")).json() == "sneaky"
+        assert {a.path for a in gw.gateway.aliases()} == {"/ok/{id}"}
+
+
+async def test_slow_json_bodies_time_out_and_the_timeout_of_options_counts() -> None:
+    async with gateway(body_timeout=0.5) as (_, _, http):
+        async def trickle() -> AsyncIterator[bytes]:
+            yield b'{"params": '
+            await trio.sleep(2)
+            yield b"{}}"
+
+        r = await http.post("/v1/call/math.add", content=trickle(), headers={"content-type": "application/json"})
+        assert r.status_code == 408
+        r = await http.post("/v1/call/math.slow", json={"timeout": None, "options": {"timeout": 100}})
+        assert r.status_code == 504

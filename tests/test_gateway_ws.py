@@ -246,6 +246,24 @@ async def test_refused_clients_are_closed_with_4401(headers: dict[str, str]) -> 
             assert (await call(ws, 1, "shop.add", {"a": 1, "b": 2}))["response"] == 3
 
 
+async def test_pages_of_other_origins_are_refused_when_cors_is_set() -> None:
+    async with gateway(cors_origins=["https://app.example"]) as (_, _, http, url):
+        async with connect(url, http, headers={"Origin": "https://evil.example"}) as ws:
+            with pytest.raises(WebSocketDisconnect) as closed:
+                await ws.receive_text(5)
+        assert closed.value.code == 4403
+        async with connect(url, http, headers={"Origin": "https://app.example"}) as ws:
+            assert (await call(ws, 1, "shop.add", {"a": 1, "b": 2}))["response"] == 3
+        async with connect(url, http) as ws:  # not a browser: no Origin
+            assert (await call(ws, 2, "shop.add", {"a": 2, "b": 2}))["response"] == 4
+
+
+async def test_access_token_in_the_query_for_browsers() -> None:
+    async with gateway(auth=bearer_token("t")) as (_, _, http, url):
+        async with connect(url + "?access_token=t", http) as ws:
+            assert (await call(ws, 1, "shop.add", {"a": 1, "b": 2}))["response"] == 3
+
+
 # --- hostile frames ---------------------------------------------------------------------------
 
 

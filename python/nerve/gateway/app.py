@@ -101,13 +101,18 @@ class Gateway:
     to refuse (:func:`bearer_token` is one). ``cors_origins``: origins allowed by CORS.
     ``event_queue``: events a live-events client may fall behind before it is disconnected.
     ``external_timeout``: seconds an external service's handler may take (30).
+    ``body_timeout``: seconds a JSON body may take to arrive (30; then 408), and
+    ``max_bodies``: JSON bodies read at once (64, so at most 64 x ``max_body`` bytes; a
+    request waits for a turn up to ``body_timeout``, then 503). ``max_external``: external
+    services registered at most (100; their schemas, 4 MiB in all, travel in this node's INFO).
     """
 
     def __init__(self, broker: Any, *, prefix: str = "/v1", max_body: int = 1024 * 1024,
                  timeout: float | dict[str, float] | None = None, expose: Iterable[str] | None = None,
                  auth: Callable[[Any], Awaitable[None]] | None = None,
                  cors_origins: Iterable[str] = (), event_queue: int = 256,
-                 external_timeout: float | None = 30.0) -> None:
+                 external_timeout: float | None = 30.0, body_timeout: float = 30.0,
+                 max_bodies: int = 64, max_external: int = 100) -> None:
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
@@ -136,9 +141,21 @@ class Gateway:
         self.external_timeout = external_timeout
         #: services registered over HTTP (full name -> service)
         self.external: dict[str, Service] = {}
-        self.http_client: Any = None
+        #: serving (set by :func:`serve`): external services may be registered
+        self.serving = False
+        #: one HTTP client per external service (a handler that never answers holds only its own)
+        self._clients: dict[str, Any] = {}
+        #: the size of each external service's schema (all of them travel in this node's INFO)
+        self._schema_sizes: dict[str, int] = {}
+        self.body_timeout = body_timeout
+        self.max_external = max_external
+        self._bodies = trio.Semaphore(max_bodies)
+        self._registering = trio.Lock()
         self._listeners: set[_Listener] = set()
         self._events_service: Service | None = None
+        #: subscriptions made so far (each has a name of its own: one may still be on its way
+        #: out when the next is made)
+        self._events_made = 0
         self._nursery: trio.Nursery | None = None
         p = prefix
         routes = [
@@ -274,15 +291,28 @@ class Gateway:
     # --- request bodies ---------------------------------------------------------------------
 
     async def _read_json(self, request: Any) -> Any:
-        """The JSON body (``{}`` when empty), at most ``max_body`` bytes; HttpError otherwise."""
+        """The JSON body (``{}`` when empty), at most ``max_body`` bytes, within
+        ``body_timeout``, ``max_bodies`` at once; HttpError otherwise."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise HttpError(f"Request body is larger than {self.max_body} bytes", 413, "PAYLOAD_TOO_LARGE")
         body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > self.max_body:
-                raise HttpError(f"Request body is larger than {self.max_body} bytes", 413, "PAYLOAD_TOO_LARGE")
+        with trio.move_on_after(self.body_timeout) as waiting:
+            await self._bodies.acquire()
+        if waiting.cancelled_caught:
+            raise HttpError("Too many request bodies arriving at once; try again", 503, "BUSY")
+        try:
+            with trio.move_on_after(self.body_timeout) as reading:
+                async for piece in request.stream():
+                    body += piece
+                    if len(body) > self.max_body:
+                        raise HttpError(f"Request body is larger than {self.max_body} bytes", 413,
+                                        "PAYLOAD_TOO_LARGE")
+            if reading.cancelled_caught:
+                raise HttpError(f"Request body did not arrive within {self.body_timeout:g}s", 408,
+                                "REQUEST_TIMEOUT")
+        finally:
+            self._bodies.release()
         if not body.strip():
             return {}
         try:
@@ -312,6 +342,7 @@ class Gateway:
                 raise ServiceNotFoundError(f"Service '{action}' is not found.", data={"action": action})
             ctype = request.headers.get("content-type", "")
             stream = None
+            feed = None
             if _is_json(ctype) or not _has_body(request):
                 body = await self._read_json(request)
                 if not isinstance(body, dict):
@@ -328,14 +359,15 @@ class Gateway:
                 if options is not None and not isinstance(options, dict):
                     raise HttpError("'options' must be an object", 400, "INVALID_REQUEST_BODY")
                 options = options or {}
-                timeout = _millis(body.get("timeout", options.get("timeout")), "timeout")
-                retries = _count(body.get("retries", options.get("retries")), "retries")
+                timeout = _millis(_first(body.get("timeout"), options.get("timeout")), "timeout")
+                retries = _count(_first(body.get("retries"), options.get("retries")), "retries")
             else:
                 params = {k: v for k, v in request.query_params.items()}
                 meta.update(_stream_meta(request, ctype))
                 timeout = _millis(request.query_params.get("timeout"), "timeout")
                 retries = None
-                stream = PacketStream.from_iterable(request.stream())
+                feed = _Feed(request)
+                stream = PacketStream.from_iterable(feed)
             result = await self.broker.call(action, params, meta=meta, timeout=timeout or self.timeout_of(action),
                                             retries=retries, stream=stream)
         except HttpError as exc:  # refused before any call: moleculer-web's plain error body
@@ -343,22 +375,22 @@ class Gateway:
         except Exception as exc:  # a NerveError, or a local handler's own exception (500)
             return self._error(exc, request_id, meta)
         if isinstance(result, PacketStream):
-            return self._stream_response(result, meta, request_id)
+            return self._stream_response(result, meta, request_id, feed)
         return self._json({"response": result, "meta": meta}, 200, request_id)
 
-    def _stream_response(self, stream: PacketStream, meta: dict[str, Any], request_id: str) -> Any:
-        from starlette.responses import StreamingResponse
-
+    def _stream_response(self, stream: PacketStream, meta: dict[str, Any], request_id: str,
+                         body: _Feed | None = None) -> Any:
         headers = {"X-Request-ID": request_id}
         size = meta.get("size")
         if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
             headers["Content-Length"] = str(size)
         name = meta.get("filename")
         if isinstance(name, str) and name:
-            safe = name.replace("\\", "_").replace('"', "_").replace("\r", "").replace("\n", "")
-            headers["Content-Disposition"] = f'attachment; filename="{safe}"'
-        ctype = meta.get("$responseType") or meta.get("contentType") or "application/octet-stream"
-        return StreamingResponse(_chunks(stream), media_type=str(ctype), headers=headers)
+            headers["Content-Disposition"] = _disposition(name)
+        ctype = meta.get("$responseType") or meta.get("contentType")
+        if not (isinstance(ctype, str) and _MEDIA_TYPE.fullmatch(ctype)):
+            ctype = "application/octet-stream"
+        return _StreamResponse(stream, headers, ctype, body)
 
     async def emit(self, request: Any) -> Any:
         """``POST {prefix}/emit/{event}``: emit ``params`` (to ``groups``); 200, empty body."""
@@ -410,27 +442,63 @@ class Gateway:
 
     async def register_service(self, request: Any) -> Any:
         """``POST {prefix}/registry/services``: register (or replace) an external service."""
+        import httpx
+
         request_id = _request_id(request)
         try:
             await self._admit(request)
             schema = await self._read_json(request)
-            if self.http_client is None:
+            if not self.serving:
                 raise HttpError("external services need the gateway to be served (nerve.gateway.serve)",
                                 503, "NOT_SERVING")
-            svc = external_service(schema, self.http_client, timeout=self.external_timeout)
-            name = svc.full_name
-            if name in self.broker.services:
-                if name not in self.external:
-                    raise HttpError(f"service {name!r} is a service of this node, not an external one: "
-                                    "it is not replaced over HTTP", 409, "CONFLICT")
-                await self.broker.remove_service(name)
-            self.external[name] = svc
-            self.broker.add_service(svc)
-        except ValidationError as exc:
-            return self._error(exc, request_id, wrap=False)
-        except (SchemaError, NerveError) as exc:
+            async with self._registering:  # one registration at a time: replace is two steps
+                client = httpx.AsyncClient()
+                try:
+                    svc = external_service(schema, client, timeout=self.external_timeout)
+                    name = svc.full_name
+                    if name in self.broker.services and name not in self.external:
+                        raise HttpError(f"service {name!r} is a service of this node, not an external one: "
+                                        "it is not replaced over HTTP", 409, "CONFLICT")
+                    size = len(_dumps(schema))
+                    others = sum(v for k, v in self._schema_sizes.items() if k != name)
+                    if others + size > _MAX_SCHEMAS:
+                        raise HttpError(f"external services' schemas are limited to {_MAX_SCHEMAS} bytes in all "
+                                        "(they travel in this node's INFO)", 413, "PAYLOAD_TOO_LARGE")
+                    if name not in self.external and len(self.external) >= self.max_external:
+                        raise HttpError(f"at most {self.max_external} external services", 429, "TOO_MANY_SERVICES")
+                    if name in self.external:
+                        await self._drop_external(name)
+                    self.broker.add_service(svc)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await client.aclose()
+                    raise
+                self.external[name] = svc
+                self._clients[name] = client
+                self._schema_sizes[name] = size
+        except Exception as exc:
             return self._error(exc, request_id, wrap=False)
         return self._json({"status": "OK"}, 200, request_id)
+
+    async def _drop_external(self, name: str) -> None:
+        self.external.pop(name, None)
+        self._schema_sizes.pop(name, None)
+        client = self._clients.pop(name, None)
+        try:
+            if name in self.broker.services:
+                await self.broker.remove_service(name)
+        finally:
+            if client is not None:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def close_external(self) -> None:
+        """Remove every external service (the gateway stops serving)."""
+        for name in list(self.external):
+            try:
+                await self._drop_external(name)
+            except NerveError:
+                pass
 
     async def unregister_service(self, request: Any) -> Any:
         """``DELETE {prefix}/registry/services/{name}``: remove an external service."""
@@ -438,10 +506,10 @@ class Gateway:
         name = request.path_params["name"]
         try:
             await self._admit(request)
-            if name not in self.external:
-                raise NerveError("Service not found", 404, "NOT_FOUND", {"serviceName": name})
-            del self.external[name]
-            await self.broker.remove_service(name)
+            async with self._registering:
+                if name not in self.external:
+                    raise NerveError("Service not found", 404, "NOT_FOUND", {"serviceName": name})
+                await self._drop_external(name)
         except NerveError as exc:
             return self._error(exc, request_id, wrap=False)
         return self._json({"status": "OK"}, 200, request_id)
@@ -473,10 +541,17 @@ class Gateway:
                             table.extend(parse_rest(definition["rest"], prefix, name))
         unique: dict[tuple[str, str], _Alias] = {}
         for alias in table:
+            if self._reserved(alias.path):
+                continue  # a peer's alias never answers for the gateway's own routes
             unique.setdefault((alias.method, alias.path), alias)
         ordered = sorted(unique.values(), key=lambda a: a.rank)
         self._aliases = (key, ordered)
         return ordered
+
+    def _reserved(self, path: str) -> bool:
+        clean = "/" + path.strip("/")
+        return (clean == self.prefix or clean.startswith(self.prefix + "/") or clean in _RESERVED
+                or clean.startswith("/static/"))
 
     async def alias(self, request: Any) -> Any:
         """Any other path: the action whose REST alias matches it, params from the path, the
@@ -500,10 +575,12 @@ class Gateway:
             await self._admit(request)
             params: dict[str, Any] = dict(request.query_params.items())
             stream = None
+            feed = None
             ctype = request.headers.get("content-type", "")
             if _has_body(request) and not _is_json(ctype):
                 meta.update(_stream_meta(request, ctype))
-                stream = PacketStream.from_iterable(request.stream())
+                feed = _Feed(request)
+                stream = PacketStream.from_iterable(feed)
             elif _has_body(request):
                 body = await self._read_json(request)
                 if isinstance(body, dict):
@@ -516,7 +593,7 @@ class Gateway:
         except Exception as exc:  # a NerveError, or a local handler's own exception (500)
             return self._error(exc, request_id, wrap=False)
         if isinstance(result, PacketStream):
-            return self._stream_response(result, meta, request_id)
+            return self._stream_response(result, meta, request_id, feed)
         status = meta.get("$statusCode")
         headers = _response_headers(meta)
         from starlette.responses import Response
@@ -525,7 +602,7 @@ class Gateway:
             return Response(b"", status_code=200, headers={"X-Request-ID": request_id, **headers})
         code = status if isinstance(status, int) and 200 <= status <= 599 else 200
         ctype = meta.get("$responseType")
-        if isinstance(ctype, str) and isinstance(result, (str, bytes)):
+        if isinstance(ctype, str) and _MEDIA_TYPE.fullmatch(ctype) and isinstance(result, (str, bytes)):
             body = result.encode() if isinstance(result, str) else result
             return Response(body, status_code=code, media_type=ctype,
                             headers={"X-Request-ID": request_id, **headers})
@@ -547,18 +624,20 @@ class Gateway:
             for p in patterns:  # (matching is linear in the name, whatever the pattern)
                 if not p or len(p) > 200:
                     raise HttpError(f"bad event pattern {p[:200]!r}: 1 to 200 characters", 400, "BAD_PATTERN")
+            listener = _Listener(patterns, self.event_queue)
+            self._listen(listener)
         except NerveError as exc:
             return self._error(exc, request_id, wrap=False)
-        listener = _Listener(patterns, self.event_queue)
-        self._listen(listener)
         headers = {"X-Request-ID": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(self._sse(listener), media_type="text/event-stream", headers=headers)
 
     def _listen(self, listener: _Listener) -> None:
-        self._listeners.add(listener)
         if self._events_service is None:
-            self._events_service = _events_service(self, self.broker.node_id)
-            self.broker.add_service(self._events_service)
+            self._events_made += 1
+            svc = _events_service(self, self.broker.node_id, self._events_made)
+            self.broker.add_service(svc)  # (ServiceSchemaError: nothing changed)
+            self._events_service = svc
+        self._listeners.add(listener)
 
     def _unlisten(self, listener: _Listener) -> None:
         self._listeners.discard(listener)
@@ -599,32 +678,52 @@ class Gateway:
 
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
-_SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+_MAX_SEGMENTS = 32
 
 
 class _Alias:
     """``METHOD /path/{param}`` published by an action's ``rest`` property (under its
-    service's ``settings["rest"]`` prefix)."""
+    service's ``settings["rest"]`` prefix). A ``{param}`` is a whole path segment, and paths
+    match segment by segment: linear in the path, whatever a peer's INFO says."""
 
     def __init__(self, method: str, path: str, action: str) -> None:
         self.method = method
         self.path = path
         self.action = action
-        pattern = ""
-        at = 0
-        for m in _SEGMENT.finditer(path):
-            pattern += re.escape(path[at:m.start()]) + f"(?P<{m.group(1)}>[^/]+)"
-            at = m.end()
-        pattern += re.escape(path[at:])
-        self.regex = re.compile(pattern)
+        segments = path.strip("/").split("/") if path.strip("/") else []
+        if len(segments) > _MAX_SEGMENTS:
+            raise ValueError("too many segments")
+        #: per segment: ("param", name) or ("literal", text)
+        self.segments: list[tuple[bool, str]] = []
+        for segment in segments:
+            param = _PARAM.fullmatch(segment)
+            if param is not None:
+                self.segments.append((True, param.group(1)))
+            elif "{" in segment or "}" in segment or not segment:
+                raise ValueError(f"bad segment {segment!r}")
+            else:
+                self.segments.append((False, segment))
         #: literal paths before templated ones, longer before shorter
-        self.rank = (bool(_SEGMENT.search(path)), -len(path))
+        self.rank = (sum(is_param for is_param, _ in self.segments), -len(self.segments))
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
         if method != self.method and not (method == "HEAD" and self.method == "GET"):
             return None
-        found = self.regex.fullmatch(path)
-        return found.groupdict() if found is not None else None
+        parts = path.strip("/").split("/") if path.strip("/") else []
+        if len(parts) != len(self.segments):
+            return None
+        found: dict[str, str] = {}
+        for (is_param, text), part in zip(self.segments, parts):
+            if is_param:
+                if not part:
+                    return None
+                found[text] = part
+            elif part != text:
+                return None
+        return found
 
 
 def parse_rest(spec: Any, prefix: Any, action: str) -> list[_Alias]:
@@ -647,7 +746,7 @@ def parse_rest(spec: Any, prefix: Any, action: str) -> list[_Alias]:
         full = base + path if path != "/" or not base else base
         try:
             out.append(_Alias(method, full, action))
-        except re.error:
+        except ValueError:
             continue
     return out
 
@@ -687,7 +786,7 @@ class _Listener:
         self.receive.close()
 
 
-def _events_service(gateway: Gateway, node_id: str) -> Service:
+def _events_service(gateway: Gateway, node_id: str, n: int) -> Service:
     """The gateway's subscription to every event, in a group of its own (an emit reaches one
     handler per group: this one, on every gateway node)."""
 
@@ -695,10 +794,16 @@ def _events_service(gateway: Gateway, node_id: str) -> Service:
         gateway.deliver(ctx)
         await trio.lowlevel.checkpoint()
 
-    attrs = {"name": f"$gateway-events-{node_id}"[:200],
+    attrs = {"name": f"$gateway-events-{n}",
              "on_event": event("**", group=f"$gateway.{node_id}"[:200])(on_event)}
     return type("GatewayEvents", (Service,), attrs)()  # type: ignore[no-any-return]
 
+
+#: bytes of external services' schemas at most, all together (they travel in INFO)
+_MAX_SCHEMAS = 4 * 1024 * 1024
+
+#: the gateway's own paths outside its prefix (the page, OpenAPI, metrics)
+_RESERVED = frozenset({"/", "/index.html", "/openapi.json", "/metrics"})
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
 
@@ -712,31 +817,103 @@ def _response_headers(meta: dict[str, Any]) -> dict[str, str]:
         for name, value in list(given.items())[:50]:
             if isinstance(name, str) and _HEADER_NAME.fullmatch(name) and isinstance(value, (str, int, float)):
                 text = str(value)
-                if "\r" not in text and "\n" not in text and len(text) <= 4096:
+                if _header_value_ok(text):
                     out[name] = text
     location = meta.get("$location")
-    if isinstance(location, str) and "\r" not in location and "\n" not in location:
+    if isinstance(location, str) and _header_value_ok(location):
         out["Location"] = location
     return out
+
+
+def _header_value_ok(text: str) -> bool:
+    """A value an HTTP header can carry as it is: Latin-1, no control characters (CR / LF
+    would end it), at most 4 KiB."""
+    return len(text) <= 4096 and all(31 < ord(c) < 256 and ord(c) != 127 or c == "\t" for c in text)
 
 
 def _sse_field(name: str) -> bytes:
     return name.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
 
 
-async def _chunks(stream: PacketStream) -> AsyncIterator[bytes]:
-    """A response stream's chunks for an HTTP body; the reader stops if the client goes."""
-    finished = False
-    try:
-        async for chunk in stream:
-            yield chunk
-        finished = True
-    except StreamError as exc:
-        log.warning("a streamed answer failed mid-way: %s", exc)
-    finally:
-        if not finished:
-            with trio.CancelScope(shield=True):
-                await stream.close()
+class _Feed:
+    """A request's body as a stream's source, saying when it has been read to its end (a
+    response may only listen for the client's disconnect then: ASGI's ``receive`` gives the
+    body's pieces until it is over)."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.done = trio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self.request.stream():
+                if piece:
+                    yield piece
+        finally:
+            self.done.set()
+
+
+class _Aborted(Exception):
+    """A streamed answer failed after its head went out: the connection is dropped, so the
+    client sees a cut body (never a clean end of a partial one)."""
+
+
+class _StreamResponse:
+    """A streamed answer (an ASGI app): chunks written as the client takes them; the stream
+    stopped when the client goes (watched only once the request's body is read, whose pieces
+    ``receive`` would otherwise take); a failure mid-way drops the connection."""
+
+    def __init__(self, stream: PacketStream, headers: dict[str, str], media_type: str,
+                 body: _Feed | None) -> None:
+        self.stream = stream
+        self.headers = headers
+        self.media_type = media_type
+        self.body = body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        stream = self.stream
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        raw.append((b"content-type", self.media_type.encode("latin-1")))
+        finished = False
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            async with trio.open_nursery() as nursery:
+                async def watch() -> None:
+                    if self.body is not None:
+                        await self.body.done.wait()
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(watch)
+                try:
+                    async for chunk in stream:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except StreamError as exc:
+                    log.warning("a streamed answer failed mid-way: %s", exc)
+                    raise _Aborted(str(exc)) from None
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finished = True
+                nursery.cancel_scope.cancel()
+        finally:
+            if not finished:
+                with trio.CancelScope(shield=True):
+                    await stream.close()  # the reader stops: the producer is told
+
+
+#: a media type as a header can carry it (``type/subtype`` and parameters, no CR / LF)
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}(?:;[\x20-\x7e]{0,200})?")
+
+
+def _disposition(name: str) -> str:
+    """``Content-Disposition`` for a download named ``name`` (any text): an ASCII fallback and
+    the UTF-8 name (RFC 6266), nothing that could end the header."""
+    from urllib.parse import quote
+
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name[:255])
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name[:255], safe='')}"
 
 
 def request_id_of(request: Any) -> str:
@@ -778,6 +955,11 @@ def _stream_meta(request: Any, ctype: str) -> dict[str, Any]:
     return meta
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is not None (the Sidecar reads the top level, its README options)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _millis(value: Any, what: str) -> float | None:
     """A Moleculer timeout in milliseconds as seconds (None / 0: none)."""
     if value is None or value == "":
@@ -814,6 +996,31 @@ class GatewayServer:
         self.url = urls[0] if urls else ""
 
 
+def _guard_connections() -> None:
+    """One HTTP connection's failure must end that connection, never the node: hypercorn's
+    connection handlers run in the nursery of its server, itself in the broker's, and an
+    exception of one (h11 refusing a state hypercorn did not expect, say) would end them all.
+    Its trio server is given a connection class that contains such failures (once per process)."""
+    import hypercorn.trio.run as hypercorn_run
+    from hypercorn.trio.tcp_server import TCPServer
+
+    if getattr(hypercorn_run.TCPServer, "nerve_guarded", False):
+        return
+
+    class GuardedTCPServer(TCPServer):
+        nerve_guarded = True
+
+        async def run(self) -> None:
+            try:
+                await super().run()
+            except Exception as exc:  # (trio.Cancelled is not an Exception: it goes on)
+                log.warning("an HTTP connection ended on an error: %r", exc)
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self.stream)
+
+    hypercorn_run.TCPServer = GuardedTCPServer  # type: ignore[misc]
+
+
 @asynccontextmanager
 async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) -> AsyncIterator[GatewayServer]:
     """Serve a :class:`Gateway` of the running ``broker`` at ``address`` (``HOST:PORT``; port 0
@@ -826,6 +1033,7 @@ async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) ->
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"expected HOST:PORT, got {address!r}")
     gateway = options.pop("gateway", None) or Gateway(broker, **options)
+    _guard_connections()
     config = Config()
     config.bind = [address]
     config.accesslog = None
@@ -835,8 +1043,8 @@ async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) ->
     config.websocket_max_message_size = 1024 * 1024 + 4096  # (the WebSocket endpoint's bound)
     config.graceful_timeout = 2
     done = trio.Event()
-    async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
-        gateway.http_client = client
+    async with trio.open_nursery() as nursery:
+        gateway.serving = True
         gateway._nursery = nursery
         urls = await nursery.start(lambda task_status: hypercorn_serve(
             gateway, config, shutdown_trigger=done.wait, task_status=task_status))
@@ -844,5 +1052,8 @@ async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) ->
             yield GatewayServer(gateway, list(urls))
         finally:
             done.set()
+            gateway.serving = False
             for listener in list(gateway._listeners):
                 listener.close()
+            with trio.CancelScope(shield=True):
+                await gateway.close_external()

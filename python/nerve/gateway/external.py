@@ -13,20 +13,24 @@ params, meta}`` and a failure is logged, never sent back.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import msgspec
+import trio
 
 from nerve.context import Context
-from nerve.errors import NerveError, ValidationError, error_from_wire
+from nerve.errors import NerveError, ValidationError, error_from_wire, request_timeout
 from nerve.service import Service, action, event
 
-__all__ = ["SchemaError", "external_service", "MAX_REPLY"]
+__all__ = ["SchemaError", "external_service", "MAX_REPLY", "MAX_HANDLERS"]
 
 log = logging.getLogger("nerve.gateway")
 
 #: the largest reply body an external handler may send (bytes)
-MAX_REPLY = 16 * 1024 * 1024
+MAX_REPLY = 4 * 1024 * 1024
+#: actions and events of one external service at most
+MAX_HANDLERS = 500
 _NAME_LIMIT = 200
 
 
@@ -119,6 +123,11 @@ class _Poster:
         """(status, reason, parsed JSON reply or None)."""
         content = msgspec.json.encode(body)
         limit = timeout if timeout is not None else self.timeout
+        # httpx's timeout bounds each read; the whole exchange is bounded here.
+        with trio.fail_after(limit if limit is not None else math.inf):
+            return await self._post(path, content, limit)
+
+    async def _post(self, path: str, content: bytes, limit: float | None) -> tuple[int, str, Any]:
         async with self.client.stream("POST", self.url(path), content=content,
                                       headers={"content-type": "application/json"},
                                       timeout=limit) as reply:
@@ -148,6 +157,9 @@ def external_service(schema: Any, client: Any, *, timeout: float | None = None) 
             "type": "required", "field": "name", "action": "$sidecar.registerService",
             "message": "The 'name' field is required."}])
     _check_name("the service's 'name'", name)
+    if name.startswith("$"):
+        raise SchemaError("a service name starting with '$' is the system's ($node, $gateway...)",
+                          data={"name": name[:_NAME_LIMIT]})
     version = schema.get("version")
     if version is not None and not isinstance(version, (int, str)) or isinstance(version, bool):
         raise SchemaError("'version' must be a number or a string")
@@ -168,6 +180,8 @@ def external_service(schema: Any, client: Any, *, timeout: float | None = None) 
     events = {} if events is None else events
     if not isinstance(actions, dict) or not isinstance(events, dict):
         raise SchemaError("'actions' and 'events' must be objects")
+    if len(actions) + len(events) > MAX_HANDLERS:
+        raise SchemaError(f"at most {MAX_HANDLERS} actions and events in one service")
     for i, (raw, spec) in enumerate(actions.items()):
         _check_name(f"action {raw!r}", raw)
         path, options = _handler_path(f"action {raw!r}", spec)
@@ -196,6 +210,8 @@ def _action_handler(poster: _Poster, path: str, rules: dict[str, tuple[str, bool
             status, reason, reply = await poster.post(path, body, timeout)
         except NerveError:
             raise
+        except trio.TooSlowError:
+            raise request_timeout(ctx.action, None) from None
         except Exception as exc:  # httpx's errors: the handler could not be reached
             raise NerveError(f"external handler {poster.url(path)} unreachable: {exc}", 502,
                                  "EXTERNAL_UNREACHABLE") from None
@@ -221,7 +237,7 @@ def _event_handler(poster: _Poster, path: str) -> Any:
             body["eventGroups"] = list(ctx.event_groups or [])
         try:
             status, _, _ = await poster.post(path, body, None)
-        except Exception as exc:
+        except (Exception, trio.TooSlowError) as exc:
             log.warning("event %s to external handler %s failed: %s", ctx.event, poster.url(path), exc)
             return
         if not 200 <= status < 300:

@@ -232,6 +232,11 @@ class WebSocketEndpoint:
         """Serve one socket until the client leaves or breaks the protocol. On return the
         socket's calls are cancelled and its event listener removed."""
         try:
+            origins = self.gateway.cors_origins
+            origin = websocket.headers.get("origin")
+            if origins and origin is not None and origin not in origins and "*" not in origins:
+                # A browser page of another site (cross-site WebSocket hijacking): refused.
+                raise NerveError(f"origin {origin[:200]!r} is not allowed", 403, "ORIGIN_NOT_ALLOWED")
             await self.gateway.admit(websocket)
         except NerveError as exc:
             code = exc.code if isinstance(exc.code, int) else 0
