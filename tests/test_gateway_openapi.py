@@ -488,3 +488,31 @@ def test_gateway_honours_its_document(gateway: Gateway) -> None:
                 failures.append(f"{operation.label} ({mode.value}): {exc}\n{details}")
     assert len(tested) >= 14, tested
     assert not failures, "\n\n".join(failures)
+
+
+class AliasItem(msgspec.Struct):
+    name: str
+
+
+@pytest.mark.anyio
+async def test_rest_aliases_are_operations_of_the_document() -> None:
+    class Shop2(nerve.Service):
+        name = "shop2"
+        settings = {"rest": "/api"}
+
+        @nerve.action(rest="GET /items/{id}")
+        async def get(self, ctx: nerve.Context) -> dict[str, Any]:
+            return {"id": ctx.params["id"]}
+
+        @nerve.action(rest="POST /items")
+        async def add(self, ctx: nerve.Context, item: AliasItem) -> str:
+            return item.name
+
+    async with nerve.Broker("oa", services=[Shop2()]) as broker, nerve.gateway.serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as http:
+        doc = (await http.get("/openapi.json")).json()
+    get = doc["paths"]["/api/items/{id}"]["get"]
+    assert [p["name"] for p in get["parameters"]] == ["id"] and get["parameters"][0]["in"] == "path"
+    post = doc["paths"]["/api/items"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert "$ref" in body or body.get("properties", {}).get("name")

@@ -47,8 +47,9 @@ def routes(gateway: Any) -> list[Any]:
         except NerveError as exc:
             return gateway.responds_error(exc, _given_request_id(request))
         actions = [a for a in listed if isinstance(a, dict) and gateway.exposed(str(a.get("name", "")))]
-        return gateway.responds_json(document(actions, prefix=gateway.prefix, node_id=broker.node_id),
-                                     200, _given_request_id(request))
+        aliases = [(a.method, a.path, a.action) for a in gateway.aliases()]
+        return gateway.responds_json(document(actions, prefix=gateway.prefix, node_id=broker.node_id,
+                                              aliases=aliases), 200, _given_request_id(request))
 
     out = [Route("/openapi.json", openapi_json, methods=["GET"])]
     for path, (name, ctype) in _PAGE_FILES.items():
@@ -81,18 +82,21 @@ def _given_request_id(request: Any) -> str:
 
 
 def document(actions: Iterable[dict[str, Any]], *, prefix: str = "/v1", node_id: str = "",
-             version: str | None = None) -> dict[str, Any]:
+             version: str | None = None,
+             aliases: Iterable[tuple[str, str, str]] = ()) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway at ``prefix`` whose callable actions are
     ``actions`` (entries of ``$node.actions``: ``{"name", "action": definition, ...}``).
 
     An action whose definition's ``params`` is a JSON Schema (nerve's typed params) has it as
     the schema of the body's ``params``, its ``$defs`` moved to ``components/schemas``; other
     params (a moleculer.js node's fastest-validator rules) are shown as they are under
-    ``x-moleculer-params`` and the body takes any object."""
+    ``x-moleculer-params`` and the body takes any object. ``aliases`` (method, path, action)
+    are the REST aliases: one operation each, its path parameters from the template."""
     if version is None:
         import nerve
 
         version = nerve.__version__
+    actions = list(actions)
     schemas = _fixed_schemas()
     paths: dict[str, Any] = {}
     for entry in sorted(actions, key=lambda a: str(a.get("name", ""))):
@@ -102,6 +106,12 @@ def document(actions: Iterable[dict[str, Any]], *, prefix: str = "/v1", node_id:
         given = entry.get("action")
         definition: dict[str, Any] = given if isinstance(given, dict) else {}
         paths[f"{prefix}/call/{_path_segment(name)}"] = {"post": _call_operation(name, definition, schemas)}
+    definitions = {str(e.get("name")): e.get("action") for e in actions if isinstance(e, dict)}
+    for method, path, action in sorted(aliases):
+        found = definitions.get(action)
+        if not isinstance(found, dict):
+            continue
+        paths.setdefault(path, {})[method.lower()] = _alias_operation(method, path, action, found, schemas)
     paths.update(_sidecar_paths(prefix))
     where = f" on node {node_id}" if node_id else ""
     return {
@@ -180,6 +190,32 @@ def _call_operation(name: str, definition: dict[str, Any], schemas: dict[str, An
         "504": {"$ref": "#/components/responses/CallTimeout"},
         "default": {"$ref": "#/components/responses/CallFailed"},
     }
+    return operation
+
+
+def _alias_operation(method: str, path: str, action: str, definition: dict[str, Any],
+                     schemas: dict[str, Any]) -> dict[str, Any]:
+    """A REST alias: path parameters from its template; a body (for a method that takes one)
+    of the action's params; the action's result as the answer."""
+    names = re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", path)
+    operation: dict[str, Any] = {
+        "operationId": f"{method.lower()} {path}",
+        "summary": f"{action} as {method} {path}",
+        "tags": [action.rpartition(".")[0] or action],
+        "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                       for n in names],
+        "responses": {
+            "200": {"description": f"the result of {action}", "content": _json({})},
+            "400": {"description": "a body that is not a JSON object", "content": _json(_ref("Error"))},
+            "404": {"description": "no such route", "content": _json(_ref("Error"))},
+            "422": {"description": "params refused", "content": _json(_ref("Error"))},
+            "default": {"description": "the action's error", "content": _json(_ref("Error"))},
+        },
+    }
+    if method in ("POST", "PUT", "PATCH"):
+        params = _adopt(action, definition.get("params"), schemas)
+        operation["requestBody"] = {"required": False, "content": _json(
+            params if params is not None else {"type": "object"})}
     return operation
 
 
