@@ -156,7 +156,7 @@ class Gateway:
         #: subscriptions made so far (each has a name of its own: one may still be on its way
         #: out when the next is made)
         self._events_made = 0
-        self._nursery: trio.Nursery | None = None
+        self._tasks: trio.Nursery | None = None
         p = prefix
         routes = [
             Route(f"{p}/call/{{action:path}}", self.call, methods=["POST"]),
@@ -202,7 +202,7 @@ class Gateway:
             from starlette.responses import Response
 
             try:
-                await self._admit(request)
+                await self._check_access(request)
             except NerveError as exc:
                 return self._error(exc, _request_id(request), wrap=False)
             sent: dict[str, Any] = {"status": 500, "headers": [], "body": b""}
@@ -235,7 +235,7 @@ class Gateway:
 
     async def admit(self, request: Any) -> None:
         """Run the access check (``auth``) on ``request``: raises to refuse."""
-        await self._admit(request)
+        await self._check_access(request)
 
     def exposed(self, action: str) -> bool:
         """Whether HTTP clients may call ``action`` (``expose``)."""
@@ -321,7 +321,7 @@ class Gateway:
             why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise HttpError(f"Invalid request body: {why}", 400, "INVALID_REQUEST_BODY") from None
 
-    async def _admit(self, request: Any) -> None:
+    async def _check_access(self, request: Any) -> None:
         if self.auth is not None:
             await self.auth(request)
 
@@ -337,7 +337,7 @@ class Gateway:
         action = request.path_params["action"]
         meta: dict[str, Any] = {}
         try:
-            await self._admit(request)
+            await self._check_access(request)
             if not self._exposed(action):
                 raise ServiceNotFoundError(f"Service '{action}' is not found.", data={"action": action})
             ctype = request.headers.get("content-type", "")
@@ -406,7 +406,7 @@ class Gateway:
         request_id = _request_id(request)
         name = request.path_params["event"]
         try:
-            await self._admit(request)
+            await self._check_access(request)
             body = await self._read_json(request)
             if not isinstance(body, dict):
                 raise HttpError("The body must be a JSON object {params, meta, options}", 400,
@@ -431,7 +431,7 @@ class Gateway:
         async def route(request: Any) -> Any:
             request_id = _request_id(request)
             try:
-                await self._admit(request)
+                await self._check_access(request)
                 params = {k: _query_value(v) for k, v in request.query_params.items()}
                 result = await self.broker.call(action, params, node_id=self.broker.node_id)
             except Exception as exc:
@@ -446,7 +446,7 @@ class Gateway:
 
         request_id = _request_id(request)
         try:
-            await self._admit(request)
+            await self._check_access(request)
             schema = await self._read_json(request)
             if not self.serving:
                 raise HttpError("external services need the gateway to be served (nerve.gateway.serve)",
@@ -505,7 +505,7 @@ class Gateway:
         request_id = _request_id(request)
         name = request.path_params["name"]
         try:
-            await self._admit(request)
+            await self._check_access(request)
             async with self._registering:
                 if name not in self.external:
                     raise NerveError("Service not found", 404, "NOT_FOUND", {"serviceName": name})
@@ -572,7 +572,7 @@ class Gateway:
             return await self._not_found(request, None)
         meta: dict[str, Any] = {}
         try:
-            await self._admit(request)
+            await self._check_access(request)
             params: dict[str, Any] = dict(request.query_params.items())
             stream = None
             feed = None
@@ -617,7 +617,7 @@ class Gateway:
 
         request_id = _request_id(request)
         try:
-            await self._admit(request)
+            await self._check_access(request)
             patterns = request.query_params.getlist("match") or ["**"]
             if len(patterns) > 32:
                 raise HttpError("at most 32 event patterns", 400, "BAD_PATTERN")
@@ -644,8 +644,8 @@ class Gateway:
         listener.close()
         if not self._listeners and self._events_service is not None:
             svc, self._events_service = self._events_service, None
-            if svc.full_name in self.broker.services and self._nursery is not None:
-                self._nursery.start_soon(self._remove_quietly, svc.full_name)
+            if svc.full_name in self.broker.services and self._tasks is not None:
+                self._tasks.start_soon(self._remove_quietly, svc.full_name)
 
     async def _remove_quietly(self, name: str) -> None:
         try:
@@ -1045,7 +1045,7 @@ async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) ->
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         gateway.serving = True
-        gateway._nursery = nursery
+        gateway._tasks = nursery
         urls = await nursery.start(lambda task_status: hypercorn_serve(
             gateway, config, shutdown_trigger=done.wait, task_status=task_status))
         try:

@@ -245,7 +245,7 @@ class NatsClient:
             with trio.fail_after(connect_timeout):
                 stream = await trio.open_tcp_stream(target.host, target.port)
                 client = cls(stream, name=name)
-                await client._handshake(target, options)
+                await client._introduce(target, options)
         except BaseException as exc:
             opened = client.stream if client is not None else stream
             if opened is not None:
@@ -256,7 +256,7 @@ class NatsClient:
             raise
         return client
 
-    async def _handshake(self, target: _Server, options: NatsOptions) -> None:
+    async def _introduce(self, target: _Server, options: NatsOptions) -> None:
         address = target.address
         line = await self._read_line()
         if not line.startswith(b"INFO "):
