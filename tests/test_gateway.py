@@ -654,3 +654,44 @@ async def test_slow_json_bodies_time_out_and_the_timeout_of_options_counts() -> 
         assert r.status_code == 408
         r = await http.post("/v1/call/math.slow", json={"timeout": None, "options": {"timeout": 100}})
         assert r.status_code == 504
+
+
+async def test_hostile_definitions_from_a_peers_info_keep_openapi_fast_and_whole() -> None:
+    """What a peer's INFO says about its actions reaches /openapi.json and the registry
+    routes: a chain of 3,000 $defs (quadratic renaming), params nested 400 deep, keys that are
+    not strings. The document is built at once and answers 200; the registry too."""
+    chain = {f"D{i}": {"type": "object", "properties": {"n": {"$ref": f"#/$defs/D{i + 1}"}}} for i in range(2999)}
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(400):
+        deep = {"x": deep}
+    actions = {}
+    for j in range(4):
+        defs = dict(chain, D2999={"type": "string", "title": f"v{j}"})
+        actions[f"evil.c{j}"] = {"name": f"evil.c{j}", "params": {"$ref": "#/$defs/D0", "$defs": defs}}
+    actions["evil.deep"] = {"name": "evil.deep", "params": deep}
+    actions["evil.keys"] = {"name": "evil.keys", "params": {None: 1, 1: {"type": "string"}}}  # type: ignore[dict-item]
+    async with gateway() as (broker, _, http):
+        broker.registry.update_node("evil", services=[{"name": "evil", "actions": actions, "events": {}}],
+                                    instance_id="x", seq=1)
+        with trio.fail_after(10):
+            r = await http.get("/openapi.json")
+        assert r.status_code == 200
+        paths = r.json()["paths"]
+        assert {"/v1/call/evil.c0", "/v1/call/evil.deep", "/v1/call/evil.keys"} <= set(paths)
+        assert (await http.get("/v1/registry/actions")).status_code == 200
+
+
+async def test_an_answer_whose_type_an_action_chose_is_sandboxed() -> None:
+    class Html(nerve.Service):
+        name = "html"
+
+        @nerve.action(rest="GET /page")
+        async def page(self, ctx: nerve.Context) -> str:
+            ctx.meta["$responseType"] = "text/html"
+            return "<script>document.title='x'</script>"
+
+    async with nerve.Broker("gw", services=[Html()]) as broker, serve(broker, "127.0.0.1:0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.get("/page")
+        assert r.headers["content-type"].startswith("text/html")
+        assert r.headers["content-security-policy"] == "sandbox" and r.headers["x-content-type-options"] == "nosniff"

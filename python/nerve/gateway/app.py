@@ -84,10 +84,26 @@ def _status(exc: BaseException) -> int:
 
 
 def _dumps(value: Any) -> bytes:
+    """JSON of ``value``; what JSON cannot carry (a key that is not a string, a value of no
+    JSON type, nesting past 200 levels) becomes text, never an error."""
     try:
         return msgspec.json.encode(value)
-    except (TypeError, ValueError, OverflowError):
-        return msgspec.json.encode(msgspec.to_builtins(value, builtin_types=(), str_keys=True, enc_hook=repr))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return msgspec.json.encode(_plain(value, 0))
+
+
+def _plain(value: Any, depth: int) -> Any:
+    if depth > 200:
+        return "..."
+    if value is None or isinstance(value, (bool, int, str)):
+        return value if not isinstance(value, int) or abs(value) < 1 << 63 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return repr(value)
 
 
 class Gateway:
@@ -604,8 +620,10 @@ class Gateway:
         ctype = meta.get("$responseType")
         if isinstance(ctype, str) and _MEDIA_TYPE.fullmatch(ctype) and isinstance(result, (str, bytes)):
             body = result.encode() if isinstance(result, str) else result
+            # A type an action chose (text/html from any peer's action): served sandboxed, so it
+            # can never script the gateway's origin (its page, its API with the user's token).
             return Response(body, status_code=code, media_type=ctype,
-                            headers={"X-Request-ID": request_id, **headers})
+                            headers={"X-Request-ID": request_id, **headers, **_SANDBOX})
         return self._json(result, code, request_id, headers)
 
     # --- live events (Server-Sent Events) -----------------------------------------------------
@@ -799,6 +817,9 @@ def _events_service(gateway: Gateway, node_id: str, n: int) -> Service:
     return type("GatewayEvents", (Service,), attrs)()  # type: ignore[no-any-return]
 
 
+#: on answers whose content an action chose: no sniffing, and a sandbox of their own
+_SANDBOX = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+
 #: bytes of external services' schemas at most, all together (they travel in INFO)
 _MAX_SCHEMAS = 4 * 1024 * 1024
 
@@ -872,7 +893,7 @@ class _StreamResponse:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         stream = self.stream
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in {**self.headers, **_SANDBOX}.items()]
         raw.append((b"content-type", self.media_type.encode("latin-1")))
         finished = False
         try:

@@ -220,9 +220,18 @@ def _alias_operation(method: str, path: str, action: str, definition: dict[str, 
 
 
 def _has_ref(value: Any) -> bool:
-    if isinstance(value, dict):
-        return "$ref" in value or any(_has_ref(v) for v in value.values())
-    return isinstance(value, list) and any(_has_ref(v) for v in value)
+    """Whether a ``$ref`` key appears anywhere in ``value`` (iteratively: a peer's definition
+    may be nested deeper than Python's recursion allows)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if "$ref" in item:
+                return True
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
 
 
 def _json_text(value: Any) -> str:
@@ -255,6 +264,11 @@ _NAMED = frozenset({"properties", "patternProperties", "dependentSchemas"})
 _DATA = frozenset({"enum", "const", "default", "examples", "example", "dependentRequired", "required",
                    "externalDocs", "xml"})
 _DEFS = "#/$defs/"
+#: bounds on the work a document does for one action's definitions and for all of them (the
+#: definitions come from peers' INFO): beyond, the action's params are shown as any object
+_MAX_DEFS = 200
+_MAX_ROUNDS = 4
+_MAX_COMPONENTS = 5000
 _COMPONENT_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -269,15 +283,17 @@ def _adopt(action: str, params: Any, schemas: dict[str, Any]) -> dict[str, Any] 
     top = {k: v for k, v in params.items() if k not in ("$defs", "$schema")}
     if not top:
         return None
+    if len(defs) > _MAX_DEFS or len(schemas) > _MAX_COMPONENTS:
+        return None  # (a peer's definitions: the document's work stays bounded)
     names = {d: _COMPONENT_NAME.sub("_", d) for d in defs}
     if len(set(names.values())) != len(names):
         return None
     base = _COMPONENT_NAME.sub("_", action)
-    for _ in range(2 * len(defs) + 2):  # each round renames one or more clashing definitions
+    for _ in range(_MAX_ROUNDS):  # each round renames one or more clashing definitions
         try:
             moved = {d: _rewrite(s, names) for d, s in defs.items()}
             schema = _rewrite(top, names)
-        except _NotJsonSchema:
+        except (_NotJsonSchema, RecursionError):
             return None
         clashing = [d for d, s in moved.items() if schemas.get(names[d], s) != s]
         if not clashing:

@@ -12,11 +12,19 @@
   const RETRY_MS = 2000;
   let actions = new Map();
 
+  // Text of any value a peer sent (an object with a hostile toString included): never throws.
+  function text(value) {
+    if (value == null) return "";
+    if (typeof value === "string") return value;
+    if (typeof value === "number" || typeof value === "boolean") return String(value);
+    try { return JSON.stringify(value); } catch (err) { return "?"; }
+  }
+
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
     Object.assign(node, props || {});
     for (const child of children) {
-      node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
+      node.append(child instanceof Node ? child : document.createTextNode(text(child)));
     }
     return node;
   }
@@ -41,15 +49,15 @@
     byId("nodes").replaceChildren(...nodes.map((n) => el("tr", { className: n.available ? "" : "down" },
       el("td", {}, el("code", {}, n.id), n.local ? " (this gateway)" : ""),
       el("td", {}, n.available ? "up" : "down"),
-      el("td", {}, [n.hostname, ...(n.ipList || [])].filter(Boolean).join(" ")),
-      el("td", {}, n.client ? `${n.client.type || ""} ${n.client.version || ""}`.trim() : ""))));
+      el("td", {}, [n.hostname, ...(Array.isArray(n.ipList) ? n.ipList : [])].filter(Boolean).map(text).join(" ")),
+      el("td", {}, n.client ? `${text(n.client.type)} ${text(n.client.version)}`.trim() : ""))));
   }
 
   function showServices(services) {
     byId("services").replaceChildren(...services.map((s) => el("li", {},
-      el("code", {}, s.fullName || s.name),
-      s.version != null ? el("span", { className: "tag" }, `v${s.version}`) : "",
-      el("span", { className: "muted" }, ` on ${(s.nodes || []).join(", ")}`))));
+      el("code", {}, text(s.fullName || s.name)),
+      s.version != null ? el("span", { className: "tag" }, `v${text(s.version)}`) : "",
+      el("span", { className: "muted" }, ` on ${(Array.isArray(s.nodes) ? s.nodes : []).map(text).join(", ")}`))));
   }
 
   function showActions(list) {
