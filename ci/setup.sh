@@ -18,7 +18,9 @@ python -m pip install -q --disable-pip-version-check -e "$spec"
 # A headless browser for the gateway page's tests (tests/test_gateway_openapi.py): Debian's
 # chromium, installed once when missing. A machine where it cannot be installed still gets
 # its venv; those tests then fail and say so.
-if ! command -v chromium >/dev/null 2>&1 && [ -r /etc/debian_version ] && command -v apt-get >/dev/null 2>&1; then
+# (Only for the test set-up, the "dev" extras: the demo needs no browser.)
+if [[ ",${1:-}," == *",dev,"* ]] && ! command -v chromium >/dev/null 2>&1 && [ -r /etc/debian_version ] \
+        && command -v apt-get >/dev/null 2>&1; then
     as_root=()
     if [ "$(id -u)" -ne 0 ]; then
         as_root=(sudo)
