@@ -695,3 +695,35 @@ async def test_an_answer_whose_type_an_action_chose_is_sandboxed() -> None:
         r = await http.get("/page")
         assert r.headers["content-type"].startswith("text/html")
         assert r.headers["content-security-policy"] == "sandbox" and r.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_streamed_bodies_at_once_are_bounded() -> None:
+    gate = trio.Event()
+
+    class Slow(nerve.Service):
+        name = "slowup"
+
+        @nerve.action
+        async def take(self, ctx: nerve.Context) -> int:
+            await gate.wait()
+            assert ctx.stream is not None
+            return len(await ctx.stream.read_all())
+
+    async with nerve.Broker("gw", services=[Slow()]) as broker, \
+            serve(broker, "127.0.0.1:0", max_uploads=1, body_timeout=0.5) as gw, \
+            httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+        results: list[int] = []
+
+        async def first() -> None:
+            r = await http.post("/v1/call/slowup.take", content=b"x" * 1000,
+                                headers={"content-type": "application/octet-stream"})
+            results.append(r.json()["response"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.sleep(0.2)
+            r = await http.post("/v1/call/slowup.take", content=b"y" * 10,
+                                headers={"content-type": "application/octet-stream"})
+            assert r.status_code == 503 and r.json()["type"] == "BUSY"
+            gate.set()
+        assert results == [1000]

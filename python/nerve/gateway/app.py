@@ -121,6 +121,9 @@ class Gateway:
     ``max_bodies``: JSON bodies read at once (64, so at most 64 x ``max_body`` bytes; a
     request waits for a turn up to ``body_timeout``, then 503). ``max_external``: external
     services registered at most (100; their schemas, 4 MiB in all, travel in this node's INFO).
+    ``max_uploads``: streamed request bodies at once (32; each holds at most its stream's
+    window, so the node holds at most ``max_uploads`` windows for them; a request waits its
+    turn up to ``body_timeout``, then 503).
     """
 
     def __init__(self, broker: Any, *, prefix: str = "/v1", max_body: int = 1024 * 1024,
@@ -128,7 +131,7 @@ class Gateway:
                  auth: Callable[[Any], Awaitable[None]] | None = None,
                  cors_origins: Iterable[str] = (), event_queue: int = 256,
                  external_timeout: float | None = 30.0, body_timeout: float = 30.0,
-                 max_bodies: int = 64, max_external: int = 100) -> None:
+                 max_bodies: int = 64, max_external: int = 100, max_uploads: int = 32) -> None:
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
@@ -166,6 +169,7 @@ class Gateway:
         self.body_timeout = body_timeout
         self.max_external = max_external
         self._bodies = trio.Semaphore(max_bodies)
+        self._uploads = trio.Semaphore(max_uploads)
         self._registering = trio.Lock()
         self._listeners: set[_Listener] = set()
         self._events_service: Service | None = None
@@ -212,6 +216,22 @@ class Gateway:
             if match_event(action, pattern):
                 return seconds
         return None
+
+    @asynccontextmanager
+    async def _upload_turn(self, feed: _Feed | None) -> AsyncIterator[None]:
+        """A turn among the ``max_uploads`` streamed bodies (a call without one needs none),
+        held until its body is read or the call is over."""
+        if feed is None:
+            yield
+            return
+        with trio.move_on_after(self.body_timeout) as waiting:
+            await self._uploads.acquire()
+        if waiting.cancelled_caught:
+            raise HttpError("Too many uploads at once; try again", 503, "BUSY")
+        try:
+            yield
+        finally:
+            self._uploads.release()
 
     def _metrics_route(self, app: Any) -> Callable[[Any], Awaitable[Any]]:
         async def route(request: Any) -> Any:
@@ -384,8 +404,10 @@ class Gateway:
                 retries = None
                 feed = _Feed(request)
                 stream = PacketStream.from_iterable(feed)
-            result = await self.broker.call(action, params, meta=meta, timeout=timeout or self.timeout_of(action),
-                                            retries=retries, stream=stream)
+            async with self._upload_turn(feed):
+                result = await self.broker.call(action, params, meta=meta,
+                                                timeout=timeout or self.timeout_of(action), retries=retries,
+                                                stream=stream)
         except HttpError as exc:  # refused before any call: moleculer-web's plain error body
             return self._error(exc, request_id, wrap=False)
         except Exception as exc:  # a NerveError, or a local handler's own exception (500)
@@ -604,8 +626,9 @@ class Gateway:
                 elif body != {}:
                     raise HttpError("An alias's JSON body must be an object", 400, "INVALID_REQUEST_BODY")
             params.update(path_params)
-            result = await self.broker.call(alias.action, params, meta=meta, timeout=self.timeout_of(alias.action),
-                                            stream=stream)
+            async with self._upload_turn(feed):
+                result = await self.broker.call(alias.action, params, meta=meta,
+                                                timeout=self.timeout_of(alias.action), stream=stream)
         except Exception as exc:  # a NerveError, or a local handler's own exception (500)
             return self._error(exc, request_id, wrap=False)
         if isinstance(result, PacketStream):
