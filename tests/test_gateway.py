@@ -727,3 +727,38 @@ async def test_streamed_bodies_at_once_are_bounded() -> None:
             assert r.status_code == 503 and r.json()["type"] == "BUSY"
             gate.set()
         assert results == [1000]
+
+
+async def test_an_upload_answered_with_a_stream_keeps_its_turn_until_that_answer_ends() -> None:
+    more = trio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        await more.wait()
+        yield b"b" * 1000
+
+    async with nerve.Broker("gw", services=[Pipe()]) as broker, \
+            serve(broker, "127.0.0.1:0", max_uploads=1, body_timeout=0.5) as gw, \
+            httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+        got: list[bytes] = []
+
+        async def first() -> None:
+            r = await http.post("/v1/call/pipe.echo", content=slow_body(),
+                                headers={"content-type": "application/octet-stream"})
+            got.append(r.content)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.sleep(0.3)  # the echo answered (a stream) and reads the body still
+            r = await http.post("/v1/call/pipe.echo", content=b"c", headers={"content-type": "application/octet-stream"})
+            assert r.status_code == 503
+            more.set()
+        assert got == [b"a" * 1000 + b"b" * 1000]
+        r = await http.post("/v1/call/pipe.echo", content=b"d", headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200 and r.content == b"d"
+
+
+async def test_an_access_refusal_on_call_is_the_plain_error_body() -> None:
+    async with gateway(auth=bearer_token("t")) as (_, _, http):
+        r = await http.post("/v1/call/math.add", json={})
+        assert r.status_code == 401 and r.json()["code"] == 401 and "error" not in r.json()

@@ -65,9 +65,10 @@ class Broker:
     ``max_stream_buffer`` (16 MiB): bytes a stream may hold unread when its producer takes
     no credit (a moleculer.js node: Moleculer's streams have no flow control); beyond it the
     stream fails with ``StreamOverflowError`` rather than grow.
-    ``disable_balancer=True`` (NATS): Moleculer's ``disableBalancer``: calls and events go
+    ``disable_balancer=True`` (NATS): Moleculer's ``disableBalancer``: calls and emits go
     to the bus's queue groups (``REQB.<action>``, ``EVENTB.<group>.<event>``), which pick
-    the node, instead of this node choosing one (see docs/guide.md, "Transports").
+    the node, instead of this node choosing one; calls served here, calls with ``node_id=``,
+    calls with a stream and broadcasts do not (see docs/guide.md, "Transports").
     ``max_write_queue`` (TCP, 64 MiB): bytes queued for a peer that does not read them before
     its connection is dropped.
     ``secret`` (TCP): nodes prove they share it (HMAC-SHA256 challenge-response in the

@@ -220,7 +220,8 @@ class Gateway:
     @asynccontextmanager
     async def _upload_turn(self, feed: _Feed | None) -> AsyncIterator[None]:
         """A turn among the ``max_uploads`` streamed bodies (a call without one needs none),
-        held until its body is read or the call is over."""
+        held until the call is over, or, when it answers with a stream (which may go on
+        reading the body), until that answer ends: ``feed.keep_turn`` hands the turn to it."""
         if feed is None:
             yield
             return
@@ -228,10 +229,12 @@ class Gateway:
             await self._uploads.acquire()
         if waiting.cancelled_caught:
             raise HttpError("Too many uploads at once; try again", 503, "BUSY")
+        feed.release = self._uploads.release
         try:
             yield
         finally:
-            self._uploads.release()
+            if not feed.keep_turn:
+                feed.give_back()
 
     def _metrics_route(self, app: Any) -> Callable[[Any], Awaitable[Any]]:
         async def route(request: Any) -> Any:
@@ -374,6 +377,9 @@ class Gateway:
         meta: dict[str, Any] = {}
         try:
             await self._check_access(request)
+        except NerveError as exc:  # refused before any call: the plain error body
+            return self._error(exc, request_id, wrap=False)
+        try:
             if not self._exposed(action):
                 raise ServiceNotFoundError(f"Service '{action}' is not found.", data={"action": action})
             ctype = request.headers.get("content-type", "")
@@ -408,6 +414,8 @@ class Gateway:
                 result = await self.broker.call(action, params, meta=meta,
                                                 timeout=timeout or self.timeout_of(action), retries=retries,
                                                 stream=stream)
+                if feed is not None and isinstance(result, PacketStream):
+                    feed.keep_turn = True
         except HttpError as exc:  # refused before any call: moleculer-web's plain error body
             return self._error(exc, request_id, wrap=False)
         except Exception as exc:  # a NerveError, or a local handler's own exception (500)
@@ -629,6 +637,8 @@ class Gateway:
             async with self._upload_turn(feed):
                 result = await self.broker.call(alias.action, params, meta=meta,
                                                 timeout=self.timeout_of(alias.action), stream=stream)
+                if feed is not None and isinstance(result, PacketStream):
+                    feed.keep_turn = True
         except Exception as exc:  # a NerveError, or a local handler's own exception (500)
             return self._error(exc, request_id, wrap=False)
         if isinstance(result, PacketStream):
@@ -887,6 +897,15 @@ class _Feed:
     def __init__(self, request: Any) -> None:
         self.request = request
         self.done = trio.Event()
+        #: the upload turn's release (``Gateway._upload_turn``), called once by ``give_back``
+        self.release: Callable[[], None] | None = None
+        #: the call answered with a stream: the turn goes back when that answer ends
+        self.keep_turn = False
+
+    def give_back(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -942,6 +961,8 @@ class _StreamResponse:
                 finished = True
                 nursery.cancel_scope.cancel()
         finally:
+            if self.body is not None:
+                self.body.give_back()  # (an upload's turn, kept while this answer ran)
             if not finished:
                 with trio.CancelScope(shield=True):
                     await stream.close()  # the reader stops: the producer is told

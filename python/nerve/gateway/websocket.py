@@ -146,8 +146,9 @@ def parse(text: str, max_depth: int) -> Message | tuple[Id, WebSocketMessageErro
 
 def pattern_problem(pattern: str) -> str | None:
     """Why ``pattern`` is refused as an event pattern, or None. Wildcards are bounded (one
-    ``*`` run per segment, one ``**``) because a pattern becomes a backtracking regex that
-    every event of the node is matched against."""
+    ``*`` run per segment, one ``**``): every event of the node is matched against every
+    pattern of every socket (in time linear in the name, but a pattern's states multiply
+    that work)."""
     if not pattern or len(pattern) > _MAX_PATTERN:
         return f"must be 1 to {_MAX_PATTERN} characters"
     runs = [_STARS.findall(segment) for segment in pattern.split(".")]
