@@ -252,7 +252,7 @@ async def test_a_client_that_leaves_mid_download_stops_the_stream() -> None:
 
 
 async def test_live_events_as_server_sent_events() -> None:
-    async with gateway() as (broker, _, http):
+    async with gateway(events_linger=0.2) as (broker, _, http):
         async with http.stream("GET", "/v1/events?match=order.*") as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             lines = r.aiter_lines()
@@ -762,3 +762,24 @@ async def test_an_access_refusal_on_call_is_the_plain_error_body() -> None:
     async with gateway(auth=bearer_token("t")) as (_, _, http):
         r = await http.post("/v1/call/math.add", json={})
         assert r.status_code == 401 and r.json()["code"] == 401 and "error" not in r.json()
+
+
+async def test_event_names_with_empty_segments_never_reach_the_bus() -> None:
+    """An external service listening to 'user.' (or an action 'a..b') in balanced mode would
+    subscribe to an invalid NATS subject: the server answers -ERR and the node reconnected
+    for ever. Such names are left out of the bus's queue groups; the node stays on NATS."""
+    from nats_server import ensure_nats
+
+    url = ensure_nats()
+    ns = f"es{os.getpid()}"
+    async with nerve.Broker("gw", transport=url, namespace=ns, disable_balancer=True, services=[Math()]) as broker, \
+            serve(broker, "127.0.0.1:0") as gw, httpx.AsyncClient(base_url=gw.url) as http, \
+            nerve.Broker("peer", transport=url, namespace=ns) as peer:
+        r = await http.post("/v1/registry/services", json={"name": "x", "events": {"user.": "/hook", "a..b": "/h"}})
+        assert r.status_code == 200
+        with trio.fail_after(10):
+            await peer.wait_for_services("math")
+            assert (await peer.call("$node.health", node_id="gw"))["nerve"]["node_id"] == "gw"
+        await trio.sleep(0.5)
+        with trio.fail_after(10):
+            assert (await peer.call("$node.health", node_id="gw"))["nerve"]["node_id"] == "gw"

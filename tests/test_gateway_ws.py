@@ -62,6 +62,7 @@ Gw = tuple[nerve.Broker, Shop, httpx.AsyncClient, str]
 @asynccontextmanager
 async def gateway(node_id: str = "ws-gw", **options: Any) -> AsyncIterator[Gw]:
     shop = Shop()
+    options.setdefault("events_linger", 0.2)
     async with nerve.Broker(node_id, services=[shop]) as broker, serve(broker, "127.0.0.1:0", **options) as gw, \
             httpx.AsyncClient(timeout=10) as http:
         yield broker, shop, http, gw.url + "/v1/ws"

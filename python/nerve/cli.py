@@ -38,6 +38,9 @@ class _Run:
     """What one command run saw: a SIGINT (Ctrl-C) turns any outcome into exit 130."""
 
     interrupted = False
+    #: set by the first SIGINT of a long-running node (run, gateway): it stops as on SIGTERM,
+    #: gracefully (a cancellation would leave its stop nothing to send its goodbyes with)
+    stop: trio.Event | None = None
 
 
 # --- outcomes -------------------------------------------------------------------------------
@@ -106,8 +109,12 @@ async def _with_sigint(command: Callable[[argparse.Namespace], Awaitable[None]],
                     print("error: interrupted twice; exiting now", file=sys.stderr, flush=True)
                     os._exit(130)
                 _Run.interrupted = True
-                scope.cancel()
+                if _Run.stop is not None:
+                    _Run.stop.set()
+                else:
+                    scope.cancel()
 
+    _Run.stop = trio.Event() if args.command in ("run", "gateway") else None
     async with trio.open_nursery() as nursery:
         with trio.CancelScope() as scope:
             await nursery.start(watch)
@@ -377,9 +384,26 @@ async def _run_node(args: argparse.Namespace) -> None:
                     raise CliError(f"--http: {exc}") from None
                 shown["http"] = server.url
             print(json.dumps(shown), flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            await _until_stopped()
+
+
+async def _until_stopped() -> None:
+    """Wait for SIGTERM, or a first SIGINT (``_Run.stop``): the node then stops gracefully."""
+    stop = _Run.stop
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as waits:
+            async def on_term() -> None:
                 async for _ in signals:
                     break
+                waits.cancel_scope.cancel()
+
+            async def on_interrupt() -> None:
+                if stop is not None:
+                    await stop.wait()
+                    waits.cancel_scope.cancel()
+
+            waits.start_soon(on_term)
+            waits.start_soon(on_interrupt)
 
 
 def _print_json(value: Any) -> None:
@@ -807,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
             args.wait_given = args.wait is not None
             if args.wait is None:
                 args.wait = 10.0
+        if getattr(args, "http", "unset") is None and (args.token or args.expose or args.cors):
+            parser.error("--token, --expose and --cors are options of --http (the HTTP gateway)")
         if getattr(args, "transport", None):
             if not args.transport.startswith(("nats://", "tls://")):
                 parser.error(f"--transport wants nats://HOST:PORT, got {args.transport!r}")

@@ -94,7 +94,7 @@ _MOLECULER_MAX_CHUNK = 256 * 1024
 _PACKET_ROOM = 8192
 _MAX_SEQ = 1 << 53
 #: a node id that can name a bus subject (NATS): no whitespace, control character or wildcard
-_BUS_ID = re.compile(r"[^\s\x00-\x1f\x7f*>]{1,255}")
+_BUS_ID = re.compile(r"[^\s\x00-\x1f\x7f*>.]+(?:\.[^\s\x00-\x1f\x7f*>.]+)*")
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 _DISCOVER = int(PacketType.DISCOVER)
 _INFO = int(PacketType.INFO)

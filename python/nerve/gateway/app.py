@@ -123,7 +123,9 @@ class Gateway:
     services registered at most (100; their schemas, 4 MiB in all, travel in this node's INFO).
     ``max_uploads``: streamed request bodies at once (32; each holds at most its stream's
     window, so the node holds at most ``max_uploads`` windows for them; a request waits its
-    turn up to ``body_timeout``, then 503).
+    turn up to ``body_timeout``, then 503). ``events_linger``: seconds the gateway's event
+    subscription outlives its last live-events client (10: clients that come and go do not
+    make the node re-announce its services each time).
     """
 
     def __init__(self, broker: Any, *, prefix: str = "/v1", max_body: int = 1024 * 1024,
@@ -131,7 +133,8 @@ class Gateway:
                  auth: Callable[[Any], Awaitable[None]] | None = None,
                  cors_origins: Iterable[str] = (), event_queue: int = 256,
                  external_timeout: float | None = 30.0, body_timeout: float = 30.0,
-                 max_bodies: int = 64, max_external: int = 100, max_uploads: int = 32) -> None:
+                 max_bodies: int = 64, max_external: int = 100, max_uploads: int = 32,
+                 events_linger: float = 10.0) -> None:
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
@@ -170,6 +173,7 @@ class Gateway:
         self.max_external = max_external
         self._bodies = trio.Semaphore(max_bodies)
         self._uploads = trio.Semaphore(max_uploads)
+        self.events_linger = events_linger
         self._registering = trio.Lock()
         self._listeners: set[_Listener] = set()
         self._events_service: Service | None = None
@@ -693,10 +697,18 @@ class Gateway:
     def _unlisten(self, listener: _Listener) -> None:
         self._listeners.discard(listener)
         listener.close()
-        if not self._listeners and self._events_service is not None:
-            svc, self._events_service = self._events_service, None
-            if svc.full_name in self.broker.services and self._tasks is not None:
-                self._tasks.start_soon(self._remove_quietly, svc.full_name)
+        if not self._listeners and self._events_service is not None and self._tasks is not None:
+            # Kept a while: a client that subscribes and unsubscribes in a loop would make
+            # this node announce its services to the cluster at each turn.
+            self._tasks.start_soon(self._unsubscribe_later, self._events_service)
+
+    async def _unsubscribe_later(self, svc: Service) -> None:
+        await trio.sleep(self.events_linger)
+        if self._listeners or self._events_service is not svc:
+            return  # listened to again meanwhile
+        self._events_service = None
+        if svc.full_name in self.broker.services:
+            await self._remove_quietly(svc.full_name)
 
     async def _remove_quietly(self, name: str) -> None:
         try:
@@ -1020,6 +1032,9 @@ def _stream_meta(request: Any, ctype: str) -> dict[str, Any]:
     return meta
 
 
+_MAX_MILLIS = 100 * 86400 * 1000
+
+
 def _first(*values: Any) -> Any:
     """The first value that is not None (the Sidecar reads the top level, its README options)."""
     return next((v for v in values if v is not None), None)
@@ -1033,8 +1048,9 @@ def _millis(value: Any, what: str) -> float | None:
         ms = float(value)
     except (TypeError, ValueError):
         raise HttpError(f"'{what}' must be a number of milliseconds", 400, "INVALID_REQUEST_BODY") from None
-    if isinstance(value, bool) or not math.isfinite(ms) or ms < 0:
-        raise HttpError(f"'{what}' must be a number of milliseconds", 400, "INVALID_REQUEST_BODY")
+    if isinstance(value, bool) or not math.isfinite(ms) or ms < 0 or ms > _MAX_MILLIS:
+        raise HttpError(f"'{what}' must be a number of milliseconds (at most 100 days)", 400,
+                        "INVALID_REQUEST_BODY")
     return ms / 1000 if ms else None
 
 
@@ -1095,8 +1111,8 @@ async def serve(broker: Any, address: str = "127.0.0.1:5103", **options: Any) ->
     from hypercorn.trio import serve as hypercorn_serve
 
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (a port from 0 to 65535), got {address!r}")
     gateway = options.pop("gateway", None) or Gateway(broker, **options)
     _guard_connections()
     config = Config()

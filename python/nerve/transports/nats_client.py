@@ -178,8 +178,10 @@ MAX_SUBJECT = 1024
 
 def check_subject(subject: str, *, wildcards: bool = False) -> None:
     """Raise ProtocolError unless ``subject`` can go in a NATS protocol line as it is
-    (``wildcards``: ``*`` and ``>`` tokens are allowed, for SUB)."""
-    if not _SUBJECT.fullmatch(subject) or (not wildcards and ("*" in subject or ">" in subject)):
+    (``wildcards``: ``*`` and ``>`` tokens are allowed, for SUB). An empty token (``a..b``,
+    ``user.``) is refused: the server would answer ``-ERR 'Invalid Subject'``."""
+    if (not _SUBJECT.fullmatch(subject) or "" in subject.split(".")  # (an empty token: -ERR, then a loop)
+            or (not wildcards and ("*" in subject or ">" in subject))):
         raise ProtocolError(f"not a NATS subject: {subject[:80]!r}", reason="nats_subject")
 
 
