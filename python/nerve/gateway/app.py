@@ -1048,9 +1048,9 @@ def _millis(value: Any, what: str) -> float | None:
         ms = float(value)
     except (TypeError, ValueError):
         raise HttpError(f"'{what}' must be a number of milliseconds", 400, "INVALID_REQUEST_BODY") from None
-    if isinstance(value, bool) or not math.isfinite(ms) or ms < 0 or ms > _MAX_MILLIS:
-        raise HttpError(f"'{what}' must be a number of milliseconds (at most 100 days)", 400,
-                        "INVALID_REQUEST_BODY")
+    if isinstance(value, bool) or not math.isfinite(ms) or ms < 0:
+        raise HttpError(f"'{what}' must be a number of milliseconds", 400, "INVALID_REQUEST_BODY")
+    ms = min(ms, _MAX_MILLIS)  # (a budget past 100 days is none: it would not serialize)
     return ms / 1000 if ms else None
 
 
