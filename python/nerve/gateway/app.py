@@ -247,7 +247,7 @@ class Gateway:
             try:
                 await self._check_access(request)
             except NerveError as exc:
-                return self._error(exc, _request_id(request), wrap=False)
+                return self._error(exc, request_id_of(request), wrap=False)
             sent: dict[str, Any] = {"status": 500, "headers": [], "body": b""}
 
             async def receive() -> dict[str, Any]:
@@ -325,11 +325,11 @@ class Gateway:
 
     async def _not_found(self, request: Any, exc: Any) -> Any:
         return self._error(HttpError(f"Not found: {request.method} {request.url.path}", 404, "NOT_FOUND"),
-                           _request_id(request), wrap=False)
+                           request_id_of(request), wrap=False)
 
     async def _not_allowed(self, request: Any, exc: Any) -> Any:
         return self._error(HttpError(f"Method not allowed: {request.method} {request.url.path}", 405,
-                                     "METHOD_NOT_ALLOWED"), _request_id(request), wrap=False)
+                                     "METHOD_NOT_ALLOWED"), request_id_of(request), wrap=False)
 
     # --- request bodies ---------------------------------------------------------------------
 
@@ -376,7 +376,7 @@ class Gateway:
     async def call(self, request: Any) -> Any:
         """``POST {prefix}/call/{action}``: the call, its answer ``{response, meta}`` (or a
         streamed body), or its error with the error's status."""
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         action = request.path_params["action"]
         meta: dict[str, Any] = {}
         try:
@@ -453,7 +453,7 @@ class Gateway:
     async def _event(self, request: Any, *, broadcast: bool) -> Any:
         from starlette.responses import Response
 
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         name = request.path_params["event"]
         try:
             await self._check_access(request)
@@ -479,7 +479,7 @@ class Gateway:
         """The route answering ``GET {prefix}/registry/...`` with this node's ``action``
         (``$node.list``, ...), the query string as its params."""
         async def route(request: Any) -> Any:
-            request_id = _request_id(request)
+            request_id = request_id_of(request)
             try:
                 await self._check_access(request)
                 params = {k: _query_value(v) for k, v in request.query_params.items()}
@@ -494,7 +494,7 @@ class Gateway:
         """``POST {prefix}/registry/services``: register (or replace) an external service."""
         import httpx
 
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         try:
             await self._check_access(request)
             schema = await self._read_json(request)
@@ -552,7 +552,7 @@ class Gateway:
 
     async def unregister_service(self, request: Any) -> Any:
         """``DELETE {prefix}/registry/services/{name}``: remove an external service."""
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         name = request.path_params["name"]
         try:
             await self._check_access(request)
@@ -607,7 +607,7 @@ class Gateway:
         """Any other path: the action whose REST alias matches it, params from the path, the
         query and a JSON body; its result is the body, shaped by ``$statusCode``,
         ``$responseType``, ``$responseHeaders`` and ``$location`` in its meta."""
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         path = request.url.path
         for alias in self.aliases():
             path_params = alias.match(request.method, path)
@@ -670,7 +670,7 @@ class Gateway:
         ``match``; default ``**``) as Server-Sent Events, with a comment line every 15 s."""
         from starlette.responses import StreamingResponse
 
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         try:
             await self._check_access(request)
             patterns = request.query_params.getlist("match") or ["**"]
@@ -996,10 +996,6 @@ def _disposition(name: str) -> str:
 def request_id_of(request: Any) -> str:
     """The request's ``X-Request-ID`` if it sent a sane one (``[A-Za-z0-9._:-]{1,128}``),
     else a new one: what the gateway's answers carry."""
-    return _request_id(request)
-
-
-def _request_id(request: Any) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given):
         return str(given)

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from nerve.errors import NerveError
+from nerve.gateway.app import request_id_of
 
 __all__ = ["routes", "document", "OPENAPI_VERSION"]
 
@@ -45,11 +46,11 @@ def routes(gateway: Any) -> list[Any]:
             broker = gateway.broker
             listed = await broker.call("$node.actions", {}, node_id=broker.node_id)
         except NerveError as exc:
-            return gateway.responds_error(exc, _given_request_id(request))
+            return gateway.responds_error(exc, request_id_of(request))
         actions = [a for a in listed if isinstance(a, dict) and gateway.exposed(str(a.get("name", "")))]
         aliases = [(a.method, a.path, a.action) for a in gateway.aliases()]
         return gateway.responds_json(document(actions, prefix=gateway.prefix, node_id=broker.node_id,
-                                              aliases=aliases), 200, _given_request_id(request))
+                                              aliases=aliases), 200, request_id_of(request))
 
     out = [Route("/openapi.json", openapi_json, methods=["GET"])]
     for path, (name, ctype) in _PAGE_FILES.items():
@@ -70,12 +71,6 @@ def _page_file(name: str, ctype: str, prefix: str) -> Callable[[Any], Any]:
         return Response(body, media_type=ctype, headers=_PAGE_HEADERS)
 
     return route
-
-
-def _given_request_id(request: Any) -> str:
-    from nerve.gateway.app import request_id_of
-
-    return request_id_of(request)
 
 
 # --- the document ----------------------------------------------------------------------------
