@@ -447,3 +447,134 @@ class TestSplitStreams:
         raises_reason("bad_stream_header", decoder.feed, encode_frame(FrameType.STREAM_DATA, b"\x00\x09ab"))
         decoder = FrameDecoder(split_streams=True)
         raises_reason("bad_stream_header", decoder.feed, encode_frame(FrameType.STREAM_CREDIT, b""))
+
+
+def _mixed_frames(items: list[tuple[int, str, int, bytes]]) -> tuple[FrameEncoder, list[tuple[object, ...]]]:
+    encoder = FrameEncoder()
+    expected: list[tuple[object, ...]] = []
+    for flags, sid, value, body in items:
+        encoder.append_stream_data(flags, sid, value, body)
+        expected.append((FrameType.STREAM_DATA, flags, sid, value, body))
+        encoder.append_stream_credit(flags, sid, value)
+        expected.append((FrameType.STREAM_CREDIT, flags, sid, value, None))
+        encoder.append(FrameType.REQUEST, body[:50])
+        expected.append((FrameType.REQUEST, body[:50]))
+    return encoder, expected
+
+
+_stream_items = st.lists(
+    st.tuples(st.integers(0, 7), st.text(max_size=40).filter(lambda t: len(t.encode()) <= 255),
+              st.integers(0, 2**64 - 1), st.binary(max_size=3000)), max_size=8)
+
+
+class TestDirectReceive:
+    """A large STREAM_DATA frame is received straight into its chunk: by ``feed`` or through
+    the buffer the decoder exports (what the TCP reader's ``recv_into(decoder)`` writes)."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(_stream_items, st.integers(17, 2000), st.data())
+    def test_any_mix_of_feeds_and_direct_writes(self, items: list[tuple[int, str, int, bytes]],
+                                                direct_min: int, data: st.DataObject) -> None:
+        encoder, expected = _mixed_frames(items)
+        wire = encoder.take()
+        decoder = FrameDecoder(split_streams=True, direct_min=direct_min)
+        got: list[tuple[object, ...]] = []
+        at = 0
+        while at < len(wire):
+            n = data.draw(st.integers(1, max(1, len(wire) - at)), label="piece")
+            missing = decoder.direct_missing
+            if missing and data.draw(st.booleans(), label="direct"):
+                # what recv_into(decoder) does: write at most what is exported, then filled(n)
+                with memoryview(decoder) as view:
+                    assert len(view) == missing and not view.readonly
+                    n = min(n, missing)
+                    view[:n] = wire[at:at + n]
+                got.extend(decoder.filled(n))
+            else:
+                got.extend(decoder.feed(wire[at:at + n]))
+            at += n
+        assert got == expected
+        assert decoder.direct_missing == 0 and decoder.buffered == 0
+        assert all(type(item[4]) is bytes for item in got if item[0] == FrameType.STREAM_DATA)
+
+    def test_a_large_chunk_is_written_in_place_and_handed_out_once_complete(self) -> None:
+        body = bytes(range(256)) * 1024  # 256 KiB
+        frame = FrameEncoder()
+        frame.append_stream_data(STREAM_FLAG_RESPONSE, "call-1", 7, body)
+        wire = frame.take()
+        decoder = FrameDecoder(split_streams=True)
+        assert decoder.feed(wire[:1000]) == []
+        assert decoder.direct_missing == len(wire) - 1000
+        assert decoder.buffered == 1000 - HEADER_LEN - 2 - len("call-1") - 8
+        with memoryview(decoder) as view:
+            view[:] = wire[1000:]
+        (item,) = decoder.filled(len(wire) - 1000)
+        assert item == (FrameType.STREAM_DATA, STREAM_FLAG_RESPONSE, "call-1", 7, body)
+        assert decoder.direct_missing == 0 and decoder.buffered == 0
+
+    def test_misuse_is_refused(self) -> None:
+        decoder = FrameDecoder(split_streams=True)
+        with pytest.raises(BufferError):
+            memoryview(decoder)  # nothing is being received directly
+        with pytest.raises(ValueError):
+            decoder.filled(1)
+        frame = FrameEncoder()
+        frame.append_stream_data(0, "s", 0, bytes(100_000))
+        wire = frame.take()
+        decoder.feed(wire[:100])
+        view = memoryview(decoder)
+        with pytest.raises(BufferError):
+            decoder.feed(b"x")  # the buffer is out: nothing may move it
+        with pytest.raises(BufferError):
+            decoder.filled(1)
+        view.release()
+        with pytest.raises(ValueError):
+            decoder.filled(decoder.direct_missing + 1)
+        assert decoder.feed(wire[100:])[0][4] == bytes(100_000)
+
+    def test_below_direct_min_and_without_split_streams_nothing_is_exported(self) -> None:
+        frame = FrameEncoder()
+        frame.append_stream_data(0, "s", 0, bytes(1000))
+        wire = frame.take()
+        small = FrameDecoder(split_streams=True, direct_min=2000)
+        plain = FrameDecoder(direct_min=100)
+        for decoder in (small, plain):
+            decoder.feed(wire[:500])
+            assert decoder.direct_missing == 0 and decoder.buffered == 500
+        assert small.feed(wire[500:])[0][4] == bytes(1000)
+        assert plain.feed(wire[500:]) == [(FrameType.STREAM_DATA, wire[HEADER_LEN:])]
+
+    def test_a_bad_stream_header_on_a_large_frame_is_a_frame_error(self) -> None:
+        payload = b"\x00\x02\xff\xfe" + bytes(8) + bytes(200_000)  # id not UTF-8
+        wire = encode_frame(FrameType.STREAM_DATA, payload)
+        raises_reason("bad_stream_header", FrameDecoder(split_streams=True).feed, wire[:5000])
+
+
+class TestTakeParts:
+    """``take_parts``: the same bytes as ``take``, large immutable payloads not copied."""
+
+    @fuzz
+    @given(_stream_items)
+    def test_parts_join_to_take(self, items: list[tuple[int, str, int, bytes]]) -> None:
+        a, _ = _mixed_frames(items)
+        b, _ = _mixed_frames(items)
+        parts = a.take_parts()
+        assert b"".join(bytes(p) for p in parts) == b.take()
+        assert len(a) == 0 and a.frames == 0 and a.take_parts() == []
+
+    def test_large_immutable_payloads_are_the_objects_given(self) -> None:
+        big = bytes(range(256)) * 64
+        view = memoryview(bytes(range(256)) * 64)[100:9000]
+        mutable = bytearray(big)
+        encoder = FrameEncoder()
+        encoder.append_stream_data(0, "s", 0, big)
+        encoder.append_stream_data(0, "s", 1, view)
+        encoder.append_stream_data(0, "s", 2, mutable)
+        encoder.append(FrameType.EVENT, b"tail")
+        parts = encoder.take_parts()
+        assert any(p is big for p in parts) and any(p is view for p in parts)
+        assert not any(p is mutable for p in parts)
+        mutable[0] ^= 0xFF  # copied when appended: the parts keep what was appended
+        decoded = FrameDecoder(split_streams=True).feed(b"".join(bytes(p) for p in parts))
+        assert [f[4] for f in decoded[:3]] == [big, bytes(view), big]
+        assert decoded[3] == (FrameType.EVENT, b"tail")

@@ -37,6 +37,21 @@ metrics (``broker.metrics.exposition()``) and flushes its spans there, and the c
 that what was counted or traced matches the calls it made (a variant that silently did
 nothing fails its run) and adds the figures to its result (``variant``).
 
+The ``file`` scenarios move a real file (``--file``, made by the harness, its SHA-256 in
+``--sha256``) into ``--dir``: ``file_upload`` calls the server's ``disk.put`` with
+``stream=PacketStream.from_file(src)``, whose handler does ``await ctx.stream.transfer_to(dest)``
+(a temporary file beside ``dest``, fsynced, renamed over it) and returns the byte count;
+``file_download`` calls ``disk.get``, which returns ``PacketStream.from_file(src)``, and the
+client does ``await stream.transfer_to(dest)``. The measured part is that one call (and, for the
+download, the ``transfer_to``). Afterwards, outside the marks, the destination's size and SHA-256
+are checked (``disk.done`` on the server, which then deletes it; the client's own for a
+download), so a broken transfer fails its run instead of looking fast.
+
+``rpc_under_transfer`` keeps ``--inflight`` calls of ``echo.echo`` in flight on the one
+connection for ``--duration`` seconds with no transfer, then again while ``storage.upload``
+receives ``--size`` bytes from memory on the same connection, and reports the latency
+percentiles (p50, p99, p99.9) and calls/s of both phases and the transfer's MB/s.
+
 Servers (in their READY line) and clients (in their result) report ``nerve.__file__``: the
 harness checks that a baseline peer imported the revision it asked for.
 """
@@ -44,10 +59,12 @@ harness checks that a baseline peer imported the revision it asked for.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -141,6 +158,46 @@ class File(nerve.Service):
     @nerve.action
     async def get(self, ctx: nerve.Context) -> nerve.PacketStream:
         return _produce(ctx)
+
+
+def _finish_file(dest: Path, want_sha256: bool) -> dict[str, Any]:
+    """A transferred file's size and SHA-256 (when asked), then delete it (blocking: run it in a
+    thread)."""
+    try:
+        out: dict[str, Any] = {"size": dest.stat().st_size}
+        if want_sha256:
+            h = hashlib.sha256()
+            with open(dest, "rb") as f:
+                for block in iter(lambda: f.read(1024 * 1024), b""):
+                    h.update(block)
+            out["sha256"] = h.hexdigest()
+        return out
+    finally:
+        dest.unlink(missing_ok=True)
+
+
+class Disk(nerve.Service):
+    """File to file (the ``file`` scenarios): the destinations are paths the client names (both
+    processes are on this machine, in the harness's temporary directory)."""
+
+    name = "disk"
+
+    @nerve.action
+    async def put(self, ctx: nerve.Context) -> int:
+        """Write the request stream to ``dest`` (fsynced and renamed by transfer_to)."""
+        assert ctx.stream is not None
+        return await ctx.stream.transfer_to(Path(ctx.params["dest"]))
+
+    @nerve.action
+    async def get(self, ctx: nerve.Context) -> nerve.PacketStream:
+        """The file at ``path`` as the response stream."""
+        return nerve.PacketStream.from_file(ctx.params["path"])
+
+    @nerve.action
+    async def done(self, ctx: nerve.Context) -> dict[str, Any]:
+        """``dest``'s size and SHA-256 (``sha256``: true), then delete it."""
+        return await trio.to_thread.run_sync(_finish_file, Path(ctx.params["dest"]),
+                                             bool(ctx.params.get("sha256")))
 
 
 #: the service and stream actions a client calls, by ``--actions``
@@ -365,7 +422,7 @@ async def server(args: Any) -> None:
     if args.probe:
         await probe(args)
         return
-    services: list[Any] = [Echo(), Counter(), Storage(), File()]
+    services: list[Any] = [Echo(), Counter(), Storage(), File(), Disk()]
     if args.middlewares in REPORTING:
         report = BenchReport()
         report.variant = args.middlewares
@@ -473,6 +530,148 @@ async def download(broker: nerve.Broker, args: Any, rate: float = 0.0) -> dict[s
             "rate": rate}
 
 
+def _check_file(what: str, got: int, check: dict[str, Any], args: Any) -> str:
+    """Fail the run unless the destination has the source's size (and SHA-256, when the
+    harness gave it): what was checked."""
+    if got != args.size or check["size"] != args.size:
+        raise SystemExit(f"{what}: {got} bytes transferred, the destination has {check['size']}, "
+                         f"expected {args.size}")
+    if args.sha256:
+        if check.get("sha256") != args.sha256:
+            raise SystemExit(f"{what}: the destination's SHA-256 is {check.get('sha256')}, "
+                             f"the source's {args.sha256}")
+        return "sha256"
+    return "size"
+
+
+async def file_upload(broker: nerve.Broker, args: Any) -> dict[str, Any]:
+    """``PacketStream.from_file(src)`` to ``disk.put`` (``transfer_to(dest)`` on the server)."""
+    dest = str(Path(args.dir) / f"nerve-upload-{os.getpid()}.bin")
+    # warm-up: the same action and transfer_to (threads, fsync, rename), 4 chunks from memory
+    warm = await broker.call("disk.put", {"dest": dest}, stream=nerve.PacketStream.from_iterable(
+        _chunks(4 * args.chunk, args.chunk)))
+    assert warm == 4 * args.chunk, warm
+    await broker.call("disk.done", {"dest": dest})
+    idle = idle_and_wait()
+    cpu0 = mark("start")
+    start = time.perf_counter()
+    got = await broker.call("disk.put", {"dest": dest}, stream=nerve.PacketStream.from_file(args.file))
+    elapsed = time.perf_counter() - start
+    cpu = mark("end") - cpu0
+    verified = _check_file("file upload", got, await broker.call(
+        "disk.done", {"dest": dest, "sha256": bool(args.sha256)}), args)
+    return {"client_cpu_s": cpu, "bytes": got, "seconds": elapsed, "mb_per_s": got / elapsed / 1e6,
+            "client_rss_idle_kb": idle, "window": broker.stream_window, "chunk": broker.max_chunk,
+            "verified": verified}
+
+
+async def file_download(broker: nerve.Broker, args: Any) -> dict[str, Any]:
+    """``disk.get`` (``PacketStream.from_file(src)`` on the server), ``transfer_to(dest)`` here."""
+    dest = Path(args.dir) / f"nerve-download-{os.getpid()}.bin"
+    warm = await broker.call("storage.download", {"size": 4 * args.chunk, "chunk": args.chunk})
+    assert await warm.transfer_to(dest) == 4 * args.chunk
+    await trio.to_thread.run_sync(_finish_file, dest, False)
+    idle = idle_and_wait()
+    cpu0 = mark("start")
+    start = time.perf_counter()
+    stream = await broker.call("disk.get", {"path": args.file})
+    got = await stream.transfer_to(dest)
+    elapsed = time.perf_counter() - start
+    cpu = mark("end") - cpu0
+    verified = _check_file("file download", got,
+                           await trio.to_thread.run_sync(_finish_file, dest, bool(args.sha256)), args)
+    return {"client_cpu_s": cpu, "bytes": got, "seconds": elapsed, "mb_per_s": got / elapsed / 1e6,
+            "client_rss_idle_kb": idle, "window": broker.stream_window, "chunk": broker.max_chunk,
+            "verified": verified}
+
+
+def _percentiles(prefix: str, latencies_ns: list[int]) -> dict[str, float]:
+    """p50, p99 and p99.9 (µs) of some calls' latencies, keys prefixed (``idle_``: no transfer)."""
+    s = sorted(latencies_ns)
+    n = len(s)
+
+    def at(q: float) -> float:
+        return round(s[min(n - 1, int(q * n))] / 1000.0, 2) if n else 0.0
+
+    return {f"{prefix}p50_us": at(0.50), f"{prefix}p99_us": at(0.99), f"{prefix}p999_us": at(0.999)}
+
+
+async def rpc_under_transfer(broker: nerve.Broker, args: Any) -> dict[str, Any]:
+    """``--inflight`` echo calls in flight on the one connection, first alone for ``--duration``
+    seconds, then while ``--size`` bytes are uploaded on the same connection: every call's
+    latency, the calls/s of each phase and the upload's MB/s."""
+    call = broker.call
+    params = PARAMS
+    upload_action = ACTIONS[args.actions][1]
+    if await call("echo.echo", params) != params:
+        raise SystemExit("echo returned something else")
+    warm = 0
+
+    async def warm_worker() -> None:
+        nonlocal warm
+        while warm < args.warmup:
+            warm += 1
+            await call("echo.echo", params)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(args.inflight):
+            nursery.start_soon(warm_worker)
+    got = await call(upload_action, stream=nerve.PacketStream.from_iterable(_chunks(4 * args.chunk, args.chunk)))
+    assert got == 4 * args.chunk, got
+    clock = time.perf_counter_ns
+
+    async def load(running: Any, done: list[int]) -> list[int]:
+        """``--inflight`` workers calling while ``running()``: every call's latency (ns);
+        ``done[0]`` counts the calls that ended while it still held."""
+        latencies: list[int] = []
+
+        async def worker() -> None:
+            record = latencies.append
+            while running():
+                t0 = clock()
+                await call("echo.echo", params)
+                record(clock() - t0)
+                if running():
+                    done[0] += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(args.inflight):
+                nursery.start_soon(worker)
+        return latencies
+
+    # 1. no transfer, the same load, just before
+    stop_at = time.perf_counter() + args.duration
+    idle_done = [0]
+    start = time.perf_counter()
+    idle = await load(lambda: time.perf_counter() < stop_at, idle_done)
+    idle_s = time.perf_counter() - start
+    # 2. the same load while the upload runs
+    transfer: dict[str, Any] = {}
+
+    async def upload_task() -> None:
+        t0 = time.perf_counter()
+        transfer["bytes"] = await call(upload_action, stream=nerve.PacketStream.from_iterable(
+            _chunks(args.size, args.chunk)))
+        transfer["seconds"] = time.perf_counter() - t0
+
+    during_done = [0]
+    cpu0 = mark("start")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload_task)
+        during = await load(lambda: "seconds" not in transfer, during_done)
+    cpu = mark("end") - cpu0
+    if transfer["bytes"] != args.size:
+        raise SystemExit(f"rpc_under_transfer: the server counted {transfer['bytes']} bytes, expected {args.size}")
+    seconds = transfer["seconds"]
+    out = {"client_cpu_s": cpu, "calls": len(during), "calls_ended_during": during_done[0],
+           "req_per_s": during_done[0] / seconds, "bytes": args.size, "seconds": seconds,
+           "mb_per_s": args.size / seconds / 1e6, **_percentiles("", during),
+           "idle_calls": len(idle), "idle_seconds": idle_s, "idle_req_per_s": idle_done[0] / idle_s,
+           **_percentiles("idle_", idle), "window": broker.stream_window, "chunk": broker.max_chunk}
+    out["p99_rise"] = out["p99_us"] / out["idle_p99_us"] if out["idle_p99_us"] else None
+    return out
+
+
 async def inproc(args: Any) -> dict[str, Any]:
     async with nerve.Broker("bench-inproc", services=[Echo()]) as broker:
         call = broker.call
@@ -499,7 +698,8 @@ async def client(args: Any) -> None:
                             **middleware_options(args.middlewares, "client")) as broker:
         reporting = args.middlewares in REPORTING
         await broker.wait_for_services("echo", "counter", ACTIONS[args.actions][0],
-                                       *(["benchreport"] if reporting else []), timeout=15)
+                                       *(["benchreport"] if reporting else []),
+                                       *(["disk"] if args.scenario in FILE_SCENARIOS else []), timeout=15)
         if args.scenario == "rpc":
             out = await rpc(broker, args)
         elif args.scenario == "events":
@@ -510,6 +710,12 @@ async def client(args: Any) -> None:
             out = await download(broker, args)
         elif args.scenario == "slow":
             out = await download(broker, args, rate=args.rate)
+        elif args.scenario == "file_upload":
+            out = await file_upload(broker, args)
+        elif args.scenario == "file_download":
+            out = await file_download(broker, args)
+        elif args.scenario == "rpc_under_transfer":
+            out = await rpc_under_transfer(broker, args)
         else:
             raise SystemExit(f"nerve peer: unknown scenario {args.scenario}")
         if reporting:  # after the measured part (the harness's marks are behind us)
@@ -553,9 +759,20 @@ def check_report(variant: str, made: int | None, report: dict[str, Any]) -> dict
     return report
 
 
+#: the scenarios only nerve runs (beside _common's): --scenario accepts them too
+FILE_SCENARIOS = ("file_upload", "file_download")
+NERVE_SCENARIOS = (*FILE_SCENARIOS, "rpc_under_transfer")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     p = parser(__doc__ or "")
+    for a in p._actions:  # _common's --scenario, plus nerve's own
+        if a.dest == "scenario" and a.choices is not None:
+            a.choices = [*a.choices, *NERVE_SCENARIOS]
+    p.add_argument("--file", default="", help="file_*: the source file (made by the harness)")
+    p.add_argument("--dir", default="", help="file_*: the directory of the destinations")
+    p.add_argument("--sha256", default="", help="file_*: the source's SHA-256: the destination must match it")
     p.add_argument("--middlewares", choices=VARIANTS, default="none",
                    help="the variant: none, three do-nothing middlewares, circuit breaker + bulkhead, "
                         "metrics=True, Tracing with the SDK (spans dropped), Tracing with no SDK")

@@ -37,10 +37,12 @@ FRAME_TYPES: dict[str, int]
 
 @final
 class FrameEncoder:
-    """Coalesces any number of frames into one outgoing ``bytes``.
+    """Coalesces any number of frames into one outgoing ``bytes`` (:meth:`take`) or one
+    list of parts for a single ``writev`` (:meth:`take_parts`).
 
-    Payloads of 2048 bytes or more given as ``bytes`` are kept by reference until
-    :meth:`take` and copied once; any other payload is copied when appended.
+    Payloads of 2048 bytes or more given as ``bytes`` (or as a memoryview of a ``bytes``) are
+    kept by reference until taken; any other payload (a bytearray could change after
+    ``append`` returns) is copied when appended.
     """
 
     def __new__(cls, max_frame_size: int = ...) -> Self: ...
@@ -56,6 +58,10 @@ class FrameEncoder:
         """Append a STREAM_CREDIT frame: the consumer has read ``consumed`` bytes in total."""
     def take(self) -> bytes:
         """Every appended frame as one ``bytes``; the encoder is empty afterwards."""
+    def take_parts(self) -> list[Buffer]:
+        """Every appended frame as bytes-like parts to write in order with one ``writev``:
+        headers and small payloads joined into ``bytes`` between the large payloads, which
+        are the objects that were appended, not copies. The encoder is empty afterwards."""
     def __len__(self) -> int:
         """Bytes waiting in the encoder."""
     @property
@@ -72,10 +78,27 @@ class FrameDecoder:
     A bad header raises ``FrameError`` as soon as its 6 bytes are in (``bad_checksum``,
     ``length_below_header``, ``length_above_maximum``, ``unknown_type``); the decoder is then
     poisoned and every later :meth:`feed` raises the same error.
+
+    With ``split_streams``, a STREAM_DATA frame of at least ``direct_min`` bytes whose start
+    is fed but not its end is received *directly*: its chunk (a ``bytes`` of the chunk's size)
+    is allocated once and the frame's remaining bytes are written into it, by :meth:`feed`
+    or by the reader: while :attr:`direct_missing` is non-zero the decoder exports the
+    chunk's unwritten part through the buffer protocol (``sock.recv_into(decoder)``) and
+    :meth:`filled` records what was written. The chunk is handed out only once complete.
     """
 
-    def __new__(cls, max_frame_size: int = ..., *, split_streams: bool = False) -> Self:
+    def __new__(cls, max_frame_size: int = ..., *, split_streams: bool = False,
+                direct_min: int = 65536) -> Self:
         """``max_frame_size`` must lie in ``[HEADER_LEN, 2**32 - 1]`` (else ``ValueError``)."""
+    def __buffer__(self, flags: int, /) -> memoryview:
+        """The unwritten part of the chunk being received directly (``BufferError`` if none)."""
+    @property
+    def direct_missing(self) -> int:
+        """Bytes still missing from the large frame being received directly (0: none is)."""
+    def filled(self, n: int) -> list[Any]:
+        """Record ``n`` bytes written into the exported buffer; returns the frames that
+        completes (``ValueError`` if more than :attr:`direct_missing`; ``BufferError`` while
+        the buffer is still exported)."""
     def feed(self, data: Buffer) -> list[Any]:
         """Feed received bytes; returns every frame they complete, as ``(type, payload)`` tuples.
 

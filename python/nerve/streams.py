@@ -51,7 +51,7 @@ log = logging.getLogger("nerve.streams")
 
 __all__ = ["PacketStream", "StreamLink", "StreamPort", "DEFAULT_STREAM_WINDOW", "DEFAULT_MAX_CHUNK"]
 
-DEFAULT_MAX_CHUNK = 256 * 1024
+DEFAULT_MAX_CHUNK = 1024 * 1024
 DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
 DEFAULT_MAX_REORDER = 64
 #: Seconds a producer waits for its stream to be given to a call before a warning says why

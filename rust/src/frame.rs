@@ -194,13 +194,32 @@ impl Decoder {
     }
 
     /// Feed bytes; `emit(type, payload)` is called for each complete frame, in order.
-    pub fn feed<F>(&mut self, mut data: &[u8], mut emit: F) -> Result<(), FrameError>
+    pub fn feed<F>(&mut self, data: &[u8], emit: F) -> Result<(), FrameError>
     where
         F: FnMut(u8, &[u8]),
+    {
+        self.feed_divert(data, emit, |_, _, _| false).map(|_| ())
+    }
+
+    /// Like [`Decoder::feed`], but a frame that starts in `data` (not in `pending`) and is
+    /// incomplete there may be handed to the caller instead of being buffered: `divert(type,
+    /// total, available)` is asked, with `available` the frame's bytes present (header
+    /// validated, `available.len() < total`), and if it says yes, feeding stops and
+    /// `Ok(Some(offset))` gives where that frame starts in `data`. The caller then owns the
+    /// rest of that frame (the next `total - available.len()` bytes of the byte stream), and
+    /// the decoder is between frames. `Ok(None)`: all of `data` was taken.
+    ///
+    /// This is how a large frame's body is received straight into its own buffer instead
+    /// of being gathered in `pending` and copied out.
+    pub fn feed_divert<F, D>(&mut self, mut data: &[u8], mut emit: F, mut divert: D) -> Result<Option<usize>, FrameError>
+    where
+        F: FnMut(u8, &[u8]),
+        D: FnMut(u8, usize, &[u8]) -> bool,
     {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        let start_len = data.len();
         // First finish the frame that an earlier call left incomplete.
         if !self.pending.is_empty() {
             if self.current.is_none() {
@@ -209,7 +228,7 @@ impl Decoder {
                 self.pending.extend_from_slice(&data[..take]);
                 data = &data[take..];
                 if self.pending.len() < HEADER_LEN {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let parsed = self.check(&self.pending[..HEADER_LEN].to_owned())?;
                 self.current = Some(parsed);
@@ -220,7 +239,7 @@ impl Decoder {
             self.pending.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.pending.len() < total {
-                return Ok(());
+                return Ok(None);
             }
             emit(type_id, &self.pending[HEADER_LEN..]);
             self.pending = Vec::new();
@@ -230,21 +249,20 @@ impl Decoder {
         while data.len() >= HEADER_LEN {
             let (type_id, total) = self.check(&data[..HEADER_LEN])?;
             if data.len() < total {
-                break;
+                if divert(type_id, total, data) {
+                    return Ok(Some(start_len - data.len()));
+                }
+                self.current = Some((type_id, total));
+                self.pending.reserve_exact(total);
+                self.pending.extend_from_slice(data);
+                return Ok(None);
             }
             emit(type_id, &data[HEADER_LEN..total]);
             data = &data[total..];
         }
-        // Keep the tail.
-        if !data.is_empty() {
-            if data.len() >= HEADER_LEN {
-                let parsed = self.check(&data[..HEADER_LEN])?;
-                self.current = Some(parsed);
-                self.pending.reserve_exact(parsed.1);
-            }
-            self.pending.extend_from_slice(data);
-        }
-        Ok(())
+        // Keep the tail (shorter than a header).
+        self.pending.extend_from_slice(data);
+        Ok(None)
     }
 
     fn check(&mut self, h: &[u8]) -> Result<(u8, usize), FrameError> {
@@ -342,5 +360,39 @@ mod tests {
         let mut d = Decoder::new(1 << 20);
         assert!(frames(&mut d, &h).is_err());
         assert_eq!(d.pending.capacity(), 0);
+    }
+
+    #[test]
+    fn divert_hands_over_incomplete_frames_only() {
+        let mut wire = Vec::new();
+        encode_into(&mut wire, 2, b"small");
+        encode_into(&mut wire, 21, &[9u8; 100]);
+        encode_into(&mut wire, 1, b"after");
+        let big_at = HEADER_LEN + 5;
+        for cut in 0..=wire.len() {
+            let mut d = Decoder::new(1024);
+            let mut out: Vec<(u8, Vec<u8>)> = Vec::new();
+            let mut asked = Vec::new();
+            let r = d
+                .feed_divert(&wire[..cut], |t, p| out.push((t, p.to_vec())), |t, total, avail| {
+                    asked.push((t, total, avail.len()));
+                    t == 21
+                })
+                .unwrap();
+            if cut > big_at + HEADER_LEN && cut < big_at + HEADER_LEN + 100 || cut == big_at + HEADER_LEN {
+                // the big frame's header is in and its body is not complete: handed over
+                assert_eq!(r, Some(big_at), "cut {cut}");
+                assert_eq!(asked, vec![(21, HEADER_LEN + 100, cut - big_at)]);
+                assert_eq!(d.buffered(), 0);
+                // the caller takes the rest of the big frame; the decoder goes on after it
+                let rest = &wire[big_at + HEADER_LEN + 100..];
+                d.feed(rest, |t, p| out.push((t, p.to_vec()))).unwrap();
+                assert_eq!(out, vec![(2, b"small".to_vec()), (1, b"after".to_vec())]);
+            } else {
+                assert_eq!(r, None, "cut {cut}");
+                d.feed(&wire[cut..], |t, p| out.push((t, p.to_vec()))).unwrap();
+                assert_eq!(out.len(), 3, "cut {cut}");
+            }
+        }
     }
 }

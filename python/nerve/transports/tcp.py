@@ -25,6 +25,7 @@ peers are dialled at most ``max_redials`` times in a row before they are forgott
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -71,6 +72,16 @@ _DISCONNECT = int(PacketType.DISCONNECT)
 _HEARTBEAT = int(PacketType.HEARTBEAT)
 
 _RECV_SIZE = 256 * 1024
+#: What the reader asks for right after a large chunk was received straight into its buffer:
+#: the next bytes are most likely the start of the next large frame, whose body should go
+#: straight into its own chunk rather than through the read buffer (see Connection.reader).
+_RECV_AFTER_DIRECT = 16 * 1024
+#: Largest SO_RCVLOWAT asked for while a large chunk comes in (the kernel caps it too).
+_MAX_RCVLOWAT = 4 * 1024 * 1024
+#: Unsent bytes the kernel may hold for a plain TCP connection before it is not writable.
+_NOTSENT_LOWAT = 1024 * 1024
+#: Largest number of buffers given to one writev (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1024
 #: How often an idle writer looks again at producers parked for room (see Connection.writer).
 _READY_RECHECK = 0.01
 #: Largest piece of one send_all (the write-stall watchdog times each piece).
@@ -241,12 +252,22 @@ class Connection:
         self.cancel_scope: trio.CancelScope | None = None
         #: frames queued at which the queueing task writes them itself (see _queued)
         self.eager_frames = _EAGER_FRAMES
-        self._sending = False  # the writer task is inside send_all
-        self._send_started = 0.0  # when it entered it
-        self._unsent: Any = b""  # what an eager write could not send; the writer sends it first
-        if fd is None and isinstance(stream, trio.SocketStream):
-            fd = stream.socket.fileno()
-        self._fd = fd  # None: no eager writes (a TLS stream)
+        self._sending = False  # the writer task is writing
+        self._send_started = 0.0  # when its last write started
+        self._unsent: list[Any] = []  # parts an eager write could not send; the writer sends them first
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        #: a TCP socket (not a test's socketpair): the TCP socket options below apply
+        self._tcp = self._sock is not None and self._sock.family in (socket.AF_INET, socket.AF_INET6)
+        if self._tcp:
+            assert self._sock is not None
+            # trio keeps at most 16 KiB unsent in the kernel (TCP_NOTSENT_LOWAT), for latency;
+            # our own queue already orders what goes out, and a large chunk then takes several
+            # writes and wake-ups. Let one chunk's worth wait in the kernel instead.
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+        if fd is None and self._sock is not None:
+            fd = self._sock.fileno()
+        self._fd = fd  # None: no eager writes, no writev / recv_into (a TLS stream)
 
     def _closed_error(self) -> BrokerDisconnectedError:
         return BrokerDisconnectedError(f"connection to '{self.node_id}' is closed",
@@ -276,16 +297,17 @@ class Connection:
                 and not self._sending and not self._unsent and self._fd is not None:
             # Write now, from this task, rather than at the end of the scheduler batch: the
             # peer works on these frames while we produce the rest of the wave.
-            data = encoder.take()
+            total = len(encoder)
+            parts = encoder.take_parts()
             try:
-                sent = os.write(self._fd, data)
+                sent = os.writev(self._fd, parts[:_IOV_MAX])
             except OSError:  # full (BlockingIOError) or broken: the writer sends or fails
                 sent = 0
             self.transport.bytes_sent += sent
-            if sent == len(data):
+            if sent == total:
                 self._admit()
                 return
-            self._unsent = memoryview(data)[sent:]
+            self._unsent = _advance(parts, sent)
         self._wakeup.set()
         if self._flushed.is_set():
             self._flushed = trio.Event()
@@ -425,11 +447,14 @@ class Connection:
 
     async def writer(self) -> None:
         encoder = self.encoder
+        fd = self._fd
         while True:
             if self._unsent:
-                data, self._unsent = self._unsent, b""
+                parts, self._unsent = self._unsent, []
             elif len(encoder):
-                data = encoder.take()
+                # Large payloads go out from the producers' own objects (one writev of headers
+                # and chunks), never joined into a copy; a TLS stream needs one buffer.
+                parts = encoder.take_parts() if fd is not None else [encoder.take()]
                 self._admit()  # only once the queue is empty, not while _unsent goes out
             else:
                 self._admit()  # the queue went out whole (perhaps as _unsent): room for all
@@ -443,51 +468,117 @@ class Connection:
                 else:
                     await self._wakeup.wait()
                 continue
-            # Left set if send_all fails or is cancelled midway: nothing may follow its bytes.
-            # Sent in slices so the write-stall watchdog sees progress, not a whole batch.
+            # Left set if a write fails or is cancelled midway: nothing may follow its bytes.
             self._sending = True
-            view = memoryview(data)
-            for at in range(0, len(view), _WRITE_SLICE):
-                self._send_started = trio.current_time()
-                part = view[at:at + _WRITE_SLICE]
-                await self.stream.send_all(part)
-                self.transport.bytes_sent += len(part)
+            if fd is not None:
+                await self._write_parts(fd, parts)
+            else:
+                # Sent in slices so the write-stall watchdog sees progress, not a whole batch.
+                view = memoryview(parts[0])
+                for at in range(0, len(view), _WRITE_SLICE):
+                    self._send_started = trio.current_time()
+                    part = view[at:at + _WRITE_SLICE]
+                    await self.stream.send_all(part)
+                    self.transport.bytes_sent += len(part)
             self._sending = False
 
+    async def _write_parts(self, fd: int, parts: list[Any]) -> None:
+        """Write ``parts`` in order with ``writev``, waiting while the socket is full. The
+        write-stall watchdog times each wait (``_send_started``), so a peer that reads slowly
+        but steadily is not taken for one that stopped."""
+        while parts:
+            self._send_started = trio.current_time()
+            try:
+                n = os.writev(fd, parts[:_IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"writing to {self.node_id}: {exc}") from exc
+            self.transport.bytes_sent += n
+            parts = _advance(parts, n)
+
     async def reader(self) -> None:
+        sock = self._sock
+        if sock is None:
+            receive = self.stream.receive_some
+            while True:
+                data = await receive(_RECV_SIZE)
+                if not data:
+                    return
+                self.transport.bytes_received += len(data)
+                self.last_recv = trio.current_time()
+                self._on_frames(self.decoder.feed(data))
+        # A plain socket: small frames are read into one reused buffer; the body of a large
+        # STREAM_DATA frame is read straight into its chunk (the decoder exports it), so a
+        # chunk is copied once, by the kernel, on its way in.
+        decoder = self.decoder
+        feed = decoder.feed
+        recv_into = sock.recv_into
+        view = memoryview(bytearray(_RECV_SIZE))
+        want = _RECV_SIZE
+        fd = self._fd
+        assert fd is not None
+        setsockopt = sock.setsockopt
+        lowat = 1  # SO_RCVLOWAT now
+        cap = _MAX_RCVLOWAT if self._tcp else 1  # (no SO_RCVLOWAT on a test's socketpair)
+        while True:
+            missing = decoder.direct_missing
+            if missing:
+                # The rest of a large chunk: be woken only once it is all in (SO_RCVLOWAT; the
+                # kernel caps it and grows the receive buffer to match), then read it with one
+                # call, instead of one scheduler round per segment the peer's writes make.
+                if cap > 1 and (missing < lowat or lowat == 1):
+                    lowat = min(missing, cap)
+                    setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    n = os.readv(fd, (decoder,))
+                except BlockingIOError:  # (spurious wake-up)
+                    continue
+                if not n:
+                    return
+                frames = decoder.filled(n)
+                want = _RECV_AFTER_DIRECT
+            else:
+                if lowat != 1:
+                    lowat = 1
+                    setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                n = await recv_into(view, want)
+                if not n:
+                    return
+                frames = feed(view[:n])
+                want = _RECV_SIZE
+            self.transport.bytes_received += n
+            self.last_recv = trio.current_time()
+            if frames:
+                self._on_frames(frames)
+
+    def _on_frames(self, frames: list[Any]) -> None:
         upstream = self.transport.upstream
         assert upstream is not None
         node = self.node_id
-        receive = self.stream.receive_some
-        feed = self.decoder.feed
-        while True:
-            data = await receive(_RECV_SIZE)
-            if not data:
-                return
-            self.transport.bytes_received += len(data)
-            self.last_recv = trio.current_time()
-            frames = feed(data)
-            # A lone frame in is likely answered by a lone frame out: write that one at once.
-            self.eager_frames = 1 if len(frames) == 1 else _EAGER_FRAMES
-            for frame in frames:
-                kind = frame[0]
-                if kind == _STREAM_DATA:
-                    upstream.on_stream_data(node, frame[1], frame[2], frame[3], frame[4])
-                    continue
-                if kind == _STREAM_CREDIT:
-                    upstream.on_stream_credit(node, frame[1], frame[2], frame[3])
-                    continue
-                payload = frame[1]
-                if kind == _CANCEL:
-                    upstream.on_cancel(node, _cancel_id(node, payload))
-                elif kind == _PEERS:
-                    self.transport._on_peers(self, payload)
-                elif kind == _HELLO or kind == _HELLO_ACK:
-                    raise ProtocolError(f"{node} sent a second handshake frame", reason="unexpected_hello")
-                else:
-                    if kind == _DISCONNECT:
-                        self.graceful = True
-                    upstream.on_frame(node, kind, payload)
+        # A lone frame in is likely answered by a lone frame out: write that one at once.
+        self.eager_frames = 1 if len(frames) == 1 else _EAGER_FRAMES
+        for frame in frames:
+            kind = frame[0]
+            if kind == _STREAM_DATA:
+                upstream.on_stream_data(node, frame[1], frame[2], frame[3], frame[4])
+                continue
+            if kind == _STREAM_CREDIT:
+                upstream.on_stream_credit(node, frame[1], frame[2], frame[3])
+                continue
+            payload = frame[1]
+            if kind == _CANCEL:
+                upstream.on_cancel(node, _cancel_id(node, payload))
+            elif kind == _PEERS:
+                self.transport._on_peers(self, payload)
+            elif kind == _HELLO or kind == _HELLO_ACK:
+                raise ProtocolError(f"{node} sent a second handshake frame", reason="unexpected_hello")
+            else:
+                if kind == _DISCONNECT:
+                    self.graceful = True
+                upstream.on_frame(node, kind, payload)
 
     async def flush(self) -> None:
         await self._flushed.wait()
@@ -1111,6 +1202,19 @@ class TcpTransport(Transport):
                     # Producers admitted earlier may have left without queueing (their stream
                     # ended): never leave the others parked by an idle writer.
                     conn._admit()
+
+
+def _advance(parts: list[Any], n: int) -> list[Any]:
+    """What is left of ``parts`` once their first ``n`` bytes were written."""
+    for i, part in enumerate(parts):
+        size = len(part)
+        if n < size:
+            rest = parts[i:]
+            if n:
+                rest[0] = memoryview(part)[n:]
+            return rest
+        n -= size
+    return []
 
 
 async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:

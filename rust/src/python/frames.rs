@@ -1,8 +1,13 @@
 //! `FrameEncoder`, `FrameDecoder` and the stream-header helpers for Python.
 
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyBufferError;
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyMemoryView, PyTuple};
 
 use super::errors::{frame_error, stream_codec_error};
 use crate::frame::{self, Decoder, FrameError, FrameType, HEADER_LEN};
@@ -43,13 +48,43 @@ fn check_stream_id(stream_id: &str) -> PyResult<()> {
     Ok(())
 }
 
+/// A new `bytes` of `len` bytes whose content is NOT initialised: the caller must write every
+/// byte before the object is seen by any Python code (pyo3's `new_with` zero-fills first, a
+/// pass over the memory that a chunk about to be overwritten does not need).
+fn uninit_bytes(py: Python<'_>, len: usize) -> PyResult<(Bound<'_, PyBytes>, *mut u8)> {
+    // SAFETY: PyBytes_FromStringAndSize(NULL, n) returns a new reference to a bytes object
+    // of n (uninitialised) bytes, or NULL with an exception set; PyBytes_AsString gives its
+    // buffer, valid while the object lives.
+    unsafe {
+        let ptr = ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t);
+        let bytes = Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked::<PyBytes>();
+        let data = ffi::PyBytes_AsString(ptr) as *mut u8;
+        Ok((bytes, data))
+    }
+}
+
+/// An immutable payload that may be kept by reference until it is written: a `bytes`, or a
+/// memoryview over one (what `PacketStream.send` makes when it splits a large `bytes`).
+/// Anything else (a bytearray, a view of one) could change after `append` returns and is
+/// copied at once.
+fn immutable(body: &Bound<'_, PyAny>) -> bool {
+    if body.cast::<PyBytes>().is_ok() {
+        return true;
+    }
+    if body.cast::<PyMemoryView>().is_err() {
+        return false;
+    }
+    let py = body.py();
+    body.getattr(pyo3::intern!(py, "obj")).is_ok_and(|o| o.is_exact_instance_of::<PyBytes>())
+}
+
 /// Coalesces any number of frames into one outgoing `bytes`.
 #[pyclass(module = "nerve._core")]
 pub struct FrameEncoder {
     max_frame_size: usize,
     staging: Vec<u8>,
-    /// (end of staging before this payload, payload kept by reference)
-    big: Vec<(usize, Py<PyBytes>)>,
+    /// (end of staging before this payload, immutable payload kept by reference)
+    big: Vec<(usize, Py<PyAny>)>,
     big_len: usize,
     frames: usize,
 }
@@ -65,21 +100,27 @@ impl FrameEncoder {
         Ok(())
     }
 
-    fn push_body(&mut self, body: &Bound<'_, PyAny>) -> PyResult<()> {
-        if let Ok(b) = body.cast::<PyBytes>() {
-            let n = b.as_bytes().len();
-            if n >= BY_REFERENCE {
-                self.big.push((self.staging.len(), b.clone().unbind()));
-                self.big_len += n;
-                return Ok(());
-            }
-            self.staging.extend_from_slice(b.as_bytes());
+    /// Queue a payload of `n` bytes: a large immutable one by reference, anything else copied.
+    fn push_body(&mut self, body: &Bound<'_, PyAny>, n: usize) -> PyResult<()> {
+        if n >= BY_REFERENCE && immutable(body) {
+            self.big.push((self.staging.len(), body.clone().unbind()));
+            self.big_len += n;
             return Ok(());
         }
         with_bytes(body, |s| {
             self.staging.extend_from_slice(s);
             Ok(())
         })
+    }
+
+    fn reset(&mut self) {
+        self.staging.clear();
+        if self.staging.capacity() > 1 << 20 {
+            self.staging.shrink_to(16 * 1024);
+        }
+        self.big.clear();
+        self.big_len = 0;
+        self.frames = 0;
     }
 
     fn body_len(body: &Bound<'_, PyAny>) -> PyResult<usize> {
@@ -110,7 +151,7 @@ impl FrameEncoder {
         let n = Self::body_len(payload)?;
         self.check_len(n)?;
         self.staging.extend_from_slice(&frame::header(type_id, n));
-        self.push_body(payload)?;
+        self.push_body(payload, n)?;
         self.frames += 1;
         Ok(())
     }
@@ -131,7 +172,7 @@ impl FrameEncoder {
             .extend_from_slice(&frame::header(FrameType::StreamData as u8, total));
         stream_codec::write_header(&mut self.staging, flags, stream_id, seq)
             .map_err(|e| stream_codec_error(&e))?;
-        self.push_body(chunk)?;
+        self.push_body(chunk, n)?;
         self.frames += 1;
         Ok(())
     }
@@ -155,31 +196,47 @@ impl FrameEncoder {
         let out = if self.big.is_empty() {
             PyBytes::new(py, &self.staging)
         } else {
-            let staging = &self.staging;
-            let big = &self.big;
-            PyBytes::new_with(py, total, |dst| {
-                let mut at = 0;
-                let mut from = 0;
-                for (end, b) in big {
-                    let small = &staging[from..*end];
-                    dst[at..at + small.len()].copy_from_slice(small);
-                    at += small.len();
-                    from = *end;
-                    let payload = b.bind(py).as_bytes();
+            let (out, dst) = uninit_bytes(py, total)?;
+            // SAFETY: `dst` is `total` writable bytes owned by `out`, which no Python code has
+            // seen yet; every byte is written below (staging pieces and payloads add up to it).
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst, total) };
+            let mut at = 0;
+            let mut from = 0;
+            for (end, b) in &self.big {
+                let small = &self.staging[from..*end];
+                dst[at..at + small.len()].copy_from_slice(small);
+                at += small.len();
+                from = *end;
+                at += with_bytes(b.bind(py), |payload| {
                     dst[at..at + payload.len()].copy_from_slice(payload);
-                    at += payload.len();
-                }
-                dst[at..].copy_from_slice(&staging[from..]);
-                Ok(())
-            })?
+                    Ok(payload.len())
+                })?;
+            }
+            dst[at..].copy_from_slice(&self.staging[from..]);
+            out
         };
-        self.staging.clear();
-        if self.staging.capacity() > 1 << 20 {
-            self.staging.shrink_to(16 * 1024);
+        self.reset();
+        Ok(out)
+    }
+
+    /// Every appended frame as a list of bytes-like parts to write in order (one
+    /// `writev`): the headers and small payloads joined into `bytes` between the large
+    /// payloads, which are handed out as they were given, never copied. The encoder is empty
+    /// afterwards.
+    fn take_parts<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let mut from = 0;
+        for (end, b) in self.big.drain(..) {
+            if end > from {
+                out.append(PyBytes::new(py, &self.staging[from..end]))?;
+            }
+            from = end;
+            out.append(b.into_bound(py))?;
         }
-        self.big.clear();
-        self.big_len = 0;
-        self.frames = 0;
+        if self.staging.len() > from {
+            out.append(PyBytes::new(py, &self.staging[from..]))?;
+        }
+        self.reset();
         Ok(out)
     }
 
@@ -200,18 +257,168 @@ impl FrameEncoder {
     }
 }
 
+/// A large STREAM_DATA frame being received straight into its chunk (see `FrameDecoder`).
+struct Direct {
+    flags: u8,
+    id: String,
+    seq: u64,
+    /// The chunk: `len` bytes, of which the first `filled` are written. Never seen by Python
+    /// code before it is complete (the buffer protocol exports only its unwritten part).
+    chunk: Py<PyBytes>,
+    data: *mut u8,
+    len: usize,
+    filled: usize,
+}
+
+// SAFETY: `data` points into `chunk`, which this struct keeps alive; it is only used by the
+// decoder's methods, which need the decoder borrowed mutably (one thread at a time).
+unsafe impl Send for Direct {}
+unsafe impl Sync for Direct {}
+
 /// Splits a byte stream into frames, whatever the boundaries of the pieces it is fed.
+///
+/// With `split_streams`, a STREAM_DATA frame of at least `direct_min` bytes whose start is
+/// fed but not its end is received *directly*: its chunk is allocated once (a `bytes` of the
+/// chunk's size) and the rest of the frame's bytes are written into it, either by `feed` or
+/// by the reader itself: while `direct_missing` is non-zero the decoder exports that
+/// unwritten part through the buffer protocol (`sock.recv_into(decoder)`), and `filled(n)`
+/// records what was written. The chunk is handed out only once complete.
 #[pyclass(module = "nerve._core")]
 pub struct FrameDecoder {
     inner: Decoder,
     split_streams: bool,
+    direct_min: usize,
+    direct: Option<Direct>,
+    exports: AtomicUsize,
+}
+
+impl FrameDecoder {
+    fn check_not_exported(&self) -> PyResult<()> {
+        if self.exports.load(Ordering::Acquire) != 0 {
+            return Err(PyBufferError::new_err("the decoder's buffer is exported (a recv_into in progress)"));
+        }
+        Ok(())
+    }
+
+    /// Write `bytes` (the next bytes of the stream) into the direct chunk; returns how many
+    /// were taken, and pushes the chunk's item to `out` once complete.
+    fn fill_direct<'py>(&mut self, py: Python<'py>, bytes: &[u8], out: &Bound<'py, PyList>) -> PyResult<usize> {
+        let d = self.direct.as_mut().expect("direct frame in progress");
+        let take = (d.len - d.filled).min(bytes.len());
+        // SAFETY: `d.data` has `d.len` bytes; `filled + take <= len`.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), d.data.add(d.filled), take) };
+        d.filled += take;
+        self.finish_direct(py, out)?;
+        Ok(take)
+    }
+
+    fn finish_direct<'py>(&mut self, py: Python<'py>, out: &Bound<'py, PyList>) -> PyResult<()> {
+        if matches!(&self.direct, Some(d) if d.filled == d.len) {
+            let d = self.direct.take().expect("checked");
+            let item = PyTuple::new(
+                py,
+                [
+                    (FrameType::StreamData as u8).into_pyobject(py)?.into_any(),
+                    d.flags.into_pyobject(py)?.into_any(),
+                    d.id.into_pyobject(py)?.into_any(),
+                    d.seq.into_pyobject(py)?.into_any(),
+                    d.chunk.into_bound(py).into_any(),
+                ],
+            )?;
+            out.append(item)?;
+        }
+        Ok(())
+    }
+
+    /// Start receiving the frame that begins `frame` (header validated, incomplete) directly.
+    fn start_direct<'py>(&mut self, py: Python<'py>, frame: &[u8], total: usize, out: &Bound<'py, PyList>) -> PyResult<()> {
+        let (flags, id, seq, offset) =
+            stream_codec::read_header(&frame[HEADER_LEN..]).map_err(|e| stream_codec_error(&e))?;
+        let body_at = HEADER_LEN + offset;
+        let len = total - body_at;
+        let (chunk, data) = uninit_bytes(py, len)?;
+        self.direct = Some(Direct {
+            flags,
+            id: id.to_owned(),
+            seq,
+            chunk: chunk.unbind(),
+            data,
+            len,
+            filled: 0,
+        });
+        self.fill_direct(py, &frame[body_at..], out)?;
+        Ok(())
+    }
+
+    fn feed_bytes<'py>(&mut self, py: Python<'py>, mut bytes: &[u8], out: &Bound<'py, PyList>) -> PyResult<()> {
+        if let Some(e) = self.inner.error() {
+            return Err(frame_error(e)); // poisoned: whatever it is fed
+        }
+        if self.direct.is_some() {
+            let took = self.fill_direct(py, bytes, out)?;
+            bytes = &bytes[took..];
+        }
+        let split = self.split_streams;
+        let direct_min = if split { self.direct_min } else { usize::MAX };
+        while !bytes.is_empty() {
+            let mut err: Option<PyErr> = None;
+            let diverted = self
+                .inner
+                .feed_divert(
+                    bytes,
+                    |t, payload| {
+                        if err.is_some() {
+                            return;
+                        }
+                        let item = if split
+                            && (t == FrameType::StreamData as u8 || t == FrameType::StreamCredit as u8)
+                        {
+                            stream_item(py, t, payload)
+                        } else {
+                            PyTuple::new(
+                                py,
+                                [
+                                    t.into_pyobject(py).unwrap().into_any(),
+                                    PyBytes::new(py, payload).into_any(),
+                                ],
+                            )
+                        };
+                        if let Err(e) = item.and_then(|tuple| out.append(tuple)) {
+                            err = Some(e);
+                        }
+                    },
+                    |t, total, avail| {
+                        // only once the stream header is in: it names the chunk's size
+                        t == FrameType::StreamData as u8
+                            && total >= direct_min
+                            && avail.len() >= HEADER_LEN + 2
+                            && avail.len() >= HEADER_LEN + 2 + avail[HEADER_LEN + 1] as usize + 8
+                    },
+                )
+                .map_err(|e| frame_error(&e))?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+            match diverted {
+                None => break,
+                Some(at) => {
+                    let frame = &bytes[at..];
+                    let total = crate::frame::parse_header(frame, usize::MAX).map_err(|e| frame_error(&e))?.1;
+                    self.start_direct(py, frame, total, out)?;
+                    // `frame` is shorter than `total`: all of `bytes` went into the chunk
+                    bytes = &[];
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[pymethods]
 impl FrameDecoder {
     #[new]
-    #[pyo3(signature = (max_frame_size = frame::DEFAULT_MAX_FRAME_SIZE, *, split_streams = false))]
-    fn new(max_frame_size: usize, split_streams: bool) -> PyResult<Self> {
+    #[pyo3(signature = (max_frame_size = frame::DEFAULT_MAX_FRAME_SIZE, *, split_streams = false, direct_min = 64 * 1024))]
+    fn new(max_frame_size: usize, split_streams: bool, direct_min: usize) -> PyResult<Self> {
         if max_frame_size < HEADER_LEN || max_frame_size > u32::MAX as usize {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "max_frame_size must be between {HEADER_LEN} and {}",
@@ -221,6 +428,9 @@ impl FrameDecoder {
         Ok(FrameDecoder {
             inner: Decoder::new(max_frame_size),
             split_streams,
+            direct_min: direct_min.max(HEADER_LEN + 11),
+            direct: None,
+            exports: AtomicUsize::new(0),
         })
     }
 
@@ -228,49 +438,70 @@ impl FrameDecoder {
     ///
     /// With `split_streams`, STREAM_DATA frames come out as `(21, flags, stream_id, seq,
     /// chunk)` and STREAM_CREDIT frames as `(22, flags, stream_id, consumed, None)`: the
-    /// binary header is parsed here and the chunk is copied once, straight out of `data`.
+    /// binary header is parsed here and the chunk is copied once, straight out of `data`
+    /// (or, for a large frame fed in pieces, into the chunk as the pieces come).
     fn feed<'py>(&mut self, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        self.check_not_exported()?;
         let py = data.py();
         let out = PyList::empty(py);
-        let mut err: Option<PyErr> = None;
-        let split = self.split_streams;
-        let inner = &mut self.inner;
-        let result = with_bytes(data, |bytes| {
-            inner
-                .feed(bytes, |t, payload| {
-                    if err.is_some() {
-                        return;
-                    }
-                    let item = if split
-                        && (t == FrameType::StreamData as u8 || t == FrameType::StreamCredit as u8)
-                    {
-                        stream_item(py, t, payload)
-                    } else {
-                        PyTuple::new(
-                            py,
-                            [
-                                t.into_pyobject(py).unwrap().into_any(),
-                                PyBytes::new(py, payload).into_any(),
-                            ],
-                        )
-                    };
-                    if let Err(e) = item.and_then(|tuple| out.append(tuple)) {
-                        err = Some(e);
-                    }
-                })
-                .map_err(|e| frame_error(&e))
-        });
-        result?;
-        if let Some(e) = err {
-            return Err(e);
-        }
+        with_bytes(data, |bytes| self.feed_bytes(py, bytes, &out))?;
         Ok(out)
+    }
+
+    /// Bytes still missing from the large frame being received directly (0: none is).
+    /// While non-zero, the next bytes of the connection belong to it: receive them with
+    /// `recv_into(decoder)` (at most this many are exported) and call `filled(n)`.
+    #[getter]
+    fn direct_missing(&self) -> usize {
+        self.direct.as_ref().map_or(0, |d| d.len - d.filled)
+    }
+
+    /// Record that `n` bytes were written into the exported buffer; returns the frames that
+    /// completes (the chunk's item once its last byte is in, else nothing).
+    fn filled<'py>(&mut self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyList>> {
+        self.check_not_exported()?;
+        let out = PyList::empty(py);
+        match self.direct.as_mut() {
+            Some(d) if n <= d.len - d.filled => d.filled += n,
+            _ => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "filled({n}): only {} bytes were exported",
+                    self.direct_missing()
+                )))
+            }
+        }
+        self.finish_direct(py, &out)?;
+        Ok(out)
+    }
+
+    /// The unwritten part of the chunk being received directly, writable (for recv_into).
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let me = slf.try_borrow()?;
+        let Some(d) = me.direct.as_ref() else {
+            return Err(PyBufferError::new_err("no frame is being received directly (direct_missing is 0)"));
+        };
+        // SAFETY: the region [filled, len) of the chunk is ours to write until `filled`; the
+        // export holds a reference to the decoder, and while it is out `feed` and `filled`
+        // refuse to run, so the chunk is neither handed out nor dropped under the writer.
+        unsafe {
+            let at = d.data.add(d.filled) as *mut c_void;
+            let len = (d.len - d.filled) as ffi::Py_ssize_t;
+            if ffi::PyBuffer_FillInfo(view, slf.as_ptr(), at, len, 0, flags) != 0 {
+                return Err(PyErr::fetch(slf.py()));
+            }
+        }
+        me.exports.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.exports.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Bytes held for an incomplete frame.
     #[getter]
     fn buffered(&self) -> usize {
-        self.inner.buffered()
+        self.inner.buffered() + self.direct.as_ref().map_or(0, |d| d.filled)
     }
 
     #[getter]
