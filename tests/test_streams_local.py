@@ -463,3 +463,37 @@ async def test_slow_response_reader_buffers_at_most_the_window(remote: bool, tmp
         assert h.hexdigest() == sha(data)
         assert peak <= WINDOW, peak
         assert peak >= WINDOW // 2, "the producer should have run ahead of the slow reader"
+
+
+@REMOTE
+async def test_transfer_to_starts_writeback_batch_by_batch(remote: bool, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """transfer_to to a path asks the kernel to start writing each batch to disk as soon as it
+    is written (so the fsync at the end has only the tail left): the ranges asked for are
+    consecutive, cover the whole file and are each of the file being written."""
+    import nerve.streams as streams_module
+
+    ranges: list[tuple[int, int, int]] = []
+    real = streams_module._start_writeback
+
+    def spy(fileno: int, offset: int, length: int) -> None:
+        ranges.append((os.fstat(fileno).st_ino, offset, length))
+        real(fileno, offset, length)
+
+    monkeypatch.setattr(streams_module, "_start_writeback", spy)
+    size = 5 * WINDOW + 123
+    src = tmp_path / "src.bin"
+    data = write_random(src, size)
+    target = tmp_path / "copy.bin"
+    async with Pair(remote, "st-wb") as p:
+        with trio.fail_after(20):
+            reader = await p.client.call("files.download", {"path": str(src)})
+            assert await reader.transfer_to(target) == size
+    assert file_sha(target) == sha(data)
+    assert {ino for ino, _, _ in ranges} == {target.stat().st_ino}  # (renamed into place)
+    assert len(ranges) >= 2
+    at = 0
+    for _, offset, length in ranges:
+        assert offset == at and length > 0
+        at += length
+    assert at == size

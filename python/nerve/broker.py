@@ -19,6 +19,7 @@ import trio
 
 from nerve._calls import Caller
 from nerve._dispatch import HandlerPool
+from nerve._malloc import tune_for_streams
 from nerve._serving import Server
 from nerve.context import Context
 from nerve.logs import node_logger
@@ -276,6 +277,7 @@ class Broker:
         calling task, so ``stop`` must be called by the same task, at the same nesting."""
         if self._running:
             raise BrokerOptionsError("broker already started")
+        tune_for_streams()  # once per process: see nerve._malloc
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
         self._handlers.bind(self._nursery)
