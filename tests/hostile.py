@@ -26,7 +26,7 @@ import trio
 from nerve.frames import FrameDecoder, FrameEncoder, FrameType, encode_frame
 
 TARGET = Path(__file__).with_name("hostile_target.py")
-CHUNK_SIZE = 256 * 1024  # the default max_chunk
+CHUNK_SIZE = 256 * 1024  # a chunk size (under the default max_chunk, 1 MiB)
 
 
 # --- msgpack, by hand -------------------------------------------------------------------

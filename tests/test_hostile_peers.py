@@ -21,7 +21,7 @@ import trio
 
 import nerve
 from nerve.errors import NerveError, QueueIsFullError
-from nerve.frames import STREAM_FLAG_END, STREAM_FLAG_RESPONSE, FrameType, encode_frame
+from nerve.frames import STREAM_FLAG_END, STREAM_FLAG_RESPONSE, FrameEncoder, FrameType, encode_frame
 from hostile import BAD_UTF8, CHUNK_SIZE, Closed, Hostile, Node, hello_fields, pack
 
 pytestmark = pytest.mark.timeout(60)
@@ -745,5 +745,63 @@ def test_a_node_with_a_secret_processes_nothing_from_an_acceptor_that_fails_the_
                 await still_serving(b, node)
             for listener in listeners:
                 await listener.aclose()
+
+    trio.run(main)
+
+
+# --- large chunks received straight into their buffers (issue 15) ------------------------
+
+
+def _big_frame_start(stream_id: str, body: int, sent: int) -> bytes:
+    """The first bytes of a STREAM_DATA frame announcing a ``body``-byte chunk: its header,
+    stream header and ``sent`` bytes of the chunk (the rest never comes)."""
+    enc = FrameEncoder(1 << 30)
+    enc.append_stream_data(0, stream_id, 0, b"\x00" * body)
+    return enc.take()[: 6 + 2 + len(stream_id) + 8 + sent]
+
+
+def test_a_large_chunk_cut_off_midway_holds_only_that_connection(spawn: Callable[..., Node]) -> None:
+    """A peer announces chunks of nearly max_frame_size and stops part-way through each (the
+    node reads such a chunk straight into a buffer of its full size, waiting for the rest
+    with SO_RCVLOWAT): the node serves others meanwhile, and the buffers of peers that left
+    mid-chunk are freed, however many come and go."""
+    node = spawn("cut-chunks")
+    body = 8 * MiB - 1024  # under the default max_frame_size (8 MiB)
+
+    async def main() -> None:
+        with trio.fail_after(50):
+            async with legit(node) as b:
+                await wait_node(b, node)
+                base = node.rss()
+                for round_ in range(24):
+                    h = await Hostile.connect(node.address, node_id=f"intruder-{round_}")
+                    await h.handshake()
+                    await h.send_packet(REQ, request(f"up-{round_}", "t.upload", stream=True))
+                    await h.send_raw(_big_frame_start(f"up-{round_}", body, 4 * MiB))
+                    if round_ % 8 == 0:
+                        await still_serving(b, node, calls=2)  # while it sits mid-chunk
+                    await h.aclose()
+                await still_serving(b, node)
+                # 24 x 4 MiB received of 8 MiB chunks: freed as each peer left (the allocator may keep some)
+                assert node.rss() - base < 64 * MiB, (base, node.rss())
+
+    trio.run(main)
+
+
+def test_a_large_chunk_with_a_bad_stream_id_ends_only_that_connection(spawn: Callable[..., Node]) -> None:
+    node = spawn("bad-big-id")
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with legit(node) as b:
+                await wait_node(b, node)
+                h = await Hostile.connect(node.address)
+                await h.handshake()
+                frame = _big_frame_start("abcd", 4 * MiB, 50_000)
+                stream_header_at = 6 + 2
+                bad = frame[:stream_header_at] + b"\xff\xfe\xc3\x28" + frame[stream_header_at + 4:]
+                await h.send_raw(bad)
+                assert await h.closed_by_peer(5), "the node kept a connection after a non-UTF-8 stream id"
+                await still_serving(b, node)
 
     trio.run(main)
