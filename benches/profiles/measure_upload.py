@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PEERS_DIR = ROOT / "benches" / "peers"
-OUT = HERE / "out"
+OUT = Path(os.environ.get("NERVE_PROFILE_OUT", HERE / "out"))  # (issue 15's "after" runs: out-after/)
 PY = str(ROOT / ".venv" / "bin" / "python")
 PYSPY = str(ROOT / ".venv" / "bin" / "py-spy")
 GIB = 1 << 30

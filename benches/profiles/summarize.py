@@ -11,9 +11,10 @@ import json
 import re
 import statistics
 import subprocess
+import os
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(os.environ.get("NERVE_PROFILE_OUT", Path(__file__).resolve().parent / "out"))
 PEERS = ["nerve", "raw-trio", "pyzmq"]
 SIDES = ["server", "client"]
 FREQ = 1999  # perf record -F
