@@ -4,6 +4,8 @@ every error reason from the 6 header bytes alone, stream headers and payload own
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
 from typing import Any, Callable
 
@@ -468,36 +470,43 @@ _stream_items = st.lists(
 
 
 class TestDirectReceive:
-    """A large STREAM_DATA frame is received straight into its chunk: by ``feed`` or through
-    the buffer the decoder exports (what the TCP reader's ``recv_into(decoder)`` writes)."""
+    """A large STREAM_DATA frame is received straight into its chunk: by ``feed`` or by
+    ``read_from(fd)`` (what the TCP reader does), which reads from a descriptor into it."""
 
     @settings(max_examples=300, deadline=None)
     @given(_stream_items, st.integers(17, 2000), st.data())
-    def test_any_mix_of_feeds_and_direct_writes(self, items: list[tuple[int, str, int, bytes]],
-                                                direct_min: int, data: st.DataObject) -> None:
+    def test_any_mix_of_feeds_and_direct_reads(self, items: list[tuple[int, str, int, bytes]],
+                                               direct_min: int, data: st.DataObject) -> None:
         encoder, expected = _mixed_frames(items)
         wire = encoder.take()
         decoder = FrameDecoder(split_streams=True, direct_min=direct_min)
         got: list[tuple[object, ...]] = []
-        at = 0
-        while at < len(wire):
-            n = data.draw(st.integers(1, max(1, len(wire) - at)), label="piece")
-            missing = decoder.direct_missing
-            if missing and data.draw(st.booleans(), label="direct"):
-                # what recv_into(decoder) does: write at most what is exported, then filled(n)
-                with memoryview(decoder) as view:
-                    assert len(view) == missing and not view.readonly
-                    n = min(n, missing)
-                    view[:n] = wire[at:at + n]
-                got.extend(decoder.filled(n))
-            else:
-                got.extend(decoder.feed(wire[at:at + n]))
-            at += n
+        a, b = socket.socketpair()
+        try:
+            b.setblocking(False)
+            at = 0
+            while at < len(wire):
+                n = data.draw(st.integers(1, max(1, len(wire) - at)), label="piece")
+                missing = decoder.direct_missing
+                if missing and data.draw(st.booleans(), label="direct"):
+                    a.sendall(wire[at:at + n])  # the peer sends n bytes; we read what fits
+                    read, frames = decoder.read_from(b.fileno())
+                    assert read == min(n, missing)
+                    got.extend(frames)
+                    rest = n - read
+                    if rest:
+                        got.extend(decoder.feed(b.recv(rest)))
+                else:
+                    got.extend(decoder.feed(wire[at:at + n]))
+                at += n
+        finally:
+            a.close()
+            b.close()
         assert got == expected
         assert decoder.direct_missing == 0 and decoder.buffered == 0
         assert all(type(item[4]) is bytes for item in got if item[0] == FrameType.STREAM_DATA)
 
-    def test_a_large_chunk_is_written_in_place_and_handed_out_once_complete(self) -> None:
+    def test_a_large_chunk_is_read_in_place_and_handed_out_once_complete(self) -> None:
         body = bytes(range(256)) * 1024  # 256 KiB
         frame = FrameEncoder()
         frame.append_stream_data(STREAM_FLAG_RESPONSE, "call-1", 7, body)
@@ -506,33 +515,49 @@ class TestDirectReceive:
         assert decoder.feed(wire[:1000]) == []
         assert decoder.direct_missing == len(wire) - 1000
         assert decoder.buffered == 1000 - HEADER_LEN - 2 - len("call-1") - 8
-        with memoryview(decoder) as view:
-            view[:] = wire[1000:]
-        (item,) = decoder.filled(len(wire) - 1000)
-        assert item == (FrameType.STREAM_DATA, STREAM_FLAG_RESPONSE, "call-1", 7, body)
-        assert decoder.direct_missing == 0 and decoder.buffered == 0
+        a, b = socket.socketpair()
+        with a, b:
+            b.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                decoder.read_from(b.fileno())  # nothing sent yet
+            a.sendall(wire[1000:5000])
+            assert decoder.read_from(b.fileno()) == (4000, [])
+            rest = wire[5000:] + b"next"  # the next frame's start stays in the socket
+            a.setblocking(False)
+            sent = 0
+            items: list[Any] = []
+            while decoder.direct_missing:
+                if sent < len(rest):
+                    with contextlib.suppress(BlockingIOError):
+                        sent += a.send(rest[sent:sent + 65536])
+                with contextlib.suppress(BlockingIOError):
+                    items.extend(decoder.read_from(b.fileno())[1])
+            a.setblocking(True)
+            a.sendall(rest[sent:])
+            assert items == [(FrameType.STREAM_DATA, STREAM_FLAG_RESPONSE, "call-1", 7, body)]
+            assert b.recv(100) == b"next"
+            a.close()
+            assert decoder.feed(wire[:5000]) == []  # another large frame starts
+            assert decoder.read_from(b.fileno()) == (0, [])  # end of file
+        assert decoder.direct_missing == len(wire) - 5000
 
     def test_misuse_is_refused(self) -> None:
         decoder = FrameDecoder(split_streams=True)
-        with pytest.raises(BufferError):
-            memoryview(decoder)  # nothing is being received directly
+        with pytest.raises(TypeError):
+            memoryview(decoder)  # no writable view of a chunk is ever handed out
         with pytest.raises(ValueError):
-            decoder.filled(1)
+            decoder.read_from(0)  # nothing is being received directly
         frame = FrameEncoder()
         frame.append_stream_data(0, "s", 0, bytes(100_000))
         wire = frame.take()
         decoder.feed(wire[:100])
-        view = memoryview(decoder)
-        with pytest.raises(BufferError):
-            decoder.feed(b"x")  # the buffer is out: nothing may move it
-        with pytest.raises(BufferError):
-            decoder.filled(1)
-        view.release()
         with pytest.raises(ValueError):
-            decoder.filled(decoder.direct_missing + 1)
+            decoder.read_from(-1)
+        with pytest.raises(OSError):
+            decoder.read_from(2**31 - 1)  # not an open descriptor
         assert decoder.feed(wire[100:])[0][4] == bytes(100_000)
 
-    def test_below_direct_min_and_without_split_streams_nothing_is_exported(self) -> None:
+    def test_below_direct_min_and_without_split_streams_nothing_is_direct(self) -> None:
         frame = FrameEncoder()
         frame.append_stream_data(0, "s", 0, bytes(1000))
         wire = frame.take()
@@ -549,6 +574,21 @@ class TestDirectReceive:
         wire = encode_frame(FrameType.STREAM_DATA, payload)
         raises_reason("bad_stream_header", FrameDecoder(split_streams=True).feed, wire[:5000])
 
+    def test_after_any_error_the_decoder_is_poisoned(self) -> None:
+        """A bad small stream frame followed by the start of a large one: once the error is
+        raised, nothing after it is parsed (a caller that catches it and feeds on must not see
+        a chunk's body taken for frames)."""
+        big = FrameEncoder()
+        big.append_stream_data(0, "s", 0, encode_frame(FrameType.EVENT, b"SMUGGLED") * 10_000)
+        bad = encode_frame(FrameType.STREAM_DATA, b"\x00\x02\xff\xfe" + bytes(8))
+        wire = bad + big.take()
+        decoder = FrameDecoder(split_streams=True)
+        raises_reason("bad_stream_header", decoder.feed, wire[:50_000])
+        for later in (wire[50_000:], b"", encode_frame(FrameType.PING, b"")):
+            raises_reason("bad_stream_header", decoder.feed, later)
+        with pytest.raises(FrameError):
+            decoder.read_from(0)
+
 
 class TestTakeParts:
     """``take_parts``: the same bytes as ``take``, large immutable payloads not copied."""
@@ -561,6 +601,18 @@ class TestTakeParts:
         parts = a.take_parts()
         assert b"".join(bytes(p) for p in parts) == b.take()
         assert len(a) == 0 and a.frames == 0 and a.take_parts() == []
+
+    def test_views_that_are_not_plain_bytes_are_copied(self) -> None:
+        """A 2-D view (len() is not its size) or a view of non-bytes items is copied when
+        appended, never kept as a part a partial write would cut by len()."""
+        raw = bytes(range(256)) * 32
+        flat = memoryview(raw)
+        square = flat.cast("B", shape=[2, len(raw) // 2])
+        encoder = FrameEncoder()
+        encoder.append_stream_data(0, "s", 0, square)
+        parts = encoder.take_parts()
+        assert not any(p is square for p in parts)
+        assert FrameDecoder(split_streams=True).feed(b"".join(bytes(p) for p in parts))[0][4] == raw
 
     def test_large_immutable_payloads_are_the_objects_given(self) -> None:
         big = bytes(range(256)) * 64

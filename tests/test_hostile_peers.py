@@ -805,3 +805,33 @@ def test_a_large_chunk_with_a_bad_stream_id_ends_only_that_connection(spawn: Cal
                 await still_serving(b, node)
 
     trio.run(main)
+
+
+def test_a_large_chunk_on_a_slow_steady_link_is_not_taken_for_silence(spawn: Callable[..., Node]) -> None:
+    """A 1 MiB chunk trickles in at 256 KiB/s, slower than the heartbeat timeout (2 s) allows
+    for the whole chunk. While the reader waits for the rest of a chunk (SO_RCVLOWAT) it must
+    still read what comes, so the peer is seen alive: the upload completes, and the node
+    never marks the peer lost. (Found by review: waiting on the mark alone dropped it.)"""
+    node = spawn("slow-link", opts={"heartbeat_timeout": 2.0, "heartbeat_interval": 0.5})
+    data, digest = payload(3, MiB)
+
+    async def main() -> None:
+        with trio.fail_after(40):
+            h = await Hostile.connect(node.address, node_id="slowlink")
+            await h.handshake()
+            await h.send_packet(REQ, request("up-slow", "t.upload", stream=True))
+            enc = FrameEncoder(1 << 30)
+            enc.append_stream_data(0, "up-slow", 0, data)
+            enc.append_stream_data(STREAM_FLAG_END, "up-slow", 1, b"")
+            wire = enc.take()
+            step = 32 * 1024
+            for at in range(0, len(wire), step):  # 32 KiB every 0.125 s: 256 KiB/s
+                assert await h.try_send_raw(wire[at:at + step]), "the node closed a live connection"
+                await trio.sleep(0.125)
+            res = await h.next_frame((RES,))
+            assert res is not None
+            assert digest.encode() in res[1], res  # t.upload answers the chunk's digest
+            assert "silent" not in node.stderr()
+            await h.aclose()
+
+    trio.run(main)

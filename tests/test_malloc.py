@@ -31,7 +31,8 @@ print(json.dumps({"tuned": tuned, "again": again, "faults": faults}))
 
 
 def probe(**env: str) -> dict[str, object]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "NERVE_MALLOC_TUNING"}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("NERVE_MALLOC_TUNING", "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
                          check=True, timeout=60)
     return json.loads(out.stdout)
@@ -54,6 +55,14 @@ def test_chunk_waves_reuse_memory_once_tuned() -> None:
 
 
 @glibc
-@pytest.mark.parametrize("variable", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"])
-def test_an_operators_malloc_settings_win(variable: str) -> None:
-    assert probe(**{variable: "131072"})["tuned"] is False
+@pytest.mark.parametrize("setting", [{"MALLOC_TRIM_THRESHOLD_": "131072"}, {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                     {"MALLOC_ARENA_MAX": "2"},
+                                     {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}],
+                         ids=["trim", "mmap", "arena", "tunables"])
+def test_an_operators_malloc_settings_win(setting: dict[str, str]) -> None:
+    assert probe(**setting)["tuned"] is False
+
+
+@glibc
+def test_unrelated_tunables_do_not_stop_it() -> None:
+    assert probe(GLIBC_TUNABLES="glibc.rtld.nns=2")["tuned"] is True

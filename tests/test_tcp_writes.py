@@ -49,7 +49,7 @@ def test_backpressure_holds_while_the_cut_short_write_goes_out() -> None:
 
         async def producer() -> None:
             await conn.wait_writable()
-            woke_with.append(len(conn.encoder) + len(conn._unsent))
+            woke_with.append(len(conn.encoder) + sum(memoryview(p).nbytes for p in conn._unsent))
 
         async def drain_peer() -> None:
             peer.setblocking(False)

@@ -82,23 +82,23 @@ class FrameDecoder:
     With ``split_streams``, a STREAM_DATA frame of at least ``direct_min`` bytes whose start
     is fed but not its end is received *directly*: its chunk (a ``bytes`` of the chunk's size)
     is allocated once and the frame's remaining bytes are written into it, by :meth:`feed`
-    or by the reader: while :attr:`direct_missing` is non-zero the decoder exports the
-    chunk's unwritten part through the buffer protocol (``sock.recv_into(decoder)``) and
-    :meth:`filled` records what was written. The chunk is handed out only once complete.
+    or, while :attr:`direct_missing` is non-zero, by :meth:`read_from`, which reads from a
+    descriptor straight into it. The chunk is handed out only once complete. After any error
+    the decoder is poisoned: every later call raises that error again.
     """
 
     def __new__(cls, max_frame_size: int = ..., *, split_streams: bool = False,
                 direct_min: int = 65536) -> Self:
         """``max_frame_size`` must lie in ``[HEADER_LEN, 2**32 - 1]`` (else ``ValueError``)."""
-    def __buffer__(self, flags: int, /) -> memoryview:
-        """The unwritten part of the chunk being received directly (``BufferError`` if none)."""
     @property
     def direct_missing(self) -> int:
         """Bytes still missing from the large frame being received directly (0: none is)."""
-    def filled(self, n: int) -> list[Any]:
-        """Record ``n`` bytes written into the exported buffer; returns the frames that
-        completes (``ValueError`` if more than :attr:`direct_missing`; ``BufferError`` while
-        the buffer is still exported)."""
+    def read_from(self, fd: int) -> tuple[int, list[Any]]:
+        """Read at most :attr:`direct_missing` bytes from the non-blocking descriptor ``fd``
+        straight into the chunk (without the GIL); returns ``(n, frames)``, ``n == 0`` at end
+        of file, ``frames`` the chunk's item once complete. ``BlockingIOError`` when nothing
+        is there yet, ``OSError`` as ``read(2)`` fails, ``ValueError`` if no frame is being
+        received directly."""
     def feed(self, data: Buffer) -> list[Any]:
         """Feed received bytes; returns every frame they complete, as ``(type, payload)`` tuples.
 

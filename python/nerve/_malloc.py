@@ -12,10 +12,9 @@ gigabyte, memory to memory, and a quarter of its file-to-file speed.
 So when a broker starts, nerve fixes the two thresholds once for the process: blocks up to
 4 MiB come from the heap (``M_MMAP_THRESHOLD``) and up to 16 MiB of free heap top is kept for
 reuse (``M_TRIM_THRESHOLD``). The cost: a process may keep up to 16 MiB of freed memory instead
-of returning it. Nothing is changed if any of glibc's own ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_`` is set in the
-environment (the operator decided), if ``NERVE_MALLOC_TUNING=0``, or where the C library is not
-glibc.
+of returning it. Nothing is changed if the environment has any ``MALLOC_*`` variable or a
+``GLIBC_TUNABLES`` naming a ``glibc.malloc.*`` tunable (the operator decided), if
+``NERVE_MALLOC_TUNING=0``, or where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -32,10 +31,14 @@ MMAP_THRESHOLD = 4 * 1024 * 1024
 TRIM_THRESHOLD = 16 * 1024 * 1024
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
-_OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                       "MALLOC_MMAP_MAX_")
 
 _done = False
+
+
+def _operator_decided(environ: os._Environ[str] | dict[str, str]) -> bool:
+    """The environment sets malloc itself: a ``MALLOC_*`` variable, or a malloc tunable."""
+    return any(name.startswith("MALLOC_") for name in environ) or \
+        "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 
 def tune_for_streams() -> bool:
@@ -45,18 +48,20 @@ def tune_for_streams() -> bool:
     if _done:
         return False
     _done = True
-    if os.environ.get("NERVE_MALLOC_TUNING", "1") == "0" or any(v in os.environ for v in _OPERATOR_VARIABLES):
+    if os.environ.get("NERVE_MALLOC_TUNING", "1") == "0" or _operator_decided(os.environ):
         return False
     try:
         libc = ctypes.CDLL(None)
         if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS...)
             return False
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: CDLL(None) on Windows)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trim_set = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    done = mmap_set and trim_set
     log.debug("malloc thresholds for stream chunks: mmap %d, trim %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD,
               "set" if done else "refused")
     return done

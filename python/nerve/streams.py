@@ -816,7 +816,7 @@ def _libc_sync_file_range() -> Any:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux (or no libc symbol): fsync does it all
+    except (OSError, AttributeError, TypeError):  # not Linux (no such symbol; Windows): fsync does it all
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int

@@ -31,8 +31,10 @@ import hmac
 import math
 import os
 import random
+import re
 import socket
 import ssl
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,6 +82,16 @@ _RECV_AFTER_DIRECT = 16 * 1024
 _MAX_RCVLOWAT = 4 * 1024 * 1024
 #: Unsent bytes the kernel may hold for a plain TCP connection before it is not writable.
 _NOTSENT_LOWAT = 1024 * 1024
+#: Longest wait for SO_RCVLOWAT's mark before reading what has come (a slow link's peer must
+#: still be seen alive between heartbeats).
+_LOWAT_WAIT = 0.5
+#: Linux grows a socket's receive buffer to hold SO_RCVLOWAT's mark since 4.18; before, a
+#: mark larger than the buffer is never reached, so it is only used where it is met.
+_RCVLOWAT_GROWS = sys.platform.startswith("linux") and tuple(
+    int(x) for x in (re.match(r"(\d+)\.(\d+)", os.uname().release) or re.match(r"(0)\.(0)", "0.0")).groups()
+) >= (4, 18)  # type: ignore[union-attr]
+#: os.writev / os.readv (POSIX): without them, writes and reads take trio's one-buffer path.
+_VECTORED = hasattr(os, "writev")
 #: Largest number of buffers given to one writev (Linux's IOV_MAX is 1024).
 _IOV_MAX = 1024
 #: How often an idle writer looks again at producers parked for room (see Connection.writer).
@@ -263,11 +275,12 @@ class Connection:
             # trio keeps at most 16 KiB unsent in the kernel (TCP_NOTSENT_LOWAT), for latency;
             # our own queue already orders what goes out, and a large chunk then takes several
             # writes and wake-ups. Let one chunk's worth wait in the kernel instead.
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
-        if fd is None and self._sock is not None:
+            if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+        if fd is None and self._sock is not None and _VECTORED:
             fd = self._sock.fileno()
-        self._fd = fd  # None: no eager writes, no writev / recv_into (a TLS stream)
+        self._fd = fd  # None: no eager writes, no writev / direct reads (a TLS stream)
 
     def _closed_error(self) -> BrokerDisconnectedError:
         return BrokerDisconnectedError(f"connection to '{self.node_id}' is closed",
@@ -510,8 +523,8 @@ class Connection:
                 self.last_recv = trio.current_time()
                 self._on_frames(self.decoder.feed(data))
         # A plain socket: small frames are read into one reused buffer; the body of a large
-        # STREAM_DATA frame is read straight into its chunk (the decoder exports it), so a
-        # chunk is copied once, by the kernel, on its way in.
+        # STREAM_DATA frame is read straight into its chunk (decoder.read_from), so a chunk is
+        # copied once, by the kernel, on its way in.
         decoder = self.decoder
         feed = decoder.feed
         recv_into = sock.recv_into
@@ -519,31 +532,36 @@ class Connection:
         want = _RECV_SIZE
         fd = self._fd
         assert fd is not None
-        setsockopt = sock.setsockopt
         lowat = 1  # SO_RCVLOWAT now
-        cap = _MAX_RCVLOWAT if self._tcp else 1  # (no SO_RCVLOWAT on a test's socketpair)
+        cap = _MAX_RCVLOWAT if self._tcp and _RCVLOWAT_GROWS else 1  # (not on a test's socketpair)
+        read_from = decoder.read_from
         while True:
             missing = decoder.direct_missing
             if missing:
-                # The rest of a large chunk: be woken only once it is all in (SO_RCVLOWAT; the
+                # The rest of a large chunk: be woken once it is all in (SO_RCVLOWAT; the
                 # kernel caps it and grows the receive buffer to match), then read it with one
                 # call, instead of one scheduler round per segment the peer's writes make.
                 if cap > 1 and (missing < lowat or lowat == 1):
-                    lowat = min(missing, cap)
-                    setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                await trio.lowlevel.wait_readable(fd)
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(missing, cap))
+                        lowat = min(missing, cap)
+                    except OSError:  # refused here: read as the bytes come
+                        cap = 1
+                # Never wait long on the mark: a slow but steady peer must still be seen
+                # alive (last_recv) between heartbeats, so read what is there every so often.
+                with trio.move_on_after(_LOWAT_WAIT):
+                    await trio.lowlevel.wait_readable(fd)
                 try:
-                    n = os.readv(fd, (decoder,))
-                except BlockingIOError:  # (spurious wake-up)
+                    n, frames = read_from(fd)
+                except BlockingIOError:  # (nothing yet)
                     continue
                 if not n:
                     return
-                frames = decoder.filled(n)
                 want = _RECV_AFTER_DIRECT
             else:
                 if lowat != 1:
                     lowat = 1
-                    setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                 n = await recv_into(view, want)
                 if not n:
                     return

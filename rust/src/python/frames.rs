@@ -1,10 +1,11 @@
 //! `FrameEncoder`, `FrameDecoder` and the stream-header helpers for Python.
 
-use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::fs::File;
+use std::io::Read;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView, PyTuple};
@@ -75,7 +76,13 @@ fn immutable(body: &Bound<'_, PyAny>) -> bool {
         return false;
     }
     let py = body.py();
-    body.getattr(pyo3::intern!(py, "obj")).is_ok_and(|o| o.is_exact_instance_of::<PyBytes>())
+    // a plain 1-D view of bytes (len() is its size in bytes), over an immutable `bytes`
+    let plain = |name: &pyo3::Bound<'_, pyo3::types::PyString>, want: usize| {
+        body.getattr(name).and_then(|v| v.extract::<usize>()).is_ok_and(|v| v == want)
+    };
+    plain(pyo3::intern!(py, "ndim"), 1)
+        && plain(pyo3::intern!(py, "itemsize"), 1)
+        && body.getattr(pyo3::intern!(py, "obj")).is_ok_and(|o| o.is_exact_instance_of::<PyBytes>())
 }
 
 /// Coalesces any number of frames into one outgoing `bytes`.
@@ -226,12 +233,12 @@ impl FrameEncoder {
     fn take_parts<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut from = 0;
-        for (end, b) in self.big.drain(..) {
-            if end > from {
-                out.append(PyBytes::new(py, &self.staging[from..end]))?;
+        for (end, b) in &self.big {
+            if *end > from {
+                out.append(PyBytes::new(py, &self.staging[from..*end]))?;
             }
-            from = end;
-            out.append(b.into_bound(py))?;
+            from = *end;
+            out.append(b.bind(py))?;
         }
         if self.staging.len() > from {
             out.append(PyBytes::new(py, &self.staging[from..]))?;
@@ -263,7 +270,7 @@ struct Direct {
     id: String,
     seq: u64,
     /// The chunk: `len` bytes, of which the first `filled` are written. Never seen by Python
-    /// code before it is complete (the buffer protocol exports only its unwritten part).
+    /// code before it is complete: only `feed` and `read_from` write into it.
     chunk: Py<PyBytes>,
     data: *mut u8,
     len: usize,
@@ -271,7 +278,8 @@ struct Direct {
 }
 
 // SAFETY: `data` points into `chunk`, which this struct keeps alive; it is only used by the
-// decoder's methods, which need the decoder borrowed mutably (one thread at a time).
+// decoder's methods, which need the decoder borrowed mutably (one thread at a time; while
+// `read_from` reads without the GIL the borrow is held, so no other call can reach it).
 unsafe impl Send for Direct {}
 unsafe impl Sync for Direct {}
 
@@ -279,25 +287,37 @@ unsafe impl Sync for Direct {}
 ///
 /// With `split_streams`, a STREAM_DATA frame of at least `direct_min` bytes whose start is
 /// fed but not its end is received *directly*: its chunk is allocated once (a `bytes` of the
-/// chunk's size) and the rest of the frame's bytes are written into it, either by `feed` or
-/// by the reader itself: while `direct_missing` is non-zero the decoder exports that
-/// unwritten part through the buffer protocol (`sock.recv_into(decoder)`), and `filled(n)`
-/// records what was written. The chunk is handed out only once complete.
+/// chunk's size) and the rest of the frame's bytes are written into it, either by `feed` or,
+/// while `direct_missing` is non-zero, by `read_from(fd)`, which reads from a non-blocking
+/// descriptor straight into the chunk (the one system call of this crate: the bulk path's
+/// read, done here so that no Python code ever holds a writable view of a chunk that is not
+/// complete). The chunk is handed out only once complete. After any error the decoder is
+/// poisoned: every later call raises that error again.
 #[pyclass(module = "nerve._core")]
 pub struct FrameDecoder {
     inner: Decoder,
     split_streams: bool,
     direct_min: usize,
     direct: Option<Direct>,
-    exports: AtomicUsize,
+    /// The error that poisoned the decoder (raised again by every later call).
+    broken: Option<PyErr>,
 }
 
 impl FrameDecoder {
-    fn check_not_exported(&self) -> PyResult<()> {
-        if self.exports.load(Ordering::Acquire) != 0 {
-            return Err(PyBufferError::new_err("the decoder's buffer is exported (a recv_into in progress)"));
+    fn check_sound(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.broken {
+            Some(e) => Err(e.clone_ref(py)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Poison the decoder with `result`'s error, if any: it lost its place in the stream.
+    fn poison_on<T>(&mut self, py: Python<'_>, result: PyResult<T>) -> PyResult<T> {
+        if let Err(e) = &result {
+            self.broken = Some(e.clone_ref(py));
+            self.direct = None;
+        }
+        result
     }
 
     /// Write `bytes` (the next bytes of the stream) into the direct chunk; returns how many
@@ -430,7 +450,7 @@ impl FrameDecoder {
             split_streams,
             direct_min: direct_min.max(HEADER_LEN + 11),
             direct: None,
-            exports: AtomicUsize::new(0),
+            broken: None,
         })
     }
 
@@ -441,61 +461,57 @@ impl FrameDecoder {
     /// binary header is parsed here and the chunk is copied once, straight out of `data`
     /// (or, for a large frame fed in pieces, into the chunk as the pieces come).
     fn feed<'py>(&mut self, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
-        self.check_not_exported()?;
         let py = data.py();
+        self.check_sound(py)?;
         let out = PyList::empty(py);
-        with_bytes(data, |bytes| self.feed_bytes(py, bytes, &out))?;
+        let result = with_bytes(data, |bytes| self.feed_bytes(py, bytes, &out));
+        self.poison_on(py, result)?;
         Ok(out)
     }
 
     /// Bytes still missing from the large frame being received directly (0: none is).
-    /// While non-zero, the next bytes of the connection belong to it: receive them with
-    /// `recv_into(decoder)` (at most this many are exported) and call `filled(n)`.
+    /// While non-zero, the next bytes of the connection belong to it: `read_from(fd)`.
     #[getter]
     fn direct_missing(&self) -> usize {
         self.direct.as_ref().map_or(0, |d| d.len - d.filled)
     }
 
-    /// Record that `n` bytes were written into the exported buffer; returns the frames that
-    /// completes (the chunk's item once its last byte is in, else nothing).
-    fn filled<'py>(&mut self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyList>> {
-        self.check_not_exported()?;
-        let out = PyList::empty(py);
-        match self.direct.as_mut() {
-            Some(d) if n <= d.len - d.filled => d.filled += n,
-            _ => {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "filled({n}): only {} bytes were exported",
-                    self.direct_missing()
-                )))
-            }
-        }
-        self.finish_direct(py, &out)?;
-        Ok(out)
-    }
-
-    /// The unwritten part of the chunk being received directly, writable (for recv_into).
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let me = slf.try_borrow()?;
-        let Some(d) = me.direct.as_ref() else {
-            return Err(PyBufferError::new_err("no frame is being received directly (direct_missing is 0)"));
+    /// Read at most `direct_missing` bytes from the non-blocking descriptor `fd` straight into
+    /// the chunk being received directly, without the GIL. Returns `(n, frames)`: `n` bytes
+    /// read (0: end of file), `frames` the chunk's item once its last byte is in. Raises
+    /// `BlockingIOError` when nothing is there yet and `OSError` as `read(2)` fails; a
+    /// `ValueError` if no frame is being received directly.
+    fn read_from<'py>(&mut self, py: Python<'py>, fd: i32) -> PyResult<(usize, Bound<'py, PyList>)> {
+        self.check_sound(py)?;
+        let Some(d) = self.direct.as_ref() else {
+            return Err(pyo3::exceptions::PyValueError::new_err("no frame is being received directly"));
         };
-        // SAFETY: the region [filled, len) of the chunk is ours to write until `filled`; the
-        // export holds a reference to the decoder, and while it is out `feed` and `filled`
-        // refuse to run, so the chunk is neither handed out nor dropped under the writer.
-        unsafe {
-            let at = d.data.add(d.filled) as *mut c_void;
-            let len = (d.len - d.filled) as ffi::Py_ssize_t;
-            if ffi::PyBuffer_FillInfo(view, slf.as_ptr(), at, len, 0, flags) != 0 {
-                return Err(PyErr::fetch(slf.py()));
-            }
+        if fd < 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!("not a descriptor: {fd}")));
         }
-        me.exports.fetch_add(1, Ordering::AcqRel);
-        Ok(())
-    }
-
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
-        self.exports.fetch_sub(1, Ordering::AcqRel);
+        // SAFETY: [filled, len) of the chunk is ours to write (the chunk is kept alive by
+        // `self.direct`, and `&mut self` keeps every other call out while we read).
+        let (at, room) = (unsafe { d.data.add(d.filled) } as usize, d.len - d.filled);
+        let read = py.detach(move || {
+            // SAFETY: `fd` is the caller's open descriptor, borrowed (ManuallyDrop: never
+            // closed here); the slice is the unwritten part of the chunk (see above).
+            let mut file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+            let buf = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, room) };
+            loop {
+                match file.read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => return other,
+                }
+            }
+        });
+        let n = read?; // io::Error -> OSError (WouldBlock -> BlockingIOError)
+        let out = PyList::empty(py);
+        if let Some(d) = self.direct.as_mut() {
+            d.filled += n;
+        }
+        let result = self.finish_direct(py, &out);
+        self.poison_on(py, result)?;
+        Ok((n, out))
     }
 
     /// Bytes held for an incomplete frame.
