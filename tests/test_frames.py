@@ -5,8 +5,10 @@ every error reason from the 6 header bytes alone, stream headers and payload own
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import struct
+import tracemalloc
 from typing import Any, Callable
 
 import pytest
@@ -588,6 +590,33 @@ class TestDirectReceive:
             raises_reason("bad_stream_header", decoder.feed, later)
         with pytest.raises(FrameError):
             decoder.read_from(0)
+
+
+def _poisoned_in_a_frame(wire: bytes) -> None:
+    """What the TCP reader does: a decoder and a read buffer in a frame, a feed that raises."""
+    decoder = FrameDecoder(split_streams=True)
+    ballast = bytearray(1 << 20)  # the reader's read buffer
+    decoder.feed(wire)
+    del ballast
+
+
+def test_a_poisoned_decoder_keeps_no_traceback_alive() -> None:
+    """A poisoned decoder raises its error again, but must not keep the first exception: its
+    traceback holds the frame that holds the decoder, a cycle through an object the garbage
+    collector cannot traverse, so each failed connection's reader frame leaked (found by a
+    5-minute live fuzz run: 423 MiB after 25,000 connections)."""
+    bad = encode_frame(FrameType.STREAM_DATA, b"\x00\x02\xff\xfe" + bytes(8))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(40):
+            with pytest.raises(FrameError):
+                _poisoned_in_a_frame(bad)
+        gc.collect()
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert current < 8 << 20, f"{current / (1 << 20):.1f} MiB still held after 40 poisoned decoders"
 
 
 class TestTakeParts:

@@ -25,6 +25,13 @@ pub fn frame_error(e: &FrameError) -> PyErr {
     raise(&FRAME_ERROR, "FrameError", e.to_string(), e.reason())
 }
 
+/// A fresh `FrameError(message, reason)` (a poisoned decoder raises its error again this way:
+/// keeping the first exception object would keep its traceback, and with it the reader's
+/// frame and the decoder itself, in a cycle the garbage collector cannot see through).
+pub fn frame_error_again(message: &str, reason: &str) -> PyErr {
+    raise(&FRAME_ERROR, "FrameError", message.to_owned(), reason)
+}
+
 pub fn stream_codec_error(e: &StreamCodecError) -> PyErr {
     raise(&FRAME_ERROR, "FrameError", e.to_string(), "bad_stream_header")
 }

@@ -10,7 +10,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView, PyTuple};
 
-use super::errors::{frame_error, stream_codec_error};
+use super::errors::{frame_error, frame_error_again, stream_codec_error};
 use crate::frame::{self, Decoder, FrameError, FrameType, HEADER_LEN};
 use crate::stream_codec;
 
@@ -299,14 +299,15 @@ pub struct FrameDecoder {
     split_streams: bool,
     direct_min: usize,
     direct: Option<Direct>,
-    /// The error that poisoned the decoder (raised again by every later call).
-    broken: Option<PyErr>,
+    /// (message, reason) of the error that poisoned the decoder: every later call raises a
+    /// fresh FrameError with them (not the exception object, which would keep its traceback).
+    broken: Option<(String, String)>,
 }
 
 impl FrameDecoder {
-    fn check_sound(&self, py: Python<'_>) -> PyResult<()> {
+    fn check_sound(&self) -> PyResult<()> {
         match &self.broken {
-            Some(e) => Err(e.clone_ref(py)),
+            Some((message, reason)) => Err(frame_error_again(message, reason)),
             None => Ok(()),
         }
     }
@@ -314,7 +315,13 @@ impl FrameDecoder {
     /// Poison the decoder with `result`'s error, if any: it lost its place in the stream.
     fn poison_on<T>(&mut self, py: Python<'_>, result: PyResult<T>) -> PyResult<T> {
         if let Err(e) = &result {
-            self.broken = Some(e.clone_ref(py));
+            let value = e.value(py);
+            let message = value.str().map(|m| m.to_string()).unwrap_or_default();
+            let reason = value
+                .getattr(pyo3::intern!(py, "reason"))
+                .and_then(|r| r.extract::<String>())
+                .unwrap_or_else(|_| "decoder_failed".to_owned());
+            self.broken = Some((message, reason));
             self.direct = None;
         }
         result
@@ -462,7 +469,7 @@ impl FrameDecoder {
     /// (or, for a large frame fed in pieces, into the chunk as the pieces come).
     fn feed<'py>(&mut self, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
         let py = data.py();
-        self.check_sound(py)?;
+        self.check_sound()?;
         let out = PyList::empty(py);
         let result = with_bytes(data, |bytes| self.feed_bytes(py, bytes, &out));
         self.poison_on(py, result)?;
@@ -482,7 +489,7 @@ impl FrameDecoder {
     /// `BlockingIOError` when nothing is there yet and `OSError` as `read(2)` fails; a
     /// `ValueError` if no frame is being received directly.
     fn read_from<'py>(&mut self, py: Python<'py>, fd: i32) -> PyResult<(usize, Bound<'py, PyList>)> {
-        self.check_sound(py)?;
+        self.check_sound()?;
         let Some(d) = self.direct.as_ref() else {
             return Err(pyo3::exceptions::PyValueError::new_err("no frame is being received directly"));
         };
