@@ -88,7 +88,7 @@ class FrameDecoder:
     """
 
     def __new__(cls, max_frame_size: int = ..., *, split_streams: bool = False,
-                direct_min: int = 65536) -> Self:
+                direct_min: int = ...) -> Self:
         """``max_frame_size`` must lie in ``[HEADER_LEN, 2**32 - 1]`` (else ``ValueError``)."""
     @property
     def direct_missing(self) -> int:

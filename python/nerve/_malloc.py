@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Mapping
 
 __all__ = ["tune_for_streams", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
@@ -35,7 +36,7 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
-def _operator_decided(environ: os._Environ[str] | dict[str, str]) -> bool:
+def _operator_decided(environ: Mapping[str, str]) -> bool:
     """The environment sets malloc itself: a ``MALLOC_*`` variable, or a malloc tunable."""
     return any(name.startswith("MALLOC_") for name in environ) or \
         "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")

@@ -85,11 +85,16 @@ _NOTSENT_LOWAT = 1024 * 1024
 #: Longest wait for SO_RCVLOWAT's mark before reading what has come (a slow link's peer must
 #: still be seen alive between heartbeats).
 _LOWAT_WAIT = 0.5
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release) if sys.platform.startswith("linux") else None
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
 #: Linux grows a socket's receive buffer to hold SO_RCVLOWAT's mark since 4.18; before, a
 #: mark larger than the buffer is never reached, so it is only used where it is met.
-_RCVLOWAT_GROWS = sys.platform.startswith("linux") and tuple(
-    int(x) for x in (re.match(r"(\d+)\.(\d+)", os.uname().release) or re.match(r"(0)\.(0)", "0.0")).groups()
-) >= (4, 18)  # type: ignore[union-attr]
+_RCVLOWAT_GROWS = _kernel_at_least(4, 18)
 #: os.writev / os.readv (POSIX): without them, writes and reads take trio's one-buffer path.
 _VECTORED = hasattr(os, "writev")
 #: Largest number of buffers given to one writev (Linux's IOV_MAX is 1024).
