@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import socket
 import struct
 import tracemalloc
@@ -20,6 +21,7 @@ from nerve.errors import FrameError, NerveError, ProtocolError
 from nerve.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_LEN,
+    IOV_MAX,
     STREAM_FLAG_END,
     STREAM_FLAG_ERROR,
     STREAM_FLAG_RESPONSE,
@@ -28,6 +30,8 @@ from nerve.frames import (
     FrameType,
     decode_stream_header,
     encode_frame,
+    unwritten,
+    writev_all,
 )
 
 REASONS = {
@@ -422,23 +426,31 @@ class TestPayloadOwnership:
         assert all(type(p) is bytes for _, p in frames)
 
 
+def _mixed_frames(items: list[tuple[int, str, int, bytes]]) -> tuple[FrameEncoder, list[tuple[object, ...]]]:
+    encoder = FrameEncoder()
+    expected: list[tuple[object, ...]] = []
+    for flags, sid, value, body in items:
+        encoder.append_stream_data(flags, sid, value, body)
+        expected.append((FrameType.STREAM_DATA, flags, sid, value, body))
+        encoder.append_stream_credit(flags, sid, value)
+        expected.append((FrameType.STREAM_CREDIT, flags, sid, value, None))
+        encoder.append(FrameType.REQUEST, body)
+        expected.append((FrameType.REQUEST, body))
+    return encoder, expected
+
+
+_stream_items = st.lists(
+    st.tuples(st.integers(0, 7), st.text(max_size=40).filter(lambda t: len(t.encode()) <= 255),
+              st.integers(0, 2**64 - 1), st.binary(max_size=3000)), max_size=8)
+
+
 class TestSplitStreams:
     """``FrameDecoder(split_streams=True)``: stream frames come out parsed, chunk copied once."""
 
     @settings(max_examples=200, deadline=None)
-    @given(st.lists(st.tuples(st.integers(0, 7), st.text(max_size=40).filter(lambda t: len(t.encode()) <= 255),
-                              st.integers(0, 2**64 - 1), st.binary(max_size=3000)), max_size=8),
-           st.data())
+    @given(_stream_items, st.data())
     def test_round_trip_at_any_split(self, items: list[tuple[int, str, int, bytes]], data: st.DataObject) -> None:
-        encoder = FrameEncoder()
-        expected: list[tuple[object, ...]] = []
-        for flags, sid, value, body in items:
-            encoder.append_stream_data(flags, sid, value, body)
-            expected.append((FrameType.STREAM_DATA, flags, sid, value, body))
-            encoder.append_stream_credit(flags, sid, value)
-            expected.append((FrameType.STREAM_CREDIT, flags, sid, value, None))
-            encoder.append(FrameType.REQUEST, body)
-            expected.append((FrameType.REQUEST, body))
+        encoder, expected = _mixed_frames(items)
         wire = encoder.take()
         decoder = FrameDecoder(split_streams=True)
         got: list[tuple[object, ...]] = []
@@ -451,24 +463,6 @@ class TestSplitStreams:
         raises_reason("bad_stream_header", decoder.feed, encode_frame(FrameType.STREAM_DATA, b"\x00\x09ab"))
         decoder = FrameDecoder(split_streams=True)
         raises_reason("bad_stream_header", decoder.feed, encode_frame(FrameType.STREAM_CREDIT, b""))
-
-
-def _mixed_frames(items: list[tuple[int, str, int, bytes]]) -> tuple[FrameEncoder, list[tuple[object, ...]]]:
-    encoder = FrameEncoder()
-    expected: list[tuple[object, ...]] = []
-    for flags, sid, value, body in items:
-        encoder.append_stream_data(flags, sid, value, body)
-        expected.append((FrameType.STREAM_DATA, flags, sid, value, body))
-        encoder.append_stream_credit(flags, sid, value)
-        expected.append((FrameType.STREAM_CREDIT, flags, sid, value, None))
-        encoder.append(FrameType.REQUEST, body[:50])
-        expected.append((FrameType.REQUEST, body[:50]))
-    return encoder, expected
-
-
-_stream_items = st.lists(
-    st.tuples(st.integers(0, 7), st.text(max_size=40).filter(lambda t: len(t.encode()) <= 255),
-              st.integers(0, 2**64 - 1), st.binary(max_size=3000)), max_size=8)
 
 
 class TestDirectReceive:
@@ -659,3 +653,23 @@ class TestTakeParts:
         decoded = FrameDecoder(split_streams=True).feed(b"".join(bytes(p) for p in parts))
         assert [f[4] for f in decoded[:3]] == [big, bytes(view), big]
         assert decoded[3] == (FrameType.EVENT, b"tail")
+
+
+class TestWritingParts:
+    """``unwritten`` and ``writev_all``: the one way parts are written (TCP and transfer_to)."""
+
+    @fuzz
+    @given(st.lists(st.binary(max_size=50), max_size=20), st.data())
+    def test_unwritten_is_what_follows_the_first_n_bytes(self, parts: list[bytes], data: st.DataObject) -> None:
+        whole = b"".join(parts)
+        n = data.draw(st.integers(0, len(whole)))
+        assert b"".join(bytes(p) for p in unwritten(list(parts), n)) == whole[n:]
+
+    def test_writev_all_takes_more_parts_than_one_writev_does(self, tmp_path: Any) -> None:
+        parts = [bytes([i % 256]) * 3 for i in range(IOV_MAX * 3 + 7)]
+        fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
+        try:
+            assert writev_all(fd, parts) == 3 * len(parts)
+        finally:
+            os.close(fd)
+        assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)

@@ -114,6 +114,16 @@ class Files(nerve.Service):
         return stream
 
     @nerve.action
+    async def tiny(self, ctx: nerve.Context) -> PacketStream:
+        """``count`` chunks of 16 bytes each (chunk i is 16 bytes of i % 251)."""
+
+        async def chunks() -> Any:
+            for i in range(ctx.params["count"]):
+                yield bytes([i % 251]) * 16
+
+        return PacketStream.from_iterable(chunks(), window=WINDOW, max_chunk=CHUNK)
+
+    @nerve.action
     async def stall(self, ctx: nerve.Context) -> PacketStream:
         stream = new_stream()
 
@@ -497,3 +507,18 @@ async def test_transfer_to_starts_writeback_batch_by_batch(remote: bool, tmp_pat
         assert offset == at and length > 0
         at += length
     assert at == size
+
+
+@REMOTE
+async def test_transfer_to_writes_a_window_of_thousands_of_tiny_chunks(remote: bool, tmp_path: Path) -> None:
+    """A window's worth of 16-byte chunks is more buffers than one writev takes (IOV_MAX,
+    1024): transfer_to used to fail with EINVAL on such a batch."""
+    count = 6000
+    expected = b"".join(bytes([i % 251]) * 16 for i in range(count))
+    target = tmp_path / "tiny.bin"
+    async with Pair(remote, "st-tiny") as p:
+        with trio.fail_after(20):
+            reader = await p.client.call("files.tiny", {"count": count})
+            await wait_until(lambda: reader.statistics().bytes_buffered >= 2000 * 16)  # > IOV_MAX chunks
+            assert await reader.transfer_to(target) == len(expected)
+    assert target.read_bytes() == expected

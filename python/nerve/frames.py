@@ -1,6 +1,7 @@
 """Length-prefixed frames (Moleculer TCP's 6-byte header), implemented in the Rust core.
 
-``FrameEncoder`` coalesces many frames into one ``bytes`` for one ``send_all``;
+``FrameEncoder`` coalesces many frames into one ``bytes`` (``take``) or one list of parts for a
+single ``writev`` (``take_parts``; :func:`writev_all` and :func:`unwritten` write such lists);
 ``FrameDecoder.feed`` turns received bytes, split anywhere, into ``(type, payload)`` frames.
 Malformed input raises :class:`nerve.errors.FrameError` as soon as the 6 header bytes are in.
 """
@@ -8,6 +9,8 @@ Malformed input raises :class:`nerve.errors.FrameError` as soon as the 6 header 
 from __future__ import annotations
 
 import enum
+import os
+from typing import Any
 
 from nerve._core import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -35,7 +38,38 @@ __all__ = [
     "FrameType",
     "decode_stream_header",
     "encode_frame",
+    "IOV_MAX",
+    "unwritten",
+    "writev_all",
 ]
+
+#: Most buffers one ``writev`` takes (Linux's IOV_MAX): give it ``parts[:IOV_MAX]``.
+IOV_MAX = 1024
+
+
+def unwritten(parts: list[Any], n: int) -> list[Any]:
+    """What is left of ``parts`` (1-D byte buffers, e.g. ``FrameEncoder.take_parts()``) once
+    their first ``n`` bytes were written."""
+    for i, part in enumerate(parts):
+        size = len(part)
+        if n < size:
+            rest = parts[i:]
+            if n:
+                rest[0] = memoryview(part)[n:]
+            return rest
+        n -= size
+    return []
+
+
+def writev_all(fd: int, parts: list[Any]) -> int:
+    """Write every part to the blocking descriptor ``fd`` in order (``writev``, at most
+    :data:`IOV_MAX` buffers a call); returns the bytes written."""
+    total = 0
+    while parts:
+        n = os.writev(fd, parts[:IOV_MAX])
+        total += n
+        parts = unwritten(parts, n)
+    return total
 
 
 class FrameType(enum.IntEnum):

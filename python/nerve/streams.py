@@ -46,6 +46,7 @@ from nerve.errors import (
     StreamIdleTimeoutError,
     StreamOverflowError,
 )
+from nerve.frames import writev_all
 from nerve.statistics import StreamStatistics
 
 log = logging.getLogger("nerve.streams")
@@ -799,15 +800,7 @@ def _write_all(f: IO[bytes], chunks: list[Any], offset: int | None = None) -> No
         for c in chunks:
             f.write(c)
         return
-    views = [memoryview(c) for c in chunks]
-    total = sum(len(v) for v in views)
-    while views:
-        n = os.writev(fileno, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+    total = writev_all(fileno, [memoryview(c).cast("B") for c in chunks])
     if offset is not None:
         _start_writeback(fileno, offset, total)
 

@@ -205,13 +205,14 @@ impl Decoder {
     /// incomplete there may be handed to the caller instead of being buffered: `divert(type,
     /// total, available)` is asked, with `available` the frame's bytes present (header
     /// validated, `available.len() < total`), and if it says yes, feeding stops and
-    /// `Ok(Some(offset))` gives where that frame starts in `data`. The caller then owns the
+    /// `Ok(Some((offset, total)))` gives where that frame starts in `data` and its length
+    /// (header included). The caller then owns the
     /// rest of that frame (the next `total - available.len()` bytes of the byte stream), and
     /// the decoder is between frames. `Ok(None)`: all of `data` was taken.
     ///
     /// This is how a large frame's body is received straight into its own buffer instead
     /// of being gathered in `pending` and copied out.
-    pub fn feed_divert<F, D>(&mut self, mut data: &[u8], mut emit: F, mut divert: D) -> Result<Option<usize>, FrameError>
+    pub fn feed_divert<F, D>(&mut self, mut data: &[u8], mut emit: F, mut divert: D) -> Result<Option<(usize, usize)>, FrameError>
     where
         F: FnMut(u8, &[u8]),
         D: FnMut(u8, usize, &[u8]) -> bool,
@@ -250,7 +251,7 @@ impl Decoder {
             let (type_id, total) = self.check(&data[..HEADER_LEN])?;
             if data.len() < total {
                 if divert(type_id, total, data) {
-                    return Ok(Some(start_len - data.len()));
+                    return Ok(Some((start_len - data.len(), total)));
                 }
                 self.current = Some((type_id, total));
                 self.pending.reserve_exact(total);
@@ -381,7 +382,7 @@ mod tests {
                 .unwrap();
             if cut > big_at + HEADER_LEN && cut < big_at + HEADER_LEN + 100 || cut == big_at + HEADER_LEN {
                 // the big frame's header is in and its body is not complete: handed over
-                assert_eq!(r, Some(big_at), "cut {cut}");
+                assert_eq!(r, Some((big_at, HEADER_LEN + 100)), "cut {cut}");
                 assert_eq!(asked, vec![(21, HEADER_LEN + 100, cut - big_at)]);
                 assert_eq!(d.buffered(), 0);
                 // the caller takes the rest of the big frame; the decoder goes on after it

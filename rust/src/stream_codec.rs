@@ -59,16 +59,21 @@ pub fn write_header(out: &mut Vec<u8>, flags: u8, id: &str, value: u64) -> Resul
     Ok(())
 }
 
+/// The length of the stream header that starts `payload`, once its first two bytes (flags,
+/// id length) are in.
+pub fn header_len_in(payload: &[u8]) -> Option<usize> {
+    payload.get(1).map(|&id_len| 2 + id_len as usize + 8)
+}
+
 /// Parse a stream header; returns (flags, id, value, offset of the body).
 pub fn read_header(payload: &[u8]) -> Result<(u8, &str, u64, usize), StreamCodecError> {
-    if payload.len() < 2 {
+    let Some(end) = header_len_in(payload) else {
         return Err(StreamCodecError::Truncated {
             length: payload.len(),
             needed: 10,
         });
-    }
-    let id_len = payload[1] as usize;
-    let end = 2 + id_len + 8;
+    };
+    let id_len = end - 10;
     if payload.len() < end {
         return Err(StreamCodecError::Truncated {
             length: payload.len(),

@@ -47,10 +47,12 @@ from nerve.errors import BrokerDisconnectedError, BrokerOptionsError, FrameError
 from nerve.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_LEN,
+    IOV_MAX,
     FrameDecoder,
     FrameEncoder,
     FrameType,
     encode_frame,
+    unwritten,
 )
 from nerve.packets import PacketType
 from nerve.statistics import TransportStatistics
@@ -97,8 +99,6 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 _RCVLOWAT_GROWS = _kernel_at_least(4, 18)
 #: os.writev / os.readv (POSIX): without them, writes and reads take trio's one-buffer path.
 _VECTORED = hasattr(os, "writev")
-#: Largest number of buffers given to one writev (Linux's IOV_MAX is 1024).
-_IOV_MAX = 1024
 #: How often an idle writer looks again at producers parked for room (see Connection.writer).
 _READY_RECHECK = 0.01
 #: Largest piece of one send_all (the write-stall watchdog times each piece).
@@ -318,14 +318,14 @@ class Connection:
             total = len(encoder)
             parts = encoder.take_parts()
             try:
-                sent = os.writev(self._fd, parts[:_IOV_MAX])
+                sent = os.writev(self._fd, parts[:IOV_MAX])
             except OSError:  # full (BlockingIOError) or broken: the writer sends or fails
                 sent = 0
             self.transport.bytes_sent += sent
             if sent == total:
                 self._admit()
                 return
-            self._unsent = _advance(parts, sent)
+            self._unsent = unwritten(parts, sent)
         self._wakeup.set()
         if self._flushed.is_set():
             self._flushed = trio.Event()
@@ -507,14 +507,14 @@ class Connection:
         while parts:
             self._send_started = trio.current_time()
             try:
-                n = os.writev(fd, parts[:_IOV_MAX])
+                n = os.writev(fd, parts[:IOV_MAX])
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(fd)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"writing to {self.node_id}: {exc}") from exc
             self.transport.bytes_sent += n
-            parts = _advance(parts, n)
+            parts = unwritten(parts, n)
 
     async def reader(self) -> None:
         sock = self._sock
@@ -1225,19 +1225,6 @@ class TcpTransport(Transport):
                     # Producers admitted earlier may have left without queueing (their stream
                     # ended): never leave the others parked by an idle writer.
                     conn._admit()
-
-
-def _advance(parts: list[Any], n: int) -> list[Any]:
-    """What is left of ``parts`` once their first ``n`` bytes were written."""
-    for i, part in enumerate(parts):
-        size = len(part)
-        if n < size:
-            rest = parts[i:]
-            if n:
-                rest[0] = memoryview(part)[n:]
-            return rest
-        n -= size
-    return []
 
 
 async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:

@@ -342,17 +342,8 @@ impl FrameDecoder {
     fn finish_direct<'py>(&mut self, py: Python<'py>, out: &Bound<'py, PyList>) -> PyResult<()> {
         if matches!(&self.direct, Some(d) if d.filled == d.len) {
             let d = self.direct.take().expect("checked");
-            let item = PyTuple::new(
-                py,
-                [
-                    (FrameType::StreamData as u8).into_pyobject(py)?.into_any(),
-                    d.flags.into_pyobject(py)?.into_any(),
-                    d.id.into_pyobject(py)?.into_any(),
-                    d.seq.into_pyobject(py)?.into_any(),
-                    d.chunk.into_bound(py).into_any(),
-                ],
-            )?;
-            out.append(item)?;
+            let chunk = d.chunk.into_bound(py).into_any();
+            out.append(stream_tuple(py, FrameType::StreamData as u8, d.flags, &d.id, d.seq, chunk)?)?;
         }
         Ok(())
     }
@@ -378,9 +369,6 @@ impl FrameDecoder {
     }
 
     fn feed_bytes<'py>(&mut self, py: Python<'py>, mut bytes: &[u8], out: &Bound<'py, PyList>) -> PyResult<()> {
-        if let Some(e) = self.inner.error() {
-            return Err(frame_error(e)); // poisoned: whatever it is fed
-        }
         if self.direct.is_some() {
             let took = self.fill_direct(py, bytes, out)?;
             bytes = &bytes[took..];
@@ -418,8 +406,8 @@ impl FrameDecoder {
                         // only once the stream header is in: it names the chunk's size
                         t == FrameType::StreamData as u8
                             && total >= direct_min
-                            && avail.len() >= HEADER_LEN + 2
-                            && avail.len() >= HEADER_LEN + 2 + avail[HEADER_LEN + 1] as usize + 8
+                            && stream_codec::header_len_in(&avail[HEADER_LEN..])
+                                .is_some_and(|n| avail.len() >= HEADER_LEN + n)
                     },
                 )
                 .map_err(|e| frame_error(&e))?;
@@ -428,10 +416,8 @@ impl FrameDecoder {
             }
             match diverted {
                 None => break,
-                Some(at) => {
-                    let frame = &bytes[at..];
-                    let total = crate::frame::parse_header(frame, usize::MAX).map_err(|e| frame_error(&e))?.1;
-                    self.start_direct(py, frame, total, out)?;
+                Some((at, total)) => {
+                    self.start_direct(py, &bytes[at..], total, out)?;
                     // `frame` is shorter than `total`: all of `bytes` went into the chunk
                     bytes = &[];
                 }
@@ -541,6 +527,13 @@ fn stream_item<'py>(py: Python<'py>, t: u8, payload: &[u8]) -> PyResult<Bound<'p
     } else {
         py.None().into_bound(py)
     };
+    stream_tuple(py, t, flags, id, value, body)
+}
+
+/// `(type, flags, stream_id, seq_or_consumed, chunk_or_None)`, what `feed` hands out for a
+/// stream frame.
+fn stream_tuple<'py>(py: Python<'py>, t: u8, flags: u8, id: &str, value: u64,
+                     body: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
     PyTuple::new(
         py,
         [
