@@ -1,7 +1,9 @@
 """Native TCP transport: one connection per node pair, Rust framing, coalesced writes.
 
 Each connection has a reader task (FrameDecoder -> transit) and a writer task that sends
-everything queued in its FrameEncoder with one ``send_all``. A wave of frames is not held
+everything queued in its FrameEncoder with one ``writev`` of its parts (``send_all`` of one
+joined buffer over TLS). The reader reads the body of a large stream chunk straight into the
+chunk (``FrameDecoder.read_from``; see docs/internals.md "Reads"). A wave of frames is not held
 back until the writer runs, though: once ``_EAGER_FRAMES`` frames (or ``_EAGER_BYTES``) are
 queued, the task that queues one writes them straight to the socket, so the peer works on the
 start of a wave while the rest is produced instead of both sides taking turns (64 calls in
@@ -97,7 +99,7 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 #: Linux grows a socket's receive buffer to hold SO_RCVLOWAT's mark since 4.18; before, a
 #: mark larger than the buffer is never reached, so it is only used where it is met.
 _RCVLOWAT_GROWS = _kernel_at_least(4, 18)
-#: os.writev / os.readv (POSIX): without them, writes and reads take trio's one-buffer path.
+#: os.writev (POSIX): without it, writes and reads take trio's one-buffer path, as over TLS.
 _VECTORED = hasattr(os, "writev")
 #: How often an idle writer looks again at producers parked for room (see Connection.writer).
 _READY_RECHECK = 0.01
